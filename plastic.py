@@ -1,0 +1,385 @@
+"""
+The model: a small decoder-only GPT whose MLP weights change token by token.
+
+    model = PlasticGPT(Config(d_in=3, d_out=1, rule="hebbian"))
+    out, info = model(x)                      # x (B, T, d_in) -> out (B, T, d_out)
+
+Every linear layer of the MLPs computes y = x (W + F_t) + b, where W, b are slow weights learned by
+backprop across sequences and F_t is a fast weight that starts at zero for every sequence and, after
+the output for token t is produced, changes by one of three rules (DESIGN.md, "The model"):
+
+    eta_t    = eta   * 2 sigmoid(m_t)             the neuromodulated plasticity rate
+    lambda_t = decay * 2 sigmoid(m_t)             the neuromodulated decay
+    eta_t   *= max_norm / ||G_t||  if ||G_t|| > max_norm   (global norm over layers, per sequence)
+    F_{t+1}  = (1 - lambda_t) F_t + eta_t A ⊙ G_t
+
+    none      no fast weights: the static baseline
+    hebbian   G_t = pre_t ⊗ post_t                       (a layer's input and its output)
+    gradient  G_t = dL_t/dF,  L_t = mean((o_t ⊙ w)^2)    (Duan et al. 2023: the model's own target)
+
+m_t is a "modulator" unit of the output head, A a learned per-connection coefficient per layer.
+Shapes: B batch, T tokens, C = d_model channels, nh heads, hs = C / nh; fast weights (B, in, out).
+"""
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+RULES = ("none", "hebbian", "gradient")
+
+
+@dataclass
+class Config:
+    d_in: int = 1  # size of each input token (for image tasks: the non-image part, e.g. a label one-hot)
+    d_out: int = 1  # size of the task output per token
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    d_model: int = 128  # residual stream width C
+    max_len: int = 128  # longest sequence (size of the learned position embedding)
+    dropout: float = 0.0  # dropout on attention weights and residual branches
+    rule: str = "hebbian"  # fast-weight rule: "none" | "hebbian" | "gradient"
+    eta: float = 0.1  # base plasticity rate (before modulation and the norm bound)
+    decay: float = 0.1  # base decay of the fast weights per token
+    max_norm: float = 1.0  # bound on the global norm of the update direction G_t, per sequence
+    n_extra: int = 4  # extra head units that only feed the gradient rule's inner loss
+    modulation: bool = True  # scale rate and decay by 2*sigmoid(m_t); False: by 1
+    plastic_blocks: tuple[int, ...] | None = None  # indices of blocks with plastic MLPs; None = all
+    attn_window: int | None = None  # each token attends to itself and the W-1 before it; None = all
+    coef_init: str = "symmetric"  # A ~ U[-1, 1] ("symmetric", Duan et al.) or U[0, 1] ("positive")
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W): add the Conv4 image encoder
+    encoder_channels: int = 64  # channels of each Conv4 block (64 is the standard few-shot size)
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule {self.rule!r}; choose one of {', '.join(RULES)}.")
+        if self.d_model % self.n_head != 0:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}).")
+        if self.attn_window is not None and self.attn_window < 1:
+            raise ValueError(f"attn_window must be at least 1 (or None for the whole sequence), got {self.attn_window}.")
+        if self.plastic_blocks is not None:
+            self.plastic_blocks = tuple(sorted(set(self.plastic_blocks)))
+            if any(not 0 <= i < self.n_layer for i in self.plastic_blocks):
+                raise ValueError(f"plastic_blocks {self.plastic_blocks} must index blocks 0..{self.n_layer - 1}.")
+        if self.coef_init not in ("symmetric", "positive"):
+            raise ValueError(f"coef_init must be 'symmetric' or 'positive', got {self.coef_init!r}.")
+        if self.image_shape is not None:
+            self.image_shape = tuple(self.image_shape)
+            if len(self.image_shape) != 3 or min(self.image_shape[1:]) < 16:
+                raise ValueError(f"image_shape must be (C, H, W) with H, W >= 16 for Conv4, got {self.image_shape}.")
+        if min(self.d_in, self.d_out, self.n_layer, self.n_head, self.max_len) < 1 or self.max_norm <= 0:
+            raise ValueError("d_in, d_out, n_layer, n_head, max_len must be positive and max_norm > 0.")
+
+    def is_plastic(self, block_index):
+        if self.rule == "none":
+            return False
+        return self.plastic_blocks is None or block_index in self.plastic_blocks
+
+
+# ----------------------------------------------------------------------------------------------
+# The plasticity rules: one short function per equation of DESIGN.md.
+
+
+def modulated_rates(modulator, eta, decay):
+    """eta_t = eta * 2 sigmoid(m_t), lambda_t = decay * 2 sigmoid(m_t). modulator (B,) or None (off)."""
+    gate = 2 * torch.sigmoid(modulator) if modulator is not None else 1.0
+    return eta * gate, decay * gate  # (B,), (B,)  (floats when modulation is off)
+
+
+def hebbian_direction(pre, post):
+    """G_t = pre_t ⊗ post_t: (B, in), (B, out) -> (B, in, out)."""
+    return pre.unsqueeze(2) * post.unsqueeze(1)
+
+
+def inner_loss(head_output, weight):
+    """L_t = mean((o_t ⊙ w)^2) over units, per sequence, summed over the batch (each sequence's
+    gradient stays its own and does not shrink with the batch size). head_output (B, U), weight (U,)."""
+    return (head_output * weight).pow(2).mean(dim=-1).sum()
+
+
+def gradient_direction(loss, fast_weights, create_graph):
+    """G_t = dL_t/dF for every fast weight F, for this token alone (Duan et al.)."""
+    return torch.autograd.grad(loss, fast_weights, create_graph=create_graph)
+
+
+def global_norm(directions):
+    """||G_t||: one norm over all plastic layers, per sequence. list of (B, in, out) -> (B,)."""
+    per_layer = torch.stack([torch.linalg.vector_norm(g, dim=(1, 2)) for g in directions], dim=-1)
+    return torch.linalg.vector_norm(per_layer, dim=-1)
+
+
+def bounded_rate(rate, norm, max_norm):
+    """eta_t *= max_norm / ||G_t|| where ||G_t|| > max_norm, so that ||eta_t G_t|| <= eta_t max_norm."""
+    return rate * max_norm / norm.clamp_min(max_norm)  # (B,)
+
+
+def fast_weight_update(fast, direction, coef, step, decay):
+    """F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ G_t. fast, direction (B, in, out); coef A (in, out);
+    step eta_t (B,); decay lambda_t (B,) or a float."""
+    if torch.is_tensor(decay):
+        decay = decay[:, None, None]
+    return (1 - decay) * fast + step[:, None, None] * coef * direction
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+class PlasticLinear(nn.Module):
+    """y = x (W + F) + b with W (in, out) as in the equations; F (B, in, out) is passed in per call.
+    A plastic layer also owns the learned plasticity coefficient A (in, out)."""
+
+    def __init__(self, d_in, d_out, plastic, coef_init="symmetric"):
+        super().__init__()
+        self.in_features, self.out_features = d_in, d_out
+        self.weight = nn.Parameter(torch.empty(d_in, d_out))  # W
+        self.bias = nn.Parameter(torch.zeros(d_out))  # b: slow only
+        self.coef = None  # A
+        if plastic:
+            low = -1.0 if coef_init == "symmetric" else 0.0
+            self.coef = nn.Parameter(torch.empty(d_in, d_out).uniform_(low, 1.0))
+
+    def forward(self, x, fast=None):
+        y = x @ self.weight + self.bias  # (..., out)
+        if fast is not None:  # x (B, in) for one token, fast (B, in, out)
+            y = y + (x.unsqueeze(1) @ fast).squeeze(1)
+        return y
+
+
+class MLP(nn.Module):
+    """Two (plastic) linear layers with a GELU between; records (pre, post) of each for Hebbian G_t."""
+
+    def __init__(self, config, plastic):
+        super().__init__()
+        C = config.d_model
+        self.fc = PlasticLinear(C, 4 * C, plastic, config.coef_init)
+        self.gelu = nn.GELU()
+        self.proj = PlasticLinear(4 * C, C, plastic, config.coef_init)
+
+    def forward(self, x, fast=(None, None)):
+        hidden = self.gelu(self.fc(x, fast[0]))  # (..., 4C)
+        out = self.proj(hidden, fast[1])  # (..., C)
+        # Hebbian post: the first layer's output after its nonlinearity, the second's linear output
+        return out, [(x, hidden), (hidden, out)]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention, optionally limited to a window of the last W tokens.
+    forward(): the whole sequence at once (fused kernel); step(): one token against a KV cache, with
+    explicit softmax attention, which (unlike the fused kernels) has a second derivative."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.window, self.dropout = config.n_head, config.attn_window, config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
+        dropout = self.dropout if self.training else 0.0
+        if self.window is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            t = torch.arange(T, device=x.device)
+            allowed = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - self.window)  # (T, T) query x key
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.proj(y)
+
+    def step(self, x, cache):
+        """x (B, C) is token t; cache holds the keys and values of tokens < t and receives token t's."""
+        B, C = x.shape
+        q, k, v = self.qkv(x).view(B, 3, self.n_head, C // self.n_head).unbind(1)  # (B, nh, hs) each
+        cache.append(k, v)
+        keys, values = cache.view(self.window)  # (B, nh, L, hs), L = tokens attended to
+        scores = (keys @ q.unsqueeze(-1)).squeeze(-1) / math.sqrt(q.size(-1))  # (B, nh, L)
+        weights = F.dropout(scores.softmax(dim=-1), self.dropout, self.training)
+        y = (weights.unsqueeze(-2) @ values).squeeze(-2)  # (B, nh, hs)
+        return self.proj(y.reshape(B, C))
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one (B, nh, hs) pair per token. Stacked anew at each
+    step (rather than written in place into a preallocated buffer) so autograd can reuse earlier ones.
+    detach=True (evaluation) cuts earlier tokens' graphs, but keeps the current token's: under the
+    gradient rule dL_t/dF_t flows through token t's own key and value in the blocks above."""
+
+    def __init__(self, detach):
+        self.keys, self.values, self.detach = [], [], detach
+
+    def append(self, k, v):
+        if self.detach and self.keys:
+            self.keys[-1], self.values[-1] = self.keys[-1].detach(), self.values[-1].detach()
+        self.keys.append(k)
+        self.values.append(v)
+
+    def view(self, window):
+        first = 0 if window is None else max(0, len(self.keys) - window)
+        return torch.stack(self.keys[first:], dim=2), torch.stack(self.values[first:], dim=2)  # (B, nh, L, hs)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: h = h + attn(ln(h)); h = h + mlp(ln(h))."""
+
+    def __init__(self, config, plastic):
+        super().__init__()
+        self.plastic = plastic
+        self.ln_1 = nn.LayerNorm(config.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config, plastic)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, h):  # (B, T, C), static weights
+        h = h + self.drop(self.attn(self.ln_1(h)))
+        return h + self.drop(self.mlp(self.ln_2(h))[0])
+
+    def step(self, h, cache, fast=(None, None)):  # h (B, C): one token
+        h = h + self.drop(self.attn.step(self.ln_1(h), cache))
+        out, pre_post = self.mlp(self.ln_2(h), fast)
+        return h + self.drop(out), pre_post
+
+
+class Conv4(nn.Module):
+    """The standard few-shot image encoder: 4 x (3x3 conv, batch norm, ReLU, 2x2 max pool)."""
+
+    def __init__(self, in_channels, channels=64):
+        super().__init__()
+        layers = []
+        for i in range(4):
+            layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1),
+                       nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2)]
+        self.net = nn.Sequential(*layers)
+
+    @staticmethod
+    def out_features(image_shape, channels=64):
+        _, H, W = image_shape
+        for _ in range(4):
+            H, W = H // 2, W // 2
+        return channels * H * W  # 64 for 28x28 Omniglot, 256 for 32x32 CIFAR
+
+    def forward(self, images):  # (N, C, H, W) -> (N, features)
+        return self.net(images).flatten(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class PlasticGPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        C = config.d_model
+        self.encoder = None
+        d_token = config.d_in
+        if config.image_shape is not None:
+            self.encoder = Conv4(config.image_shape[0], config.encoder_channels)
+            d_token += Conv4.out_features(config.image_shape, config.encoder_channels)
+        self.embed = nn.Linear(d_token, C)
+        self.pos = nn.Embedding(config.max_len, C)
+        self.blocks = nn.ModuleList(Block(config, config.is_plastic(i)) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(C)
+        # head units: [task outputs | extra units (gradient rule only) | modulator m_t (plastic, modulated)]
+        self.n_extra = config.n_extra if config.rule == "gradient" else 0
+        self.has_modulator = config.rule != "none" and config.modulation
+        self.head = nn.Linear(C, config.d_out + self.n_extra + int(self.has_modulator))
+        self.inner_loss_weight = None  # w of the gradient rule's inner loss, initialised to ones
+        if config.rule == "gradient":
+            self.inner_loss_weight = nn.Parameter(torch.ones(self.head.out_features))
+        self.plastic_layers = [layer for b in self.blocks if b.plastic for layer in (b.mlp.fc, b.mlp.proj)]
+        self.first_plastic = next((i for i, b in enumerate(self.blocks) if b.plastic), config.n_layer)
+        self._init_weights()
+
+    def _init_weights(self):  # GPT-2: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            elif name.startswith(("embed", "pos", "blocks", "head")) and name.endswith("weight") and p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+            elif name.endswith("bias") and not name.startswith("encoder"):
+                nn.init.zeros_(p)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def forward(self, x, images=None, eta=None, step_by_step=False):
+        """x (B, T, d_in), images (B, T, C, H, W) or None. eta overrides config.eta (0.0: knock-out).
+        Returns out (B, T, d_out) and info: "eta" (B, T) the modulated rate eta_t before the bound,
+        "step" (B, T) the rate after it, "update_norm" (B, T) ||G_t||, "fast_norm" (B, T) ||F_{t+1}||
+        over all layers, and "fast_weights" the final F_T of every plastic layer (empty for "none")."""
+        B, T, _ = x.shape
+        if T > self.config.max_len:
+            raise ValueError(f"sequence of {T} tokens is longer than max_len={self.config.max_len}; raise max_len.")
+        if (images is None) != (self.encoder is None):
+            raise ValueError("pass images exactly when the model has an image encoder (config.image_shape).")
+        if images is not None:
+            features = self.encoder(images.flatten(0, 1)).view(B, T, -1)  # (B, T, features)
+            x = torch.cat([features, x], dim=-1)
+        h = self.embed(x) + self.pos(torch.arange(T, device=x.device))  # (B, T, C)
+        if self.config.rule == "none" and not step_by_step:
+            out = self.head(self.ln_f(self._run_blocks(h, 0, len(self.blocks))))
+            zeros = out.new_zeros(B, T)
+            return out, dict(eta=zeros, step=zeros, update_norm=zeros, fast_norm=zeros, fast_weights=[])
+        return self._forward_token_by_token(h, self.config.eta if eta is None else eta)
+
+    def _run_blocks(self, h, start, stop):
+        for block in self.blocks[start:stop]:
+            h = block(h)
+        return h
+
+    def _forward_token_by_token(self, h, eta):
+        """The fast weights make the network recurrent: blocks below the first plastic block run in
+        parallel, the rest one token at a time with a KV cache."""
+        cfg, rule = self.config, self.config.rule
+        B, T, _ = h.shape
+        h = self._run_blocks(h, 0, self.first_plastic)
+        looped = self.blocks[self.first_plastic:]
+        keep_graph = torch.is_grad_enabled()  # False in evaluation under torch.no_grad()
+        caches = [KVCache(detach=not keep_graph) for _ in looped]
+        fast = [h.new_zeros(B, layer.in_features, layer.out_features) for layer in self.plastic_layers]
+        outputs, trace = [], []
+        for t in range(T):
+            # the gradient rule needs autograd for its own update, also when evaluating without a graph
+            with torch.enable_grad() if rule == "gradient" else nullcontext():
+                if rule == "gradient" and (t == 0 or not keep_graph):
+                    fast = [f.detach().requires_grad_() if not keep_graph else f.requires_grad_() for f in fast]
+                x_t, pre_post, layer = h[:, t], [], iter(fast)
+                for block, cache in zip(looped, caches):
+                    x_t, block_pre_post = block.step(x_t, cache, (next(layer), next(layer)) if block.plastic else (None, None))
+                    pre_post += block_pre_post if block.plastic else []
+                head_output = self.head(self.ln_f(x_t))  # (B, units)
+                if rule != "none":
+                    fast, stats = self._update_fast_weights(fast, pre_post, head_output, eta, keep_graph)
+                    trace.append(stats)
+            outputs.append(head_output[:, :cfg.d_out] if keep_graph else head_output[:, :cfg.d_out].detach())
+        out = torch.stack(outputs, dim=1)  # (B, T, d_out)
+        if rule == "none":
+            zeros = out.new_zeros(B, T)
+            return out, dict(eta=zeros, step=zeros, update_norm=zeros, fast_norm=zeros, fast_weights=[])
+        info = {key: torch.stack([s[key] for s in trace], dim=1) for key in trace[0]}  # (B, T) each
+        info["fast_weights"] = [f.detach() for f in fast]
+        return out, info
+
+    def _update_fast_weights(self, fast, pre_post, head_output, eta, keep_graph):
+        """After token t's output: F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ G_t for every plastic layer."""
+        cfg = self.config
+        modulator = head_output[:, -1] if self.has_modulator else None  # m_t (B,)
+        rate, decay = modulated_rates(modulator, eta, cfg.decay)
+        rate = rate if torch.is_tensor(rate) else head_output.new_full((head_output.size(0),), rate)
+        if cfg.rule == "hebbian":
+            directions = [hebbian_direction(pre, post) for pre, post in pre_post]
+        else:
+            directions = gradient_direction(inner_loss(head_output, self.inner_loss_weight), fast, keep_graph)
+        norm = global_norm(directions)  # (B,)
+        step = bounded_rate(rate, norm, cfg.max_norm)
+        fast = [fast_weight_update(f, g, layer.coef, step, decay)
+                for f, g, layer in zip(fast, directions, self.plastic_layers)]
+        fast_norm = global_norm([f.detach() for f in fast])
+        stats = dict(eta=rate.detach(), step=step.detach(), update_norm=norm.detach(), fast_norm=fast_norm)
+        return fast, stats
