@@ -1,0 +1,579 @@
+"""Tasks for the plastic GPT: synthetic sequences, few-shot episodes, and the real dataset loaders.
+
+    python -c "import tasks; b = tasks.make_task('copy').sample(4); print(b.x.shape, b.target.shape)"
+
+A task samples a whole batch at once, on the device it is asked for, and returns a Batch: the token
+inputs, the images (few-shot tasks only), the targets and a mask of the positions that count for the
+loss and the metric. `make_task(name, **options)` builds any task; the task tells the model the sizes
+it needs (`d_in`, `d_out`, `image_shape`, `seq_len`).
+
+Omniglot and CIFAR-100 are read from their official archives in `<data_dir>/omniglot/` and
+`<data_dir>/cifar100/` (data_dir: argument, else $PLASTIC_DATA, else ./data), downloaded when missing,
+decoded once and cached as uint8 arrays beside the archives (or in $PLASTIC_CACHE, else
+~/.cache/plastic, when that folder is read-only).
+"""
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import tempfile
+import time
+import urllib.request
+import zipfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+TASKS = ("copy", "regression", "cue_reward", "omniglot", "cifar_fs")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class TaskConfig:
+    name: str = "omniglot"          # copy | regression | cue_reward | omniglot | cifar_fs
+    # copy (Duan et al. 2023: store a sequence, wait, recall it)
+    seq_len: int = 20               # copy: vectors to store, and recall steps
+    delay: int = 20                 # copy: blank steps between the last store and the first recall
+    dim: int = 1                    # copy: size of each stored vector, values in [-1, 1]
+    # regression (a fresh random function per sequence)
+    n_train: int = 20               # regression: points shown with their y
+    n_test: int = 20                # regression: points whose y must be predicted
+    x_dim: int = 12                 # regression: size of each x, values in [-1, 1]
+    mode: str = "linear"            # regression: "linear" map or "mlp" (one tanh hidden layer)
+    mlp_hidden: int = 2             # regression, mode "mlp": tanh units of the random function
+    noise: float = 0.1              # regression: std of the Gaussian noise on the shown y
+    # cue_reward (Duan et al. 2023: learn which cue gives which reward, then recall it)
+    n_cues: int = 5                 # cue_reward: distinct cues per sequence, each with its reward
+    cue_dim: int = 14               # cue_reward: size of a cue vector, values in [0, 1]
+    trial_len: int = 20             # cue_reward: steps; the first half shows rewards, the second asks
+    cue_noise: float = 0.1          # cue_reward: std of the Gaussian noise on every cue presentation
+    # few-shot classification (omniglot, cifar_fs)
+    way: int = 5                    # classes per episode (N)
+    shot: int = 1                   # labelled support images per class (K)
+    query: int = 1                  # unlabelled query images per class (Q)
+    rotations: bool = True          # omniglot: rotations by 90/180/270 add training classes
+    data_dir: str | None = None     # folder with omniglot/ and cifar100/; None: $PLASTIC_DATA or ./data
+
+    def __post_init__(self):
+        if self.name not in TASKS:
+            raise ValueError(f"unknown task {self.name!r}; choose one of {', '.join(TASKS)}.")
+        for name in ("seq_len", "dim", "n_train", "n_test", "x_dim", "mlp_hidden", "n_cues",
+                     "cue_dim", "shot", "query"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)} must be at least 1.")
+        if self.delay < 0:
+            raise ValueError(f"delay = {self.delay} must be 0 or more.")
+        if self.trial_len < 2:
+            raise ValueError(f"trial_len = {self.trial_len} must be at least 2 (a half to learn, a half to recall).")
+        if self.noise < 0 or self.cue_noise < 0:
+            raise ValueError(f"noise = {self.noise} and cue_noise = {self.cue_noise} must not be negative.")
+        if self.mode not in ("linear", "mlp"):
+            raise ValueError(f"unknown regression mode {self.mode!r}; choose linear or mlp.")
+        if self.way < 2:
+            raise ValueError(f"way = {self.way} must be at least 2 (one class is no classification).")
+
+
+@dataclass
+class Batch:
+    x: Tensor                       # (B, T, d_in) float32 token inputs
+    images: Tensor | None           # (B, T, C, H, W) float32 normalised images, or None
+    target: Tensor                  # (B, T, d_out) float32 for MSE tasks; (B, T) int64 class ids for few-shot
+    mask: Tensor                    # (B, T) bool: the positions that count for loss and metric
+
+
+def check_request(batch_size, split):
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size = {batch_size} must be at least 1.")
+
+
+class Task:
+    """Base of every task: sizes for the model, and the loss and metric over the masked positions."""
+
+    name: str
+    d_in: int                       # size of a token's input vector
+    d_out: int                      # size of the model's output per token
+    image_shape: tuple[int, int, int] | None = None   # (C, H, W) of the images, None without images
+    seq_len: int                    # tokens per sequence, T
+    metric_name = "mse"             # "mse" or "accuracy"
+    higher_is_better = False
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg, self.name = cfg, cfg.name
+
+    def sample(self, batch_size, split="train", device="cpu", generator=None) -> Batch:
+        raise NotImplementedError
+
+    def loss(self, out, batch) -> Tensor:
+        """Scalar: cross-entropy, or the MSE averaged over every masked element; out (B, T, d_out)."""
+        out = out.float()
+        if self.metric_name == "accuracy":
+            return F.cross_entropy(out[batch.mask], batch.target[batch.mask])
+        return (out[batch.mask] - batch.target[batch.mask]).pow(2).mean()
+
+    def metric(self, out, batch) -> Tensor:
+        """(B,) the accuracy or the MSE of each sequence, over its masked positions."""
+        out = out.float()
+        if self.metric_name == "accuracy":
+            per_token = (out.argmax(-1) == batch.target).float()     # (B, T)
+        else:
+            per_token = (out - batch.target).pow(2).mean(-1)         # (B, T)
+        return (per_token * batch.mask).sum(1) / batch.mask.sum(1)   # (B,)
+
+
+class Copy(Task):
+    """Store `seq_len` random vectors, wait `delay` blank steps, then reproduce them in order.
+
+    Tokens are [value (dim), store flag, recall flag]. One sequence with seq_len=2, delay=1, dim=1:
+
+        t   x                    target   mask
+        0   [ 0.31, 1, 0]        [ 0.00]  False   store 0.31
+        1   [-0.72, 1, 0]        [ 0.00]  False   store -0.72
+        2   [ 0.00, 0, 0]        [ 0.00]  False   delay
+        3   [ 0.00, 0, 1]        [ 0.31]  True    recall the first
+        4   [ 0.00, 0, 1]        [-0.72]  True    recall the second
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.d_in, self.d_out = cfg.dim + 2, cfg.dim
+        self.seq_len = 2 * cfg.seq_len + cfg.delay
+
+    def sample(self, batch_size, split="train", device="cpu", generator=None):
+        check_request(batch_size, split)
+        B, T, L, D = batch_size, self.seq_len, self.cfg.seq_len, self.cfg.dim
+        recall = L + self.cfg.delay                                  # first recall step
+        rng = dict(device=device, generator=generator)
+        values = torch.rand(B, L, D, **rng) * 2 - 1                  # (B, L, dim) the vectors to store
+        x = torch.zeros(B, T, D + 2, device=device)
+        x[:, :L, :D] = values
+        x[:, :L, D] = 1                                              # store flag
+        x[:, recall:, D + 1] = 1                                     # recall flag
+        target = torch.zeros(B, T, D, device=device)
+        target[:, recall:] = values
+        mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+        mask[:, recall:] = True
+        return Batch(x, None, target, mask)
+
+
+class Regression(Task):
+    """In-context regression: `n_train` points (x, y) of a fresh random function, then `n_test` x alone.
+
+    f is a random linear map (Gaussian weights) or, with mode "mlp", a random one-hidden-layer tanh
+    network (pre-activations of unit variance, so it is neither linear nor saturated). Its outputs are
+    standardised per sequence (zero mean, unit variance over the sequence's points); the shown y
+    carry Gaussian noise, the targets do not. Tokens are [x (x_dim), y or 0, 1 if y is shown].
+    One sequence with n_train=2, n_test=1, x_dim=1:
+
+        t   x                   target   mask
+        0   [ 0.50,  1.07, 1]   [ 1.00]  False   shown: y = f(0.50) + noise
+        1   [-0.90, -1.33, 1]   [-1.37]  False
+        2   [ 0.10,  0.00, 0]   [ 0.37]  True    predict f(0.10)
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.d_in, self.d_out = cfg.x_dim + 2, 1
+        self.seq_len = cfg.n_train + cfg.n_test
+
+    def sample(self, batch_size, split="train", device="cpu", generator=None):
+        check_request(batch_size, split)
+        B, T, n, D, H = batch_size, self.seq_len, self.cfg.n_train, self.cfg.x_dim, self.cfg.mlp_hidden
+        rng = dict(device=device, generator=generator)
+        points = torch.rand(B, T, D, **rng) * 2 - 1                  # (B, T, x_dim)
+        if self.cfg.mode == "linear":
+            y = points @ torch.randn(B, D, 1, **rng)                 # (B, T, 1)
+        else:
+            # x_i has variance 1/3, so weights of variance 3/x_dim give pre-activations of variance ~1
+            hidden = torch.tanh(points @ (torch.randn(B, D, H, **rng) * (3 / D) ** 0.5)
+                                + torch.randn(B, 1, H, **rng))       # (B, T, hidden)
+            y = hidden @ torch.randn(B, H, 1, **rng)                 # (B, T, 1)
+        y = (y - y.mean(1, keepdim=True)) / y.std(1, correction=0, keepdim=True).clamp_min(1e-6)
+        x = torch.zeros(B, T, D + 2, device=device)
+        x[..., :D] = points
+        x[:, :n, D] = y[:, :n, 0] + self.cfg.noise * torch.randn(B, n, **rng)
+        x[:, :n, D + 1] = 1
+        mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+        mask[:, n:] = True
+        return Batch(x, None, y, mask)
+
+
+class CueReward(Task):
+    """Cue-reward association (Duan et al. 2023): learn each cue's reward, then recall it from the cue.
+
+    Every sequence draws `n_cues` cue vectors in [0, 1]^cue_dim and a reward in [-1, 1] for each;
+    every step shows a random one of them (plus Gaussian noise). In the first half of the
+    `trial_len` steps the reward is shown with the cue; in the second half only the cue, and the
+    model must give its reward. As in Duan et al. a cue may be missing from the first half; its
+    reward then cannot be known (the best guess is 0). Tokens are [cue (cue_dim), reward or 0,
+    1 if asked]. One sequence with n_cues=2, cue_dim=2, trial_len=4:
+
+        t   x                         target   mask
+        0   [0.81, 0.12, -0.50, 0]    [-0.50]  False   cue A, reward -0.5
+        1   [0.33, 0.95,  0.70, 0]    [ 0.70]  False   cue B, reward 0.7
+        2   [0.80, 0.13,  0.00, 1]    [-0.50]  True    cue A again: its reward?
+        3   [0.80, 0.11,  0.00, 1]    [-0.50]  True    and again
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.d_in, self.d_out = cfg.cue_dim + 2, 1
+        self.seq_len = cfg.trial_len
+
+    def sample(self, batch_size, split="train", device="cpu", generator=None):
+        check_request(batch_size, split)
+        B, T, N, D = batch_size, self.seq_len, self.cfg.n_cues, self.cfg.cue_dim
+        half = T // 2
+        rng = dict(device=device, generator=generator)
+        cues = torch.rand(B, N, D, **rng)                            # (B, n_cues, cue_dim)
+        rewards = torch.rand(B, N, **rng) * 2 - 1                    # (B, n_cues)
+        shown = torch.randint(N, (B, T), **rng)                      # (B, T) which cue each step shows
+        cue = cues.gather(1, shown[..., None].expand(B, T, D))       # (B, T, cue_dim)
+        reward = rewards.gather(1, shown)                            # (B, T)
+        x = torch.zeros(B, T, D + 2, device=device)
+        x[..., :D] = cue + self.cfg.cue_noise * torch.randn(B, T, D, **rng)
+        x[:, :half, D] = reward[:, :half]
+        x[:, half:, D + 1] = 1
+        mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+        mask[:, half:] = True
+        return Batch(x, None, reward[..., None], mask)
+
+
+class FewShot(Task):
+    """N-way K-shot episodes: N*K labelled support images, then N*Q query images to classify.
+
+    An episode draws N classes of the split without replacement and K + Q distinct images of each.
+    The i-th class drawn gets label i; the draw order is random, so the labels are a fresh
+    permutation of the classes in every episode. The support tokens come first, in shuffled order,
+    each with its label as a one-hot input; then the query tokens, shuffled too, with a zero label
+    input. Targets are the labels; only queries count. One 3-way 1-shot 1-query episode:
+
+        t   image              x          target   mask
+        0   a drawing of 'ka'  [0, 1, 0]  1        False   support: image and its label
+        1   a drawing of 'ga'  [0, 0, 1]  2        False
+        2   a drawing of 'na'  [1, 0, 0]  0        False
+        3   another 'na'       [0, 0, 0]  0        True    query: label hidden, answer 0
+        4   another 'ka'       [0, 0, 0]  1        True
+        5   another 'ga'       [0, 0, 0]  2        True
+
+    `splits` maps train/val/test to uint8 arrays (classes, images per class, C, H, W); each is moved
+    to a device the first time that device is asked for and kept there, so sampling is a few
+    batched tensor operations with no per-image Python.
+    """
+
+    metric_name = "accuracy"
+    higher_is_better = True
+
+    def __init__(self, cfg, splits, class_names, mean, std):
+        super().__init__(cfg)
+        N, K, Q = cfg.way, cfg.shot, cfg.query
+        for split, images in splits.items():
+            if K + Q > images.shape[1]:
+                raise ValueError(f"shot + query = {K + Q} exceeds the {images.shape[1]} images per "
+                                 f"{cfg.name} class; lower --shot or --query.")
+            if N > images.shape[0]:
+                raise ValueError(f"way = {N} exceeds the {images.shape[0]} classes of the {cfg.name} "
+                                 f"{split} split; lower --way.")
+        self.splits, self.class_names = splits, class_names
+        self.image_shape = tuple(splits["train"].shape[2:])
+        self.d_in = self.d_out = N
+        self.seq_len = N * (K + Q)
+        self.mean = torch.tensor(mean).view(-1, 1, 1)                # (C, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)                  # (C, 1, 1)
+        self.on_device = {}                                          # (split, device) -> uint8 tensor
+
+    def split_images(self, split, device):
+        """The split's uint8 images on `device`, moved there once."""
+        key = (split, torch.device(device))
+        if key not in self.on_device:
+            self.on_device[key] = torch.from_numpy(self.splits[split]).to(device)
+        return self.on_device[key]
+
+    def sample(self, batch_size, split="train", device="cpu", generator=None):
+        check_request(batch_size, split)
+        B, N, K, Q = batch_size, self.cfg.way, self.cfg.shot, self.cfg.query
+        data = self.split_images(split, device)                            # (classes, per_class, C, H, W) uint8
+        rng = dict(device=device, generator=generator)
+        # the largest N of iid uniform keys: N distinct indices, uniformly chosen, in random order
+        classes = torch.rand(B, data.shape[0], **rng).topk(N, dim=1).indices           # (B, N)
+        drawn = torch.rand(B, N, data.shape[1], **rng).topk(K + Q, dim=2).indices      # (B, N, K+Q)
+        labels = torch.arange(N, device=device).view(1, N, 1).expand(B, N, K + Q)      # (B, N, K+Q)
+
+        def shuffled(part):                                          # (B, N*count) labels and picks
+            label = labels[:, :, part].reshape(B, -1)
+            pick = drawn[:, :, part].reshape(B, -1)
+            order = torch.rand(label.shape, **rng).argsort(1)
+            return label.gather(1, order), pick.gather(1, order)
+
+        support_label, support_pick = shuffled(slice(0, K))
+        query_label, query_pick = shuffled(slice(K, K + Q))
+        target = torch.cat([support_label, query_label], 1)          # (B, T) int64
+        pick = torch.cat([support_pick, query_pick], 1)              # (B, T) which image of its class
+        images = data[classes.gather(1, target), pick]               # (B, T, C, H, W) uint8
+        images = (images.float() / 255 - self.mean.to(device)) / self.std.to(device)
+        x = F.one_hot(target, N).float()                             # (B, T, N)
+        x[:, N * K:] = 0                                             # query labels are not shown
+        mask = torch.zeros(B, self.seq_len, dtype=torch.bool, device=device)
+        mask[:, N * K:] = True
+        return Batch(x, images, target, mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real data: the official archives, downloaded when missing, decoded once and cached.
+
+OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
+OMNIGLOT_FILES = {  # archive -> (official url, published md5, alphabets, characters)
+    "images_background.zip": (OMNIGLOT_URL + "images_background.zip", "68d2efa1b9178cc56df9314c21c6e718", 30, 964),
+    "images_evaluation.zip": (OMNIGLOT_URL + "images_evaluation.zip", "6b91aef0f799c5bb55b94e3f2daec811", 20, 659),
+}
+OMNIGLOT_DRAWINGS = 20              # drawings of every character
+OMNIGLOT_SIZE = 28                  # the 105x105 drawings are resized to this
+OMNIGLOT_VAL_CHARACTERS = 100       # background characters held out for validation
+OMNIGLOT_VAL_SEED = 0               # fixes which ones, for every run
+CIFAR_FILES = {  # archive -> (official url, published md5)
+    "cifar-100-python.tar.gz": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                                "eb9058c3a382ffc7106e4002c42a8d85"),
+}
+CIFAR_CLASSES, CIFAR_IMAGES = 100, 600      # classes, and images per class with train and test merged
+CIFAR_MEAN = (0.5074, 0.4867, 0.4411)       # channel statistics of CIFAR-100 train + test
+CIFAR_STD = (0.2675, 0.2566, 0.2763)
+CIFAR_FS_SPLIT = {  # the class split of Bertinetto et al. 2019 (CIFAR-FS), 64 / 16 / 20 classes
+    "train": """dolphin seal aquarium_fish ray trout orchid sunflower tulip bottle bowl can cup plate apple
+        mushroom orange pear clock keyboard chair couch bee caterpillar cockroach bear lion tiger wolf
+        bridge castle house road skyscraper cloud forest mountain elephant kangaroo porcupine possum
+        raccoon skunk lobster spider boy girl dinosaur lizard snake turtle hamster mouse rabbit shrew
+        squirrel oak_tree palm_tree pine_tree willow_tree bus train lawn_mower streetcar tank""".split(),
+    "val": """beaver otter flatfish shark lamp television beetle butterfly sea camel cattle crab crocodile
+        maple_tree motorcycle tractor""".split(),
+    "test": """whale poppy rose sweet_pepper telephone bed table wardrobe leopard plain chimpanzee fox snail
+        worm baby man woman bicycle pickup_truck rocket""".split(),
+}
+CACHE_VERSION = 1                   # bump when the decoded arrays change, so old caches are not reused
+
+
+def data_folder(data_dir=None) -> Path:
+    return Path(data_dir or os.environ.get("PLASTIC_DATA") or "data").expanduser()
+
+
+def cache_folder(folder: Path) -> Path:
+    """Beside the archives when that folder is writable, else $PLASTIC_CACHE, else ~/.cache/plastic."""
+    # a folder without write permission bits counts as read-only even for root, who could write anyway
+    if os.access(folder, os.W_OK) and folder.stat().st_mode & 0o222:
+        return folder
+    return Path(os.environ.get("PLASTIC_CACHE") or Path.home() / ".cache" / "plastic").expanduser()
+
+
+def md5sum(path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "md5").hexdigest()
+
+
+def download(url, path):
+    """Copy `url` into the file `path`; tests replace this function, so they never touch the network."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as file:
+        while chunk := response.read(1 << 20):
+            file.write(chunk)
+
+
+def download_checked(url, path: Path, md5):
+    """Download to a temporary file beside `path`, check the published md5, then rename it into place,
+    so an interrupted or corrupted download never looks like a complete file."""
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+    os.close(handle)
+    try:
+        print(f"downloading {url} to {path}")
+        download(url, partial)
+        found = md5sum(partial)
+        if found != md5:
+            raise ValueError(f"the download of {url} has md5 {found}, not the published {md5}, so it "
+                             f"was deleted; try again, or place the official file in {path.parent} by hand.")
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def fetch(folder: Path, files: dict) -> list[Path]:
+    """The paths of `files` (name -> (url, md5, ...)) in `folder`; missing ones are downloaded."""
+    missing = [name for name in files if not (folder / name).exists()]
+    for name in missing:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            download_checked(files[name][0], folder / name, files[name][1])
+        except OSError as error:                                     # no network, or no write access
+            raise FileNotFoundError(
+                f"{' and '.join(missing)} not found in {folder.resolve()} and could not be downloaded "
+                f"({error}); place {'them' if len(missing) > 1 else 'it'} there, or point PLASTIC_DATA "
+                f"(or --data-dir) at a folder that has {'them' if len(missing) > 1 else 'it'}.") from error
+    return [folder / name for name in files]
+
+
+def load_dataset(name, folder: Path, files: dict, decode) -> dict[str, np.ndarray]:
+    """The arrays `decode(*archives)` returns, from the cache when these exact archives were decoded before."""
+    archives = fetch(folder, files)
+    stamp = hashlib.md5(repr([(path.name, path.stat().st_size, path.stat().st_mtime_ns)
+                              for path in archives]).encode()).hexdigest()[:10]
+    cache = cache_folder(folder) / f"{name}_v{CACHE_VERSION}_{stamp}.npz"
+    if cache.exists():
+        with np.load(cache) as stored:
+            return {key: stored[key] for key in stored.files}
+    start = time.time()
+    for path in archives:                                            # placed by hand: md5 reported, not required
+        found, published = md5sum(path), files[path.name][1]
+        verdict = "the published md5" if found == published else f"published {published}; checked by structure"
+        print(f"decoding {path} (md5 {found}, {verdict})")
+    arrays = decode(*archives)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(f"{cache.name}.{os.getpid()}.part")
+    with open(partial, "wb") as file:                                # a file object, so savez adds no suffix
+        np.savez(file, **arrays)
+    os.replace(partial, cache)
+    print(f"decoded in {time.time() - start:.1f} s; cached in {cache}")
+    return arrays
+
+
+def omniglot_drawing(png: bytes) -> np.ndarray:
+    """A black-on-white 105x105 PNG -> (28, 28) uint8 with bright strokes, area-averaged (antialiased)."""
+    drawing = Image.open(io.BytesIO(png)).convert("L").resize((OMNIGLOT_SIZE,) * 2, Image.Resampling.BOX)
+    return 255 - np.asarray(drawing)
+
+
+def decode_omniglot(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(characters, 20, 28, 28) uint8 drawings and the 'Alphabet/characterNN' names, from one official zip
+    laid out as <top folder>/<Alphabet>/characterNN/<id>_<drawing>.png."""
+    _, _, alphabets, characters = OMNIGLOT_FILES[path.name]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {}                                             # 'Alphabet/characterNN' -> png names
+            for member in sorted(archive.namelist()):
+                parts = member.split("/")
+                if member.endswith(".png") and len(parts) >= 3:
+                    members.setdefault(f"{parts[-3]}/{parts[-2]}", []).append(member)
+            found = (len({name.split("/")[0] for name in members}), len(members),
+                     sorted({len(pngs) for pngs in members.values()}))
+            if found != (alphabets, characters, [OMNIGLOT_DRAWINGS]):
+                raise ValueError(f"{path} is not the official {path.name}: expected {alphabets} alphabets and "
+                                 f"{characters} characters of {OMNIGLOT_DRAWINGS} drawings, found {found[0]} "
+                                 f"and {found[1]} of {found[2]}; replace it with the official file.")
+            images = np.stack([np.stack([omniglot_drawing(archive.read(png)) for png in pngs])
+                               for pngs in members.values()])        # (characters, 20, 28, 28)
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise ValueError(f"{path} is damaged ({error}); delete it so it is downloaded again, "
+                         f"or replace it with the official file.") from error
+    return images, np.array(list(members))
+
+
+def load_omniglot(data_dir=None) -> dict[str, np.ndarray]:
+    """background (964, 20, 28, 28), evaluation (659, 20, 28, 28) uint8 and their character names."""
+    def decode(background, evaluation):
+        (b_images, b_names), (e_images, e_names) = decode_omniglot(background), decode_omniglot(evaluation)
+        return dict(background=b_images, background_names=b_names, evaluation=e_images, evaluation_names=e_names)
+    return load_dataset(f"omniglot_{OMNIGLOT_SIZE}px", data_folder(data_dir) / "omniglot", OMNIGLOT_FILES, decode)
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR's pickles hold: dicts, lists, strings, ints and numpy arrays.
+
+    A pickle can name any function to be called while it loads (os.system included); this one
+    refuses every global except the three numpy needs to rebuild an array, whatever the checksum.
+    """
+
+    allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.allowed:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR pickle holds only numpy "
+                                         f"arrays, lists and strings, so this file is damaged or malicious.")
+        return super().find_class(module, name)
+
+
+def decode_cifar100(path: Path) -> dict[str, np.ndarray]:
+    """images (100, 600, 3, 32, 32) uint8, train and test merged, classes in fine-label order; names (100,)."""
+    parts = {}
+    try:
+        with tarfile.open(path, "r|gz", bufsize=1 << 22) as archive:  # a stream: the .gz is read once
+            for member in archive:
+                if member.isfile() and Path(member.name).name in ("train", "test", "meta"):
+                    unpickler = CifarUnpickler(archive.extractfile(member), encoding="latin1")
+                    parts[Path(member.name).name] = unpickler.load()
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise ValueError(f"{path} is damaged ({error}); delete it so it is downloaded again, "
+                         f"or replace it with the official file.") from error
+    wrong = (f"{path} is not the official {path.name}: expected train, test and meta with {CIFAR_CLASSES} "
+             f"classes of {CIFAR_IMAGES} images; replace it with the official file.")
+    try:
+        data = np.concatenate([parts["train"]["data"], parts["test"]["data"]])      # (N, 3072) uint8
+        labels = np.array(parts["train"]["fine_labels"] + parts["test"]["fine_labels"])
+        names = np.array(parts["meta"]["fine_label_names"])
+        per_class = np.bincount(labels, minlength=CIFAR_CLASSES)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(wrong) from error
+    if (data.dtype != np.uint8 or data.shape != (len(labels), 3 * 32 * 32) or len(names) != CIFAR_CLASSES
+            or len(per_class) != CIFAR_CLASSES or (per_class != CIFAR_IMAGES).any()):
+        raise ValueError(wrong)
+    order = np.argsort(labels, kind="stable")                        # class by class, in fine-label order
+    images = data[order].reshape(CIFAR_CLASSES, CIFAR_IMAGES, 3, 32, 32)
+    return dict(images=images, names=names)
+
+
+def load_cifar100(data_dir=None) -> dict[str, np.ndarray]:
+    """images (100, 600, 3, 32, 32) uint8 and the 100 fine class names."""
+    return load_dataset("cifar100_32px", data_folder(data_dir) / "cifar100", CIFAR_FILES, decode_cifar100)
+
+
+# ----------------------------------------------------------------------------------------------
+# Class splits and the one way to build any task.
+
+def omniglot_splits(data, rotations=True):
+    """Train: background characters (and their rotations); val: a fixed seeded set of background
+    characters; test: every evaluation character. Arrays (classes, 20, 1, 28, 28) and class names."""
+    background, names = data["background"], data["background_names"]
+    if OMNIGLOT_VAL_CHARACTERS >= len(background):
+        raise ValueError(f"only {len(background)} background characters, but {OMNIGLOT_VAL_CHARACTERS} are "
+                         f"held out for validation; use the official images_background.zip.")
+    held_out = np.random.default_rng(OMNIGLOT_VAL_SEED).permutation(len(background))
+    val, train = np.sort(held_out[:OMNIGLOT_VAL_CHARACTERS]), np.sort(held_out[OMNIGLOT_VAL_CHARACTERS:])
+    splits = {"train": background[train], "val": background[val], "test": data["evaluation"]}
+    class_names = {"train": list(names[train]), "val": list(names[val]), "test": list(data["evaluation_names"])}
+    if rotations:                                                    # a rotated character is a new class
+        splits["train"] = np.concatenate([np.rot90(splits["train"], k, axes=(2, 3)) for k in range(4)])
+        class_names["train"] = [f"{name} rotated {90 * k}" for k in range(4) for name in class_names["train"]]
+    return {split: images[:, :, None] for split, images in splits.items()}, class_names   # add C = 1
+
+
+def cifar_fs_splits(data):
+    """The CIFAR-FS classes of each split: arrays (classes, 600, 3, 32, 32) and class names."""
+    index = {name: i for i, name in enumerate(data["names"])}
+    splits = {split: data["images"][[index[name] for name in names]] for split, names in CIFAR_FS_SPLIT.items()}
+    return splits, {split: list(names) for split, names in CIFAR_FS_SPLIT.items()}
+
+
+def make_task_from_config(cfg: TaskConfig) -> Task:
+    if cfg.name == "copy":
+        return Copy(cfg)
+    if cfg.name == "regression":
+        return Regression(cfg)
+    if cfg.name == "cue_reward":
+        return CueReward(cfg)
+    if cfg.name == "omniglot":                                       # images in [0, 1], strokes bright
+        splits, class_names = omniglot_splits(load_omniglot(cfg.data_dir), cfg.rotations)
+        return FewShot(cfg, splits, class_names, mean=(0.0,), std=(1.0,))
+    splits, class_names = cifar_fs_splits(load_cifar100(cfg.data_dir))
+    return FewShot(cfg, splits, class_names, mean=CIFAR_MEAN, std=CIFAR_STD)
+
+
+def make_task(name, **options) -> Task:
+    """make_task("omniglot", way=5, shot=1) builds the task; ValueError names a bad option."""
+    known = {field.name for field in fields(TaskConfig)} - {"name"}
+    if unknown := sorted(set(options) - known):
+        raise ValueError(f"unknown task option {unknown[0]!r}; the options are {', '.join(sorted(known))}.")
+    return make_task_from_config(TaskConfig(name=name, **options))

@@ -1,0 +1,650 @@
+"""Tests of tasks.py: the samplers, the dataset loaders, and the real archives when present.
+
+    python -m pytest test_tasks.py -q            # everything (offline; real data skipped if absent)
+    python -m pytest test_tasks.py -m tasks      # one part: tasks | data | realdata
+
+Loader tests build tiny archives in the official layouts in a temporary folder. Real-data tests read
+$PLASTIC_DATA, else ../shared/data; their decoded cache goes to $PLASTIC_CACHE or ~/.cache/plastic
+when that folder is read-only, so only the first run decodes the archives.
+"""
+
+import io
+import json
+import os
+import pickle
+import shutil
+import struct
+import tarfile
+import urllib.error
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import tasks
+from tasks import SPLITS, FewShot, TaskConfig, make_task
+
+REAL_DATA = Path(os.environ.get("PLASTIC_DATA") or Path(__file__).resolve().parent.parent / "shared" / "data")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Every test runs offline: a download fails as it would without network."""
+    def refuse(url, path):
+        raise urllib.error.URLError("no network in tests")
+    monkeypatch.setattr(tasks, "download", refuse)
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers (marker: tasks)
+
+def coded_task(way=3, shot=2, query=2, classes=(7, 5, 4), per_class=6, mean=(0.0,), std=(1.0,)):
+    """A few-shot task on 2x2 images that spell out who they are: pixel (0, 0) is the class
+    (100 * split number + class index), pixel (0, 1) the image's number within its class."""
+    splits, names = {}, {}
+    for number, (split, n) in enumerate(zip(SPLITS, classes)):
+        images = np.zeros((n, per_class, 1, 2, 2), np.uint8)     # (classes, per_class, C, H, W)
+        images[:, :, 0, 0, 0] = 100 * number + np.arange(n)[:, None]
+        images[:, :, 0, 0, 1] = np.arange(per_class)
+        splits[split], names[split] = images, [f"{split}{i}" for i in range(n)]
+    cfg = TaskConfig(name="omniglot", way=way, shot=shot, query=query)
+    return FewShot(cfg, splits, names, mean, std)
+
+
+def decode_codes(batch):
+    """(B, T) class codes and (B, T) image numbers read back from a coded_task batch."""
+    pixels = (batch.images[:, :, 0, 0] * 255).round().long()       # (B, T, 2)
+    return pixels[..., 0], pixels[..., 1]
+
+
+TASK_MAKERS = {
+    "copy": lambda: make_task("copy"),
+    "regression-linear": lambda: make_task("regression"),
+    "regression-mlp": lambda: make_task("regression", mode="mlp"),
+    "cue_reward": lambda: make_task("cue_reward"),
+    "few-shot": coded_task,
+}
+
+
+@pytest.mark.tasks
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", TASK_MAKERS)
+def test_batch_shapes_dtypes_devices(kind, device):
+    task = TASK_MAKERS[kind]()
+    batch = task.sample(4, "val", device=device)
+    B, T = 4, task.seq_len
+    assert batch.x.shape == (B, T, task.d_in), f"{kind}: x is {tuple(batch.x.shape)}, expected {(B, T, task.d_in)}"
+    assert batch.x.dtype == torch.float32, f"{kind}: x is {batch.x.dtype}, expected float32"
+    assert batch.mask.shape == (B, T) and batch.mask.dtype == torch.bool, f"{kind}: mask must be (B, T) bool"
+    assert batch.mask.any(1).all(), f"{kind}: every sequence needs at least one position that counts"
+    if task.metric_name == "accuracy":
+        assert batch.target.shape == (B, T) and batch.target.dtype == torch.int64, \
+            f"{kind}: target must be (B, T) int64"
+        assert batch.images.shape == (B, T, *task.image_shape), f"{kind}: images are {tuple(batch.images.shape)}"
+        assert batch.images.dtype == torch.float32, f"{kind}: images must be float32"
+    else:
+        assert batch.target.shape == (B, T, task.d_out), f"{kind}: target is {tuple(batch.target.shape)}"
+        assert batch.target.dtype == torch.float32 and batch.images is None, f"{kind}: float32 targets, no images"
+    for name in ("x", "target", "mask", "images"):
+        tensor = getattr(batch, name)
+        assert tensor is None or tensor.device.type == device, f"{kind}: {name} is on {tensor.device}, not {device}"
+
+
+@pytest.mark.tasks
+def test_defaults_follow_design():
+    cfg = TaskConfig()
+    assert (cfg.seq_len, cfg.delay, cfg.dim) == (20, 20, 1), "copy defaults are seq_len 20, delay 20, dim 1"
+    assert (cfg.n_train, cfg.n_test, cfg.x_dim, cfg.noise, cfg.mode) == (20, 20, 12, 0.1, "linear"), \
+        "regression defaults are 20 + 20 points in 12 dimensions, noise 0.1, linear"
+    assert (cfg.n_cues, cfg.trial_len) == (5, 20), "cue_reward defaults are 5 cues over 20 steps"
+    assert (cfg.way, cfg.shot, cfg.query, cfg.rotations) == (5, 1, 1, True), "few-shot default is 5-way 1-shot"
+    built = {name: make_task(name) for name in ("copy", "regression", "cue_reward")}
+    sizes = {name: (task.d_in, task.d_out, task.seq_len) for name, task in built.items()}
+    assert sizes == {"copy": (3, 1, 60), "regression": (14, 1, 40), "cue_reward": (16, 1, 20)}, f"sizes {sizes}"
+    assert make_task("copy", seq_len=5, delay=7, dim=3).seq_len == 17, "copy has 2 * seq_len + delay tokens"
+
+
+@pytest.mark.tasks
+def test_copy_recalls_what_was_stored():
+    task = make_task("copy", seq_len=5, delay=3, dim=2)
+    batch = task.sample(8, generator=torch.Generator().manual_seed(0))
+    L, recall = 5, 8
+    assert torch.equal(batch.target[:, recall:], batch.x[:, :L, :2]), \
+        "recall targets must be the stored vectors, in order"
+    assert batch.x[:, :L, :2].abs().max() <= 1, "stored values must lie in [-1, 1]"
+    assert (batch.x[:, :L, 2] == 1).all() and (batch.x[:, L:, 2] == 0).all(), "store flag only on store steps"
+    assert (batch.x[:, recall:, 3] == 1).all() and (batch.x[:, :recall, 3] == 0).all(), \
+        "recall flag only on recall steps"
+    assert (batch.x[:, L:, :2] == 0).all(), "nothing but flags after the store phase"
+    assert batch.mask[:, recall:].all() and not batch.mask[:, :recall].any(), "mask exactly the recall steps"
+
+
+@pytest.mark.tasks
+def test_regression_targets_follow_one_linear_function_per_sequence():
+    task = make_task("regression", n_train=10, n_test=6, x_dim=3, noise=0.1)
+    batch = task.sample(64, generator=torch.Generator().manual_seed(0))
+    x, y = batch.x[..., :3].double(), batch.target[..., 0].double()             # (B, T, 3), (B, T)
+    design = torch.cat([x, torch.ones_like(x[..., :1])], -1)                    # (B, T, 4): affine fit
+    fit = torch.linalg.lstsq(design, y[..., None]).solution
+    residual = (design @ fit)[..., 0] - y
+    assert residual.abs().max() < 1e-4, \
+        f"targets are not one affine function of x per sequence (max residual {residual.abs().max():.2g})"
+    assert y.mean(1).abs().max() < 1e-5 and (y.std(1, correction=0) - 1).abs().max() < 1e-4, \
+        "targets must have zero mean and unit variance per sequence"
+    noise = batch.x[:, :10, 3] - batch.target[:, :10, 0]
+    assert 0.08 < noise.std() < 0.12, f"shown y must be target + noise of std 0.1, found std {noise.std():.3f}"
+    assert (batch.x[:, 10:, 3:] == 0).all() and (batch.x[:, :10, 4] == 1).all(), \
+        "test points show neither y nor the flag"
+    assert batch.mask[:, 10:].all() and not batch.mask[:, :10].any(), "mask exactly the test points"
+    other = task.sample(64, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(other.target, batch.target), "every batch draws fresh functions"
+
+
+@pytest.mark.tasks
+def test_regression_mlp_is_not_linear():
+    task = make_task("regression", mode="mlp", noise=0.0, x_dim=2)
+    batch = task.sample(64, generator=torch.Generator().manual_seed(0))
+    x, y = batch.x[..., :2].double(), batch.target[..., 0].double()
+    design = torch.cat([x, torch.ones_like(x[..., :1])], -1)
+    residual = (design @ torch.linalg.lstsq(design, y[..., None]).solution)[..., 0] - y
+    assert residual.pow(2).mean() > 1e-3, "mode mlp must give functions a linear fit cannot match"
+    assert torch.equal(batch.x[:, :20, 2], batch.target[:, :20, 0]), "with noise 0 the shown y are the targets"
+
+
+@pytest.mark.tasks
+def test_cue_reward_rewards_follow_their_cues():
+    task = make_task("cue_reward", n_cues=3, cue_dim=4, trial_len=12, cue_noise=0.0)
+    batch = task.sample(16, generator=torch.Generator().manual_seed(0))
+    for b in range(16):
+        cues = batch.x[b, :, :4]
+        same_cue = (cues[:, None] == cues[None]).all(-1)                        # (T, T)
+        same_reward = batch.target[b, :, 0][:, None] == batch.target[b, :, 0][None]
+        assert (same_reward | ~same_cue).all(), f"sequence {b}: one cue must always give one reward"
+        assert len(torch.unique(cues, dim=0)) <= 3, f"sequence {b}: more distinct cues than n_cues"
+    assert torch.equal(batch.x[:, :6, 4], batch.target[:, :6, 0]), "the first half shows each cue's reward"
+    assert (batch.x[:, 6:, 4] == 0).all() and (batch.x[:, 6:, 5] == 1).all(), \
+        "the second half hides the reward and asks"
+    assert batch.mask[:, 6:].all() and not batch.mask[:, :6].any(), "mask exactly the second half"
+    assert batch.target.abs().max() <= 1, "rewards lie in [-1, 1]"
+
+
+@pytest.mark.tasks
+def test_episode_layout_and_no_label_leak():
+    N, K, Q = 3, 2, 2
+    batch = coded_task(N, K, Q).sample(32, generator=torch.Generator().manual_seed(0))
+    S = N * K
+    assert torch.equal(batch.x[:, :S], F.one_hot(batch.target[:, :S], N).float()), "support inputs are one-hot labels"
+    assert (batch.x[:, S:] == 0).all(), "query label inputs must be zero: no query label may leak into the inputs"
+    assert batch.mask[:, S:].all() and not batch.mask[:, :S].any(), "mask exactly the queries"
+    counts = F.one_hot(batch.target[:, S:], N).sum(1)
+    assert (counts == Q).all(), "every label has Q queries"
+
+
+@pytest.mark.tasks
+def test_every_query_class_appears_k_times_in_the_support():
+    N, K, Q = 3, 2, 2
+    batch = coded_task(N, K, Q).sample(64, "train", generator=torch.Generator().manual_seed(1))
+    codes, numbers = decode_codes(batch)
+    S = N * K
+    for b in range(64):
+        support_classes = codes[b, :S].tolist()
+        for t in range(S, S + N * Q):
+            query_class = codes[b, t].item()
+            times = support_classes.count(query_class)
+            assert times == K, f"episode {b}: query class {query_class} is {times} times in the support, not {K}"
+            holders = batch.target[b, :S][codes[b, :S] == query_class]
+            assert (holders == batch.target[b, t]).all(), \
+                f"episode {b}: the query's target is not its class's support label"
+        assert len(set(support_classes)) == N, f"episode {b}: classes must be drawn without replacement"
+        pairs = set(zip(codes[b].tolist(), numbers[b].tolist()))
+        assert len(pairs) == N * (K + Q), f"episode {b}: an image is used twice (support and query must differ)"
+
+
+@pytest.mark.tasks
+def test_labels_permuted_and_order_shuffled_per_episode():
+    N, K = 3, 2
+    batch = coded_task(N, K, 1).sample(200, generator=torch.Generator().manual_seed(2))
+    codes, _ = decode_codes(batch)
+    support_codes, support_labels = codes[:, :N * K], batch.target[:, :N * K]
+    first_class_label = [support_labels[b][support_codes[b] == support_codes[b].min()][0].item() for b in range(200)]
+    assert len(set(first_class_label)) == N, "labels must be a fresh permutation per episode, not fixed by class"
+    sorted_support = (batch.target[:, :N * K].diff(dim=1) >= 0).all(1)
+    assert sorted_support.float().mean() < 0.2, "support order must be shuffled, not grouped by label"
+
+
+@pytest.mark.tasks
+def test_episodes_come_from_their_own_split():
+    task = coded_task()
+    for number, split in enumerate(SPLITS):
+        codes, _ = decode_codes(task.sample(16, split))
+        assert ((codes // 100) == number).all(), f"{split} episodes must use only {split} classes"
+
+
+@pytest.mark.tasks
+def test_generator_makes_sampling_reproducible():
+    for kind, maker in TASK_MAKERS.items():
+        task = maker()
+        first, again = (task.sample(4, generator=torch.Generator().manual_seed(5)) for _ in range(2))
+        other = task.sample(4, generator=torch.Generator().manual_seed(6))
+        assert torch.equal(first.x, again.x) and torch.equal(first.target, again.target), \
+            f"{kind}: the same seed gave a different batch"
+        assert not (torch.equal(first.x, other.x) and torch.equal(first.target, other.target)), \
+            f"{kind}: another seed gave the same batch"
+
+
+@pytest.mark.tasks
+def test_images_are_normalised_on_the_way_out():
+    batch = coded_task(mean=(0.5,), std=(0.25,)).sample(2, generator=torch.Generator().manual_seed(0))
+    pixels = batch.images[:, :, 0, 1, 1]                         # stored as 0
+    assert torch.allclose(pixels, torch.full_like(pixels, -2.0)), "a 0 pixel must become (0 - mean) / std = -2"
+
+
+@pytest.mark.tasks
+def test_loss_and_metric_count_only_masked_positions():
+    task = make_task("copy", seq_len=2, delay=1)
+    batch = task.sample(2)
+    out = batch.target.clone()
+    out[~batch.mask] = 100.0                                    # unmasked outputs must not matter
+    assert task.loss(out, batch).item() == 0 and (task.metric(out, batch) == 0).all(), "perfect recall has MSE 0"
+    out[1][batch.mask[1]] += 2.0                                # second sequence off by 2 everywhere it counts
+    assert torch.allclose(task.metric(out, batch), torch.tensor([0.0, 4.0])), "metric is the MSE of each sequence"
+    assert torch.isclose(task.loss(out, batch), torch.tensor(2.0)), "loss is the MSE over every masked element"
+
+    few = coded_task(3, 1, 1)
+    batch = few.sample(2, generator=torch.Generator().manual_seed(0))
+    logits = F.one_hot(batch.target, 3).float() * 10             # (B, T, way), right everywhere
+    logits[1, 3:] = F.one_hot((batch.target[1, 3:] + 1) % 3, 3).float() * 10   # second episode wrong on queries
+    assert torch.equal(few.metric(logits, batch), torch.tensor([1.0, 0.0])), "accuracy per episode, over its queries"
+    expected = F.cross_entropy(logits[batch.mask], batch.target[batch.mask])
+    assert torch.isclose(few.loss(logits, batch), expected), "loss is cross-entropy over the queries"
+    assert few.metric_name == "accuracy" and few.higher_is_better, "few-shot reports accuracy, higher is better"
+    assert task.metric_name == "mse" and not task.higher_is_better, "copy reports mse, lower is better"
+
+
+@pytest.mark.tasks
+@pytest.mark.parametrize("name, options, fragment", [
+    ("sudoku", {}, "unknown task"),
+    ("copy", {"lenght": 3}, "unknown task option 'lenght'"),
+    ("copy", {"seq_len": 0}, "seq_len"),
+    ("copy", {"delay": -1}, "delay"),
+    ("regression", {"mode": "cubic"}, "mode"),
+    ("regression", {"noise": -0.1}, "noise"),
+    ("cue_reward", {"trial_len": 1}, "trial_len"),
+    ("omniglot", {"way": 1}, "way"),
+])
+def test_bad_options_raise_one_clear_sentence(name, options, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        make_task(name, **options)
+
+
+@pytest.mark.tasks
+def test_impossible_episodes_name_the_fix():
+    fix = r"shot \+ query = 7 exceeds the 6 images per omniglot class; lower --shot or --query"
+    with pytest.raises(ValueError, match=fix):
+        coded_task(way=2, shot=4, query=3)
+    with pytest.raises(ValueError, match="exceeds the 5 classes of the omniglot val split"):
+        coded_task(way=6)
+    with pytest.raises(ValueError, match="unknown split"):
+        make_task("copy").sample(2, "validation")
+
+
+@pytest.mark.tasks
+def test_omniglot_splits_are_disjoint_and_rotations_are_new_classes():
+    rng = np.random.default_rng(0)
+    data = {"background": rng.integers(0, 256, (130, 20, 28, 28), dtype=np.uint8),
+            "background_names": np.array([f"A{i // 10}/character{i:02d}" for i in range(130)]),
+            "evaluation": rng.integers(0, 256, (7, 20, 28, 28), dtype=np.uint8),
+            "evaluation_names": np.array([f"E/character{i:02d}" for i in range(7)])}
+    splits, names = tasks.omniglot_splits(data, rotations=True)
+    assert {s: len(v) for s, v in splits.items()} == {"train": 120, "val": 100, "test": 7}, \
+        "expected 30 x 4 rotations / 100 / 7 classes"
+    assert splits["train"].shape[1:] == (20, 1, 28, 28), "split arrays are (classes, images, C, H, W)"
+    characters = {s: {n.split(" rotated")[0] for n in v} for s, v in names.items()}
+    assert not characters["train"] & characters["val"], "a validation character is also a training character"
+    assert not (characters["train"] | characters["val"]) & characters["test"], "test characters must be unseen"
+    index = names["train"].index(names["train"][0].replace("rotated 0", "rotated 90"))
+    assert np.array_equal(splits["train"][index], np.rot90(splits["train"][0], 1, axes=(2, 3))), \
+        "a rotated class must hold the rotated drawings of its character"
+    assert names == tasks.omniglot_splits(data)[1], "the validation characters are fixed by a seed"
+    assert len(tasks.omniglot_splits(data, rotations=False)[0]["train"]) == 30, "without rotations: the 30 left"
+
+
+@pytest.mark.tasks
+def test_cifar_fs_split_is_64_16_20_disjoint_and_picks_by_name():
+    split = tasks.CIFAR_FS_SPLIT
+    assert [len(split[s]) for s in SPLITS] == [64, 16, 20], "CIFAR-FS has 64 / 16 / 20 classes"
+    assert len(set(split["train"]) | set(split["val"]) | set(split["test"])) == 100, "the splits overlap"
+    names = np.array(sorted(split["train"] + split["val"] + split["test"]))
+    images = np.arange(100, dtype=np.uint8)[:, None, None, None, None] * np.ones((1, 2, 3, 1, 1), np.uint8)
+    splits, class_names = tasks.cifar_fs_splits({"images": images, "names": names})
+    for s in SPLITS:
+        picked = [names[i] for i in splits[s][:, 0, 0, 0, 0]]
+        assert picked == split[s] == class_names[s], f"{s}: the images must be those of the named classes"
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaders on tiny archives (marker: data)
+
+def drawing_png(rows):
+    """A 105x105 1-bit PNG, white paper with black ink on the first `rows` rows, as Omniglot's."""
+    image = Image.new("1", (105, 105), 1)
+    image.paste(0, (0, 0, 105, rows))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_omniglot_zip(path, alphabets, drawings=3):
+    """Official layout: <top>/<Alphabet>/characterNN/<id>_<drawing>.png; character j has j*20+20 inked rows."""
+    top = path.stem
+    with zipfile.ZipFile(path, "w") as archive:
+        for alphabet, characters in alphabets.items():
+            for j in range(characters):
+                for d in range(drawings):
+                    name = f"{top}/{alphabet}/character{j + 1:02d}/{j:04d}_{d + 1:02d}.png"
+                    archive.writestr(name, drawing_png(20 * j + 20))
+
+
+@pytest.fixture
+def tiny_omniglot(tmp_path, monkeypatch):
+    """data_dir with 4 background characters (2 alphabets) and 2 evaluation characters, 3 drawings each."""
+    folder = tmp_path / "omniglot"
+    folder.mkdir()
+    write_omniglot_zip(folder / "images_background.zip", {"Alpha": 3, "Beta": 1})
+    write_omniglot_zip(folder / "images_evaluation.zip", {"Gamma": 2})
+    files = {name: (url, md5, *counts) for (name, (url, md5, *_)), counts
+             in zip(tasks.OMNIGLOT_FILES.items(), [(2, 4), (1, 2)])}
+    monkeypatch.setattr(tasks, "OMNIGLOT_FILES", files)
+    monkeypatch.setattr(tasks, "OMNIGLOT_DRAWINGS", 3)
+    monkeypatch.setattr(tasks, "OMNIGLOT_VAL_CHARACTERS", 2)
+    return tmp_path
+
+
+CIFAR_NAMES = sorted(sum(tasks.CIFAR_FS_SPLIT.values(), []))
+
+
+class Python2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 wrote its str (BINSTRING), as in CIFAR's own pickles; Python 3's
+    protocol 2 would ask for _codecs.encode instead, which no CIFAR file does."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_python2_str(self, obj):
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+    dispatch[bytes] = save_python2_str
+
+
+def cifar_pickle(labels, part):
+    """A CIFAR-style batch: red plane = class, green plane = part (0 train, 1 test), blue = pixel index."""
+    data = np.zeros((len(labels), 3, 1024), np.uint8)
+    data[:, 0], data[:, 1], data[:, 2] = np.array(labels)[:, None], part, np.arange(1024) % 256
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=2).dump({
+        "batch_label": "tiny", "fine_labels": list(labels), "coarse_labels": [0] * len(labels),
+        "filenames": [f"{i}.png" for i in range(len(labels))], "data": data.reshape(len(labels), 3072)})
+    assert b"_codecs" not in buffer.getvalue(), "the test pickle must need only what CIFAR's pickles need"
+    return buffer.getvalue()
+
+
+def write_cifar_tar(path, members):
+    with tarfile.open(path, "w:gz") as archive:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path, monkeypatch):
+    """data_dir with a CIFAR-100 archive of 3 images per class: 2 in train (shuffled), 1 in test."""
+    folder = tmp_path / "cifar100"
+    folder.mkdir()
+    train_labels = np.random.default_rng(0).permutation(np.repeat(np.arange(100), 2)).tolist()
+    meta = pickle.dumps({"fine_label_names": CIFAR_NAMES, "coarse_label_names": ["x"] * 20}, protocol=2)
+    write_cifar_tar(folder / "cifar-100-python.tar.gz",
+                    {"meta": meta, "train": cifar_pickle(train_labels, 0), "test": cifar_pickle(list(range(100)), 1)})
+    monkeypatch.setattr(tasks, "CIFAR_IMAGES", 3)
+    return tmp_path
+
+
+@pytest.mark.data
+def test_omniglot_decodes_with_bright_strokes_and_caches(tiny_omniglot, monkeypatch, capsys):
+    data = tasks.load_omniglot(tiny_omniglot)
+    md5 = tasks.md5sum(tiny_omniglot / "omniglot" / "images_background.zip")
+    assert f"md5 {md5}" in capsys.readouterr().out, "the md5 of a hand-placed archive must be reported"
+    assert data["background"].shape == (4, 3, 28, 28) and data["background"].dtype == np.uint8, \
+        "background must be (characters, drawings, 28, 28) uint8"
+    assert data["evaluation"].shape == (2, 3, 28, 28), "evaluation (characters, drawings, 28, 28)"
+    expected = ["Alpha/character01", "Alpha/character02", "Alpha/character03", "Beta/character01"]
+    assert list(data["background_names"]) == expected, "names must be 'Alphabet/characterNN', sorted"
+    first = data["background"][0, 0]                            # ink on rows 0..19 of 105 -> rows 0..4 of 28
+    assert first[:5].min() == 255 and first[6:].max() == 0, "strokes must be bright (255) on a dark (0) background"
+    ink = data["background"][:3, 0].mean((1, 2))
+    assert (np.diff(ink) > 0).all(), "each character must keep its own drawings"
+    caches = list((tiny_omniglot / "omniglot").glob("omniglot_28px_v*.npz"))
+    assert len(caches) == 1, f"one cache beside the writable archives, named with size and version, found {caches}"
+    assert not list((tiny_omniglot / "omniglot").glob("*.part")), "no temporary file may be left behind"
+
+    def no_decoding(path):
+        raise AssertionError("decoded again although a cache exists")
+    monkeypatch.setattr(tasks, "decode_omniglot", no_decoding)
+    again = tasks.load_omniglot(tiny_omniglot)
+    assert all(np.array_equal(data[k], again[k]) for k in data), "the cache must return exactly the decoded arrays"
+
+
+@pytest.mark.data
+def test_omniglot_task_end_to_end_on_tiny_archives(tiny_omniglot):
+    task = make_task("omniglot", data_dir=str(tiny_omniglot), way=2, shot=1, query=2)
+    assert {s: len(v) for s, v in task.class_names.items()} == {"train": 8, "val": 2, "test": 2}, \
+        "expected 2 x 4 rotations / 2 / 2 classes"
+    batch = task.sample(3, "test")
+    assert batch.images.shape == (3, 6, 1, 28, 28) and task.image_shape == (1, 28, 28), \
+        "omniglot images are (1, 28, 28)"
+    assert 0 <= batch.images.min() and batch.images.max() <= 1, "omniglot images lie in [0, 1]"
+    with pytest.raises(ValueError, match="exceeds the 2 classes of the omniglot val split"):
+        make_task("omniglot", data_dir=str(tiny_omniglot), way=3)
+
+
+@pytest.mark.data
+def test_read_only_data_folder_caches_elsewhere(tiny_omniglot, tmp_path, monkeypatch):
+    folder = tiny_omniglot / "omniglot"
+    monkeypatch.setenv("PLASTIC_CACHE", str(tmp_path / "cache"))
+    folder.chmod(0o555)
+    try:
+        tasks.load_omniglot(tiny_omniglot)
+    finally:
+        folder.chmod(0o755)
+    assert not list(folder.glob("*.npz")), "nothing may be written into a read-only data folder"
+    assert len(list((tmp_path / "cache").glob("omniglot_28px_*.npz"))) == 1, "the cache goes to $PLASTIC_CACHE"
+
+
+@pytest.mark.data
+def test_data_dir_comes_from_argument_environment_or_default(tiny_omniglot, monkeypatch):
+    monkeypatch.delenv("PLASTIC_DATA", raising=False)
+    assert tasks.data_folder() == Path("data"), "default data folder is ./data"
+    monkeypatch.setenv("PLASTIC_DATA", str(tiny_omniglot))
+    assert tasks.data_folder() == tiny_omniglot, "without an argument, $PLASTIC_DATA"
+    assert tasks.data_folder("elsewhere") == Path("elsewhere"), "an argument wins over $PLASTIC_DATA"
+    assert tasks.load_omniglot()["background"].shape[0] == 4, \
+        "the loaders must find the archives through $PLASTIC_DATA"
+
+
+@pytest.mark.data
+def test_wrong_structure_and_damaged_archives_are_refused(tiny_omniglot):
+    folder = tiny_omniglot / "omniglot"
+    write_omniglot_zip(folder / "images_background.zip", {"Alpha": 3, "Beta": 1}, drawings=2)
+    with pytest.raises(ValueError, match="is not the official images_background.zip"):
+        tasks.load_omniglot(tiny_omniglot)
+    (folder / "images_background.zip").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="is damaged"):
+        tasks.load_omniglot(tiny_omniglot)
+
+
+@pytest.mark.data
+def test_missing_files_without_network_name_files_and_folder(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        tasks.load_omniglot(tmp_path)
+    message = str(error.value)
+    for part in ("images_background.zip", "images_evaluation.zip", str((tmp_path / "omniglot").resolve())):
+        assert part in message, f"the message must name {part}: {message}"
+    with pytest.raises(FileNotFoundError, match="cifar-100-python.tar.gz not found in"):
+        tasks.load_cifar100(tmp_path)
+    assert not list(tmp_path.rglob("*.part")), "a failed download must leave no partial file"
+
+
+@pytest.mark.data
+def test_download_is_checked_by_md5_and_atomic(tmp_path, monkeypatch):
+    content = b"the official bytes"
+    monkeypatch.setattr(tasks, "download", lambda url, path: Path(path).write_bytes(content))
+    expected = {"file.bin": ("https://example.invalid/file.bin", tasks.hashlib.md5(content).hexdigest())}
+    [path] = tasks.fetch(tmp_path, expected)
+    assert path.read_bytes() == content, "a download with the published md5 is kept"
+
+    monkeypatch.setattr(tasks, "download", lambda url, path: Path(path).write_bytes(b"corrupted"))
+    with pytest.raises(ValueError, match="not the published .* so it was deleted"):
+        tasks.fetch(tmp_path, {"other.bin": expected["file.bin"]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"], "a corrupted download must be deleted"
+
+    def interrupted(url, path):
+        Path(path).write_bytes(b"half")
+        raise ConnectionResetError("connection lost")
+    monkeypatch.setattr(tasks, "download", interrupted)
+    with pytest.raises(FileNotFoundError, match="other.bin not found"):
+        tasks.fetch(tmp_path, {"other.bin": expected["file.bin"]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"], "an interrupted download must leave nothing"
+
+
+@pytest.mark.data
+def test_cifar_decodes_class_by_class_and_caches(tiny_cifar, monkeypatch):
+    data = tasks.load_cifar100(tiny_cifar)
+    images = data["images"]
+    assert images.shape == (100, 3, 3, 32, 32) and images.dtype == np.uint8, "(classes, images, 3, 32, 32) uint8"
+    assert (images[:, :, 0] == np.arange(100)[:, None, None, None]).all(), \
+        "class c must hold exactly the images labelled c"
+    assert (images[:, :2, 1] == 0).all() and (images[:, 2, 1] == 1).all(), "train images first, then test"
+    assert (images[0, 0, 2] == np.arange(1024).reshape(32, 32) % 256).all(), "pixels are row-major 32x32 planes"
+    assert list(data["names"]) == CIFAR_NAMES, "the 100 fine names in label order"
+    assert len(list((tiny_cifar / "cifar100").glob("cifar100_32px_v*.npz"))) == 1, "cache beside the archive"
+    monkeypatch.setattr(tasks, "decode_cifar100", lambda path: pytest.fail("decoded again although a cache exists"))
+    assert np.array_equal(tasks.load_cifar100(tiny_cifar)["images"], images), "the cache returns the decoded arrays"
+
+    task = make_task("cifar_fs", data_dir=str(tiny_cifar), shot=1, query=2)
+    batch = task.sample(2, "val")
+    red = (batch.images[:, :, 0, 0, 0] * tasks.CIFAR_STD[0] + tasks.CIFAR_MEAN[0]) * 255
+    val_codes = [CIFAR_NAMES.index(name) for name in tasks.CIFAR_FS_SPLIT["val"]]
+    assert set(red.round().long().flatten().tolist()) <= set(val_codes), \
+        "val episodes must use the CIFAR-FS val classes, normalised by the channel statistics"
+
+
+@pytest.mark.data
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    payload = pickle.dumps(Exploit(), protocol=2)
+    assert b"system" in payload, "the test pickle must ask for os.system"
+    with pytest.raises(pickle.UnpicklingError, match="refused to load .*system"):
+        tasks.CifarUnpickler(io.BytesIO(payload), encoding="latin1").load()
+    folder = tmp_path / "cifar100"
+    folder.mkdir()
+    write_cifar_tar(folder / "cifar-100-python.tar.gz", {"train": payload, "test": payload, "meta": payload})
+    with pytest.raises(pickle.UnpicklingError, match="damaged or malicious"):
+        tasks.load_cifar100(tmp_path)
+    assert not marker.exists(), "the refused pickle must not have run anything"
+
+
+# ----------------------------------------------------------------------------------------------
+# The real archives (marker: realdata), skipped with a reason when they are absent
+
+OMNIGLOT_REAL = [REAL_DATA / "omniglot" / name for name in tasks.OMNIGLOT_FILES]
+CIFAR_REAL = REAL_DATA / "cifar100" / "cifar-100-python.tar.gz"
+needs_omniglot = pytest.mark.skipif(not all(p.exists() for p in OMNIGLOT_REAL),
+                                    reason=f"Omniglot archives not in {REAL_DATA}/omniglot (set PLASTIC_DATA)")
+needs_cifar = pytest.mark.skipif(not CIFAR_REAL.exists(), reason=f"{CIFAR_REAL} absent (set PLASTIC_DATA)")
+SMALL1 = REAL_DATA / "omniglot" / "images_background_small1.zip"
+SPLIT_JSON = REAL_DATA / "cifar_fs_split.json"
+
+
+@pytest.fixture(scope="module")
+def real_omniglot():
+    return make_task("omniglot", data_dir=str(REAL_DATA))
+
+
+@pytest.fixture(scope="module")
+def real_cifar_fs():
+    return make_task("cifar_fs", data_dir=str(REAL_DATA))
+
+
+@pytest.mark.realdata
+@needs_omniglot
+def test_real_omniglot_counts_and_split(real_omniglot):
+    data = tasks.load_omniglot(REAL_DATA)
+    assert data["background"].shape == (964, 20, 28, 28), \
+        f"background is {data['background'].shape}, expected 964 characters x 20 drawings"
+    assert data["evaluation"].shape == (659, 20, 28, 28), \
+        f"evaluation is {data['evaluation'].shape}, expected 659 characters x 20 drawings"
+    alphabets = [len({n.split("/")[0] for n in data[k]}) for k in ("background_names", "evaluation_names")]
+    assert alphabets == [30, 20], f"expected 30 background and 20 evaluation alphabets, found {alphabets}"
+    assert np.median(data["evaluation"]) == 0 and data["evaluation"].max() == 255, \
+        "strokes must be bright on a dark background"
+    sizes = {s: len(v) for s, v in real_omniglot.class_names.items()}
+    assert sizes == {"train": 864 * 4, "val": 100, "test": 659}, f"split sizes {sizes}"
+    characters = {s: {n.split(" rotated")[0] for n in v} for s, v in real_omniglot.class_names.items()}
+    assert not characters["train"] & characters["val"], "validation characters must not be trained on"
+    assert not (characters["train"] | characters["val"]) & characters["test"], "test characters must be unseen"
+    for split in SPLITS:
+        batch = real_omniglot.sample(8, split, generator=torch.Generator().manual_seed(0))
+        assert batch.images.shape == (8, 10, 1, 28, 28), f"{split}: 5-way 1-shot episodes of (1, 28, 28) images"
+
+
+@pytest.mark.realdata
+@needs_cifar
+def test_real_cifar_fs_counts_and_split(real_cifar_fs):
+    data = tasks.load_cifar100(REAL_DATA)
+    assert data["images"].shape == (100, 600, 3, 32, 32), \
+        f"images are {data['images'].shape}, expected 100 classes x 600 images x 3 x 32 x 32"
+    assert list(data["names"]) == CIFAR_NAMES, "the fine class names, alphabetical as CIFAR-100 numbers them"
+    sample = data["images"][:, ::20].astype(np.float32) / 255                     # every 20th image of each class
+    mean, std = sample.mean((0, 1, 3, 4)), sample.std((0, 1, 3, 4))
+    assert np.allclose(mean, tasks.CIFAR_MEAN, atol=0.01) and np.allclose(std, tasks.CIFAR_STD, atol=0.01), \
+        f"channel means {mean} and stds {std} differ from the published CIFAR-100 statistics"
+    sizes = {s: len(v) for s, v in real_cifar_fs.splits.items()}
+    assert sizes == {"train": 64, "val": 16, "test": 20}, f"CIFAR-FS split sizes {sizes}"
+    names = real_cifar_fs.class_names
+    train, val, test = (set(names[s]) for s in SPLITS)
+    assert not train & val and not (train | val) & test, "the CIFAR-FS splits must not share a class"
+    for split in SPLITS:
+        batch = real_cifar_fs.sample(8, split, generator=torch.Generator().manual_seed(0))
+        assert batch.images.shape == (8, 10, 3, 32, 32), f"{split}: 5-way 1-shot episodes of (3, 32, 32) images"
+        assert abs(batch.images.mean()) < 0.5, f"{split}: images must be normalised by the channel statistics"
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not SMALL1.exists(), reason=f"{SMALL1} absent (set PLASTIC_DATA)")
+def test_published_md5_is_accepted_for_an_official_file(tmp_path, monkeypatch):
+    official = SMALL1
+    published = "e704a628b5459e08445c13499850abc4"
+    assert tasks.md5sum(official) == published, "images_background_small1.zip must have its published md5"
+    monkeypatch.setattr(tasks, "download", lambda url, path: shutil.copyfile(official, path))
+    files = {official.name: (tasks.OMNIGLOT_URL + official.name, published, 5, 136)}
+    monkeypatch.setattr(tasks, "OMNIGLOT_FILES", files)
+    [path] = tasks.fetch(tmp_path, tasks.OMNIGLOT_FILES)
+    assert tasks.md5sum(path) == published, "a download with the published md5 must be accepted as it is"
+    images, names = tasks.decode_omniglot(path)
+    assert images.shape == (136, 20, 28, 28) and len(set(names)) == 136, \
+        "the official small set has 5 alphabets, 136 characters x 20 drawings"
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not SPLIT_JSON.exists(), reason=f"{SPLIT_JSON} absent (set PLASTIC_DATA)")
+def test_embedded_cifar_fs_split_matches_the_json():
+    shipped = json.loads(SPLIT_JSON.read_text())
+    assert shipped == tasks.CIFAR_FS_SPLIT, "the class lists in tasks.py must equal cifar_fs_split.json"
