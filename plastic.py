@@ -45,6 +45,7 @@ class Config:
     eta: float = 0.1  # base plasticity rate (before modulation and the norm bound)
     decay: float = 0.1  # base decay of the fast weights per token
     max_norm: float = 1.0  # bound on the global norm of the update direction G_t, per sequence
+    fast_form: str = "dense"  # keep F_t as a (B, in, out) matrix ("dense") or as its rank-1 history ("factored")
     n_extra: int = 4  # extra head units that only feed the gradient rule's inner loss
     modulation: bool = True  # scale rate and decay by 2*sigmoid(m_t); False: by 1
     plastic_blocks: tuple[int, ...] | None = None  # indices of blocks with plastic MLPs; None = all
@@ -64,6 +65,8 @@ class Config:
             self.plastic_blocks = tuple(sorted(set(self.plastic_blocks)))
             if any(not 0 <= i < self.n_layer for i in self.plastic_blocks):
                 raise ValueError(f"plastic_blocks {self.plastic_blocks} must index blocks 0..{self.n_layer - 1}.")
+        if self.fast_form not in ("dense", "factored"):
+            raise ValueError(f"fast_form must be 'dense' or 'factored', got {self.fast_form!r}.")
         if self.coef_init not in ("symmetric", "positive"):
             raise ValueError(f"coef_init must be 'symmetric' or 'positive', got {self.coef_init!r}.")
         if self.image_shape is not None:
@@ -80,7 +83,8 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# The plasticity rules: one short function per equation of DESIGN.md.
+# The plasticity rules: one short function per equation of DESIGN.md. Both rules add a rank-1 term
+# per layer per token, G_t = pre_t ⊗ post_t, so each rule only says what pre and post are.
 
 
 def modulated_rates(modulator, eta, decay):
@@ -89,9 +93,10 @@ def modulated_rates(modulator, eta, decay):
     return eta * gate, decay * gate  # (B,), (B,)  (floats when modulation is off)
 
 
-def hebbian_direction(pre, post):
-    """G_t = pre_t ⊗ post_t: (B, in), (B, out) -> (B, in, out)."""
-    return pre.unsqueeze(2) * post.unsqueeze(1)
+def hebbian_factors(records):
+    """Hebbian: G_t = pre_t ⊗ post_t, the layer's input and its output after the layer's nonlinearity.
+    records: per layer (input, linear output, output after the nonlinearity), each (B, features)."""
+    return [(pre, activity) for pre, _, activity in records]
 
 
 def inner_loss(head_output, weight):
@@ -100,15 +105,18 @@ def inner_loss(head_output, weight):
     return (head_output * weight).pow(2).mean(dim=-1).sum()
 
 
-def gradient_direction(loss, fast_weights, create_graph):
-    """G_t = dL_t/dF for every fast weight F, for this token alone (Duan et al.)."""
-    return torch.autograd.grad(loss, fast_weights, create_graph=create_graph)
+def gradient_factors(records, loss, create_graph):
+    """Gradient rule (Duan et al.): G_t = dL_t/dF for this token alone. With y = x (W + F) + b,
+    dL_t/dF = pre_t ⊗ dL_t/dy_t: autograd gives dL_t/dy_t, the outer product the rest."""
+    deltas = torch.autograd.grad(loss, [y for _, y, _ in records], create_graph=create_graph)
+    return [(pre, delta) for (pre, _, _), delta in zip(records, deltas)]
 
 
-def global_norm(directions):
-    """||G_t||: one norm over all plastic layers, per sequence. list of (B, in, out) -> (B,)."""
-    per_layer = torch.stack([torch.linalg.vector_norm(g, dim=(1, 2)) for g in directions], dim=-1)
-    return torch.linalg.vector_norm(per_layer, dim=-1)
+def update_norm(factors):
+    """||G_t||: one norm over all plastic layers, per sequence, with ||pre ⊗ post|| = ||pre|| ||post||."""
+    per_layer = torch.stack([torch.linalg.vector_norm(pre, dim=-1) * torch.linalg.vector_norm(post, dim=-1)
+                             for pre, post in factors], dim=-1)  # (B, layers)
+    return torch.linalg.vector_norm(per_layer, dim=-1)  # (B,)
 
 
 def bounded_rate(rate, norm, max_norm):
@@ -116,12 +124,44 @@ def bounded_rate(rate, norm, max_norm):
     return rate * max_norm / norm.clamp_min(max_norm)  # (B,)
 
 
-def fast_weight_update(fast, direction, coef, step, decay):
-    """F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ G_t. fast, direction (B, in, out); coef A (in, out);
-    step eta_t (B,); decay lambda_t (B,) or a float."""
+def fast_weight_update(fast, pre, post, coef, step, decay):
+    """F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ (pre_t ⊗ post_t). fast (B, in, out); pre (B, in);
+    post (B, out); coef A (in, out); step eta_t (B,); decay lambda_t (B,) or a float."""
     if torch.is_tensor(decay):
         decay = decay[:, None, None]
-    return (1 - decay) * fast + step[:, None, None] * coef * direction
+    return (1 - decay) * fast + coef * (step[:, None, None] * pre.unsqueeze(2) * post.unsqueeze(1))
+
+
+class FactoredFastWeight:
+    """The same F_t kept as its history of rank-1 terms instead of a (B, in, out) matrix:
+    F_t = sum_{s<t} c_{s,t} A ⊙ (pre_s ⊗ post_s), c_{s,t} = eta_s prod_{s<r<t} (1 - lambda_r).
+    Memory grows with t * (in + out) instead of in * out; reading it costs a matrix product."""
+
+    def __init__(self, pre, post, scale):
+        self.pre, self.post, self.scale = pre, post, scale  # (B, S, in), (B, S, out), (B, S)
+
+    @staticmethod
+    def empty(B, d_in, d_out, like):
+        return FactoredFastWeight(like.new_zeros(B, 0, d_in), like.new_zeros(B, 0, d_out), like.new_zeros(B, 0))
+
+    def matmul(self, x, coef):
+        """x F_t = sum_s c_s post_s ⊙ ((x ⊙ pre_s) A): x (B, in) -> (B, out)."""
+        read = (x.unsqueeze(1) * self.pre) @ coef  # (B, S, out)
+        return (read * self.post * self.scale.unsqueeze(-1)).sum(dim=1)
+
+    def update(self, pre, post, step, decay):
+        """F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ (pre_t ⊗ post_t), as a new term and rescaled old ones."""
+        decay = decay.unsqueeze(1) if torch.is_tensor(decay) else decay
+        scale = torch.cat([(1 - decay) * self.scale, step.unsqueeze(1)], dim=1)  # (B, S+1)
+        return FactoredFastWeight(torch.cat([self.pre, pre.unsqueeze(1)], dim=1),
+                                  torch.cat([self.post, post.unsqueeze(1)], dim=1), scale)
+
+    def detach(self):
+        return FactoredFastWeight(self.pre.detach(), self.post.detach(), self.scale.detach())
+
+    def dense(self, coef):
+        """The (B, in, out) matrix, for analysis and tests."""
+        return coef * torch.einsum("bs,bsi,bsj->bij", self.scale, self.pre, self.post)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,13 +184,16 @@ class PlasticLinear(nn.Module):
 
     def forward(self, x, fast=None):
         y = x @ self.weight + self.bias  # (..., out)
-        if fast is not None:  # x (B, in) for one token, fast (B, in, out)
+        if isinstance(fast, FactoredFastWeight):
+            y = y + fast.matmul(x, self.coef)
+        elif fast is not None:  # x (B, in) for one token, fast (B, in, out)
             y = y + (x.unsqueeze(1) @ fast).squeeze(1)
         return y
 
 
 class MLP(nn.Module):
-    """Two (plastic) linear layers with a GELU between; records (pre, post) of each for Hebbian G_t."""
+    """Two (plastic) linear layers with a GELU between. Records, per layer, what the rules need:
+    (input, linear output y, output after the nonlinearity), each (B, features)."""
 
     def __init__(self, config, plastic):
         super().__init__()
@@ -160,10 +203,10 @@ class MLP(nn.Module):
         self.proj = PlasticLinear(4 * C, C, plastic, config.coef_init)
 
     def forward(self, x, fast=(None, None)):
-        hidden = self.gelu(self.fc(x, fast[0]))  # (..., 4C)
-        out = self.proj(hidden, fast[1])  # (..., C)
-        # Hebbian post: the first layer's output after its nonlinearity, the second's linear output
-        return out, [(x, hidden), (hidden, out)]
+        pre_activation = self.fc(x, fast[0])  # (..., 4C)
+        hidden = self.gelu(pre_activation)
+        out = self.proj(hidden, fast[1])  # (..., C); the second layer has no nonlinearity of its own
+        return out, [(x, pre_activation, hidden), (hidden, out, out)]
 
 
 class CausalSelfAttention(nn.Module):
@@ -241,8 +284,8 @@ class Block(nn.Module):
 
     def step(self, h, cache, fast=(None, None)):  # h (B, C): one token
         h = h + self.drop(self.attn.step(self.ln_1(h), cache))
-        out, pre_post = self.mlp(self.ln_2(h), fast)
-        return h + self.drop(out), pre_post
+        out, records = self.mlp(self.ln_2(h), fast)
+        return h + self.drop(out), records
 
 
 class Conv4(nn.Module):
@@ -342,20 +385,21 @@ class PlasticGPT(nn.Module):
         looped = self.blocks[self.first_plastic:]
         keep_graph = torch.is_grad_enabled()  # False in evaluation under torch.no_grad()
         caches = [KVCache(detach=not keep_graph) for _ in looped]
-        fast = [h.new_zeros(B, layer.in_features, layer.out_features) for layer in self.plastic_layers]
+        if cfg.fast_form == "dense":
+            fast = [h.new_zeros(B, layer.in_features, layer.out_features) for layer in self.plastic_layers]
+        else:
+            fast = [FactoredFastWeight.empty(B, layer.in_features, layer.out_features, h) for layer in self.plastic_layers]
         outputs, trace = [], []
         for t in range(T):
             # the gradient rule needs autograd for its own update, also when evaluating without a graph
             with torch.enable_grad() if rule == "gradient" else nullcontext():
-                if rule == "gradient" and (t == 0 or not keep_graph):
-                    fast = [f.detach().requires_grad_() if not keep_graph else f.requires_grad_() for f in fast]
-                x_t, pre_post, layer = h[:, t], [], iter(fast)
+                x_t, records, layer = h[:, t], [], iter(fast)
                 for block, cache in zip(looped, caches):
-                    x_t, block_pre_post = block.step(x_t, cache, (next(layer), next(layer)) if block.plastic else (None, None))
-                    pre_post += block_pre_post if block.plastic else []
+                    x_t, block_records = block.step(x_t, cache, (next(layer), next(layer)) if block.plastic else (None, None))
+                    records += block_records if block.plastic else []
                 head_output = self.head(self.ln_f(x_t))  # (B, units)
                 if rule != "none":
-                    fast, stats = self._update_fast_weights(fast, pre_post, head_output, eta, keep_graph)
+                    fast, stats = self._update_fast_weights(fast, records, head_output, eta, keep_graph)
                     trace.append(stats)
             outputs.append(head_output[:, :cfg.d_out] if keep_graph else head_output[:, :cfg.d_out].detach())
         out = torch.stack(outputs, dim=1)  # (B, T, d_out)
@@ -363,23 +407,34 @@ class PlasticGPT(nn.Module):
             zeros = out.new_zeros(B, T)
             return out, dict(eta=zeros, step=zeros, update_norm=zeros, fast_norm=zeros, fast_weights=[])
         info = {key: torch.stack([s[key] for s in trace], dim=1) for key in trace[0]}  # (B, T) each
-        info["fast_weights"] = [f.detach() for f in fast]
+        info["fast_weights"] = [self._dense(f, layer).detach() for f, layer in zip(fast, self.plastic_layers)]
         return out, info
 
-    def _update_fast_weights(self, fast, pre_post, head_output, eta, keep_graph):
-        """After token t's output: F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ G_t for every plastic layer."""
+    def _update_fast_weights(self, fast, records, head_output, eta, keep_graph):
+        """After token t's output: F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ (pre_t ⊗ post_t), every plastic layer."""
         cfg = self.config
         modulator = head_output[:, -1] if self.has_modulator else None  # m_t (B,)
         rate, decay = modulated_rates(modulator, eta, cfg.decay)
         rate = rate if torch.is_tensor(rate) else head_output.new_full((head_output.size(0),), rate)
         if cfg.rule == "hebbian":
-            directions = [hebbian_direction(pre, post) for pre, post in pre_post]
+            factors = hebbian_factors(records)
         else:
-            directions = gradient_direction(inner_loss(head_output, self.inner_loss_weight), fast, keep_graph)
-        norm = global_norm(directions)  # (B,)
+            factors = gradient_factors(records, inner_loss(head_output, self.inner_loss_weight), keep_graph)
+        norm = update_norm(factors)  # (B,)
         step = bounded_rate(rate, norm, cfg.max_norm)
-        fast = [fast_weight_update(f, g, layer.coef, step, decay)
-                for f, g, layer in zip(fast, directions, self.plastic_layers)]
-        fast_norm = global_norm([f.detach() for f in fast])
+        if cfg.fast_form == "dense":
+            fast = [fast_weight_update(f, pre, post, layer.coef, step, decay)
+                    for f, (pre, post), layer in zip(fast, factors, self.plastic_layers)]
+        else:
+            fast = [f.update(pre, post, step, decay) for f, (pre, post) in zip(fast, factors)]
+        if not keep_graph:  # evaluation: no graph may chain from token to token
+            fast = [f.detach() for f in fast]
+        with torch.no_grad():
+            fast_norm = torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(self._dense(f, layer), dim=(1, 2)) for f, layer in zip(fast, self.plastic_layers)], -1), dim=-1)
         stats = dict(eta=rate.detach(), step=step.detach(), update_norm=norm.detach(), fast_norm=fast_norm)
         return fast, stats
+
+    @staticmethod
+    def _dense(fast, layer):
+        return fast.dense(layer.coef) if isinstance(fast, FactoredFastWeight) else fast

@@ -279,9 +279,10 @@ def test_gradient_update_matches_autograd(max_norm):
 
 
 @pytest.mark.gradient
-def test_gradient_rule_evaluates_without_a_graph():
+@pytest.mark.parametrize("fast_form", ["dense", "factored"])
+def test_gradient_rule_evaluates_without_a_graph(fast_form):
     """Inside torch.no_grad() the gradient rule still updates its fast weights, exactly as with a graph."""
-    model = tiny_model("gradient")
+    model = tiny_model("gradient", fast_form=fast_form)
     x = random_tokens(T=8)
     with_graph, info = model(x)
     with torch.no_grad():
@@ -341,3 +342,25 @@ def test_knock_out_override_leaves_config_unchanged():
     model(x, eta=0.0)
     assert model.config.eta == 0.7, "forward(eta=...) must not change the model's configured rate"
     assert not torch.allclose(model(x)[0], model(x, eta=0.0)[0]), "the knock-out (eta=0) should change the outputs"
+
+
+@pytest.mark.hebbian
+@pytest.mark.gradient
+@pytest.mark.parametrize("rule", PLASTIC_RULES)
+def test_factored_form_equals_dense_form(rule):
+    """F_t kept as its rank-1 history computes exactly what the (B, in, out) matrix does, and so do the gradients."""
+    x = random_tokens(T=12)
+    results = {}
+    for form in ("dense", "factored"):
+        model = tiny_model(rule, fast_form=form, eta=1.0, max_norm=0.5)
+        out, info = model(x)
+        out.pow(2).sum().backward()
+        results[form] = out, info, {n: p.grad for n, p in model.named_parameters()}
+    (out_d, info_d, grad_d), (out_f, info_f, grad_f) = results["dense"], results["factored"]
+    assert torch.allclose(out_d, out_f, atol=1e-12), f"{rule}: factored outputs differ from dense"
+    for key in ("eta", "step", "update_norm", "fast_norm"):
+        assert torch.allclose(info_d[key], info_f[key], atol=1e-12), f"{rule}: info[{key!r}] differs between forms"
+    for dense, factored in zip(info_d["fast_weights"], info_f["fast_weights"]):
+        assert torch.allclose(dense, factored, atol=1e-12), f"{rule}: the factored F_T differs from the dense F_T"
+    for name in grad_d:
+        assert torch.allclose(grad_d[name], grad_f[name], atol=1e-10), f"{rule}: gradient of {name} differs between forms"
