@@ -1,0 +1,127 @@
+"""
+Turn the run folders under results/ into the README's tables and plots.
+
+    python report.py results          # prints the markdown tables; writes results/window-*.png
+
+Every run leaves results/<experiment>/<setting>/seed<k>/<task>-<rule>/results.json (train.py's
+--out-dir is results/<experiment>/<setting>/seed<k>). Runs of one experiment, setting, task and rule
+that differ only by seed are one row: the mean over seeds of each run's test metric, and the 95%
+confidence interval of that mean (t distribution over seeds; with one seed, the run's own interval
+over its test episodes). The knock-out column is the same test with plasticity off (eta = 0).
+"""
+
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+
+RULES = ("none", "hebbian", "gradient")
+T_95 = {2: 12.71, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def load_runs(root):
+    """{(experiment, setting, task, rule): [results, one per seed]}"""
+    runs = defaultdict(list)
+    for folder, _, files in sorted(os.walk(root)):
+        if "results.json" not in files:
+            continue
+        parts = os.path.relpath(folder, root).split(os.sep)  # experiment, setting, seed<k>, task-rule
+        if len(parts) != 4:
+            continue
+        with open(os.path.join(folder, "results.json")) as f:
+            result = json.load(f)
+        runs[(parts[0], parts[1], result["task"], result["rule"])].append(result)
+    return runs
+
+
+def over_seeds(values, own_ci):
+    """Mean and 95% CI half-width over seeds; a single run keeps its own CI over test episodes."""
+    n = len(values)
+    mean = sum(values) / n
+    if n == 1:
+        return mean, own_ci[0]
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, T_95.get(n, 1.96) * std / math.sqrt(n)
+
+
+def number(mean, ci, metric):
+    if metric == "accuracy":
+        return f"{100 * mean:.2f} ± {100 * ci:.2f}"
+    return f"{mean:.3g} ± {ci:.2g}"
+
+
+def summary(results):
+    metric = results[0]["metric"]
+    test = over_seeds([r["test_mean"] for r in results], [r["test_ci95"] for r in results])
+    text = number(*test, metric)
+    if results[0].get("knockout_mean") is not None:
+        knock = over_seeds([r["knockout_mean"] for r in results], [r["knockout_ci95"] for r in results])
+        text += f" (knock-out {number(*knock, metric)})"
+    minutes = sum(r["train_time_s"] for r in results) / len(results) / 60
+    return text, results[0]["params"], len(results), minutes, test
+
+
+def tables(runs):
+    lines = []
+    for experiment in sorted({key[0] for key in runs}):
+        keys = sorted({(s, t) for (e, s, t, _) in runs if e == experiment})
+        metric = next(r for k, r in runs.items() if k[0] == experiment)[0]["metric"]
+        unit = "accuracy %" if metric == "accuracy" else "MSE"
+        lines += [f"\n### {experiment}\n", f"test {unit}: mean ± 95% CI (seeds); params; seeds; minutes of training per run\n",
+                  "| setting | task | " + " | ".join(RULES) + " |", "| --- | --- |" + " --- |" * len(RULES)]
+        for setting, task in keys:
+            cells = []
+            for rule in RULES:
+                if (experiment, setting, task, rule) not in runs:
+                    cells.append("-")
+                    continue
+                text, params, n, minutes, _ = summary(runs[(experiment, setting, task, rule)])
+                cells.append(f"{text}; {params / 1e6:.2f}M; {n}; {minutes:.1f} min")
+            lines.append(f"| {setting} | {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def window_plots(runs, root):
+    """One plot per task of experiment 'window': test metric against the attention window, per rule."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for task in sorted({t for (e, _, t, _) in runs if e == "window"}):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for rule in RULES:
+            points = []  # (label, sort key: full attention last, (mean, ci))
+            for (e, setting, t, r), results in runs.items():
+                if e == "window" and t == task and r == rule:
+                    window = setting.rsplit("w", 1)[-1]
+                    points.append((window, math.inf if window == "full" else int(window), summary(results)[4]))
+            if not points:
+                continue
+            points.sort(key=lambda p: p[1])
+            labels = [p[0] for p in points]
+            means = [p[2][0] for p in points]
+            cis = [p[2][1] for p in points]
+            ax.errorbar(range(len(points)), means, cis, marker="o", capsize=3, label=rule)
+            ax.set_xticks(range(len(points)), labels)
+        metric = next(r for k, r in runs.items() if k[0] == "window" and k[2] == task)[0]["metric"]
+        ax.set(xlabel="attention window (tokens)", ylabel=f"test {metric}", title=task)
+        if metric != "accuracy":
+            ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(root, f"window-{task}.png"), dpi=100)
+        plt.close(fig)
+
+
+def main(root="results"):
+    runs = load_runs(root)
+    if not runs:
+        print(f"report.py: no results.json under {root}/<experiment>/<setting>/seed<k>/<task>-<rule>/", file=sys.stderr)
+        return 2
+    print(tables(runs))
+    window_plots(runs, root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:2]))

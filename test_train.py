@@ -1,0 +1,328 @@
+"""
+Tests of train.py: every task and rule end to end, learning, checkpoints and resume, errors, the CLI.
+
+    pytest test_train.py            # about 20 s on a 2-core CPU
+    pytest -m train                 # the training loop, checkpoints, resume, outputs
+    pytest -m cli                   # the command line
+
+Tiny models (d_model 16, 2 blocks) train a few steps on the CPU. The few-shot tasks run on a small
+synthetic image set built here (tasks.FewShot over random arrays), so no test needs the real data
+or the network.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import tasks
+import train
+from plastic import Config
+from tasks import TaskConfig
+from train import RunConfig, TrainConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RUN_FILES = ("config.json", "checkpoint.pt", "best.pt", "log.jsonl", "results.json", "learning_curve.png")
+TRACE_FILES = ("modulation.csv", "modulation.png")  # plastic rules only
+TINY_TASKS = {  # options that make every task a few tokens long
+    "copy": dict(seq_len=2, delay=1),
+    "regression": dict(n_train=3, n_test=2, x_dim=3),
+    "cue_reward": dict(n_cues=2, cue_dim=3, trial_len=4),
+    "omniglot": dict(way=3, shot=1, query=1),
+    "cifar_fs": dict(way=3, shot=1, query=1),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (threads only add overhead, and thrash on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic_few_shot(cfg: TaskConfig):
+    """tasks.FewShot over noisy 16x16 images (8 train, 4 val, 4 test classes of 4 images each),
+    standing in for Omniglot (1 channel) and CIFAR-FS (3 channels); other tasks are the real ones."""
+    if cfg.name not in ("omniglot", "cifar_fs"):
+        return tasks.make_task_from_config(cfg)
+    channels = 1 if cfg.name == "omniglot" else 3
+    rng = np.random.default_rng(0)
+    sizes = dict(train=8, val=4, test=4)
+    splits = {}
+    for split, n in sizes.items():  # a random pattern per class, each image of it with its own noise
+        pattern = rng.uniform(0, 255, (n, 1, channels, 16, 16))
+        splits[split] = np.clip(pattern + rng.normal(0, 40, (n, 4, channels, 16, 16)), 0, 255).astype(np.uint8)
+    names = {split: [f"{split} class {i}" for i in range(n)] for split, n in sizes.items()}
+    return tasks.FewShot(cfg, splits, names, mean=(0.5,) * channels, std=(0.25,) * channels)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """A download attempt fails as it does without network."""
+    def download(url, path):
+        raise OSError("no network in tests")
+    monkeypatch.setattr(tasks, "download", download)
+
+
+@pytest.fixture
+def offline(monkeypatch, no_network):
+    """Few-shot tasks on synthetic images, and no network."""
+    monkeypatch.setattr(train, "make_task_from_config", synthetic_few_shot)
+
+
+def tiny(out_dir, task="copy", rule="hebbian", model=None, **options) -> RunConfig:
+    """A run of 4 steps of 4 sequences with a tiny model; `options` override TrainConfig fields."""
+    train_options = dict(rule=rule, steps=4, batch_size=4, log_interval=2, eval_interval=2, eval_episodes=4,
+                         test_episodes=8, device="cpu", out_dir=str(out_dir)) | options
+    model_options = dict(n_layer=2, n_head=2, d_model=16, encoder_channels=8) | (model or {})
+    return RunConfig(train=TrainConfig(**train_options), model=Config(**model_options),
+                     task=TaskConfig(name=task, **TINY_TASKS[task]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Every task and rule, end to end
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("task", tasks.TASKS)
+@pytest.mark.parametrize("rule", train.RULES)
+def test_every_task_and_rule_trains_and_writes_every_output(tmp_path, offline, task, rule):
+    results = train.train(tiny(tmp_path, task, rule))
+    run_dir = tmp_path / f"{task}-{rule}"
+    expected = RUN_FILES + (TRACE_FILES if rule != "none" else ())
+    missing = [name for name in expected if not (run_dir / name).is_file()]
+    assert not missing, f"{task}/{rule}: the run folder lacks {missing}"
+    assert results == json.loads((run_dir / "results.json").read_text()), "train() should return results.json"
+    assert results["test_episodes"] == 8 and np.isfinite(results["test_mean"]), f"bad test result {results}"
+    assert (results["knockout_mean"] is None) == (rule == "none"), "the knock-out belongs to the plastic rules only"
+    assert results["params"] == train.count_params(Config(**results["config"]["model"])), \
+        "the parameter count should be that of the model config.json describes"
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert {"model", "optimizer", "step", "config", "rng"} <= checkpoint.keys() and checkpoint["step"] == 4, \
+        f"checkpoint.pt should hold model, optimizer, step 4, config and RNG states, has {sorted(checkpoint)}"
+    log = train.read_log(run_dir)
+    assert [r["step"] for r in log if r["split"] == "train"] == [2, 4], "one train log line per interval"
+    assert [r["step"] for r in log if r["split"] == "val"] == [2, 4], "one validation per eval interval"
+    if rule != "none":
+        rows = (run_dir / "modulation.csv").read_text().splitlines()
+        length = synthetic_few_shot(TaskConfig(task, **TINY_TASKS[task])).seq_len
+        assert rows[0].startswith("position,eta") and len(rows) == 1 + length, \
+            f"modulation.csv should have a header and one row per token position, got {len(rows)} lines"
+
+
+@pytest.mark.train
+def test_compare_trains_three_rules_and_matches_parameters(tmp_path):
+    out = train.compare(tiny(tmp_path, "copy", "all", steps=2))
+    params = {r["rule"]: r["params"] for r in out["runs"]}
+    assert list(params) == ["none", "hebbian", "gradient"], f"compare() should train the three rules, got {list(params)}"
+    assert abs(params["none"] - params["hebbian"]) / params["hebbian"] < 0.1, \
+        f"the static baseline should have about the Hebbian model's parameters: {params}"
+    for rule in params:
+        assert rule in out["table"] and f"{params[rule]:,}" in out["table"], f"the table lacks {rule}'s row:\n{out['table']}"
+    assert (tmp_path / "copy-comparison.txt").read_text().strip() == out["table"]
+
+
+@pytest.mark.train
+def test_matched_static_width_is_the_closest_multiple_of_n_head():
+    model = Config(d_in=3, d_out=1, n_layer=2, n_head=4, d_model=64, rule="none")
+    width = train.matched_static_width(model)
+    target = train.count_params(Config(d_in=3, d_out=1, n_layer=2, n_head=4, d_model=64, rule="hebbian"))
+    count = train.count_params(Config(d_in=3, d_out=1, n_layer=2, n_head=4, d_model=width, rule="none"))
+    neighbours = [train.count_params(Config(d_in=3, d_out=1, n_layer=2, n_head=4, d_model=w, rule="none"))
+                  for w in (width - 4, width + 4)]
+    assert width % 4 == 0 and width > 64, f"the static model should be widened to a multiple of n_head, got {width}"
+    assert all(abs(count - target) <= abs(n - target) for n in neighbours), \
+        f"d_model {width} ({count} parameters) is not the closest to the Hebbian model's {target}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning
+
+
+@pytest.mark.train
+def test_tiny_hebbian_model_learns_to_copy_through_its_fast_weights(tmp_path):
+    # Attention sees only the current token (window 1), so the stored value can reach the recall
+    # step one token later only through the fast weights: chance MSE is 1/3 (values in [-1, 1]).
+    cfg = tiny(tmp_path, "copy", "hebbian", model=dict(attn_window=1, eta=1.0, max_norm=10.0), steps=100,
+               batch_size=32, lr=3e-3, log_interval=50, eval_interval=100, eval_episodes=64, test_episodes=256)
+    cfg.task = TaskConfig("copy", seq_len=1, delay=1)
+    results = train.train(cfg)
+    assert results["test_mean"] < 0.03, f"after 100 steps the test MSE is {results['test_mean']:.4f}; chance is 0.33"
+    assert results["knockout_mean"] > 0.2, \
+        f"with eta = 0 the model cannot remember, yet its MSE is {results['knockout_mean']:.4f} (chance 0.33)"
+
+
+@pytest.mark.train
+def test_learning_rate_warms_up_then_decays_by_cosine():
+    tc = TrainConfig(steps=100, lr=1e-3, warmup=10, min_lr_ratio=0.1)
+    rates = [train.learning_rate(step, tc) for step in range(1, 101)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3), "linear warm-up to lr at step 10"
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:])), "the rate should only decay after the warm-up"
+    assert rates[-1] == pytest.approx(1e-4), "the cosine should end at lr * min_lr_ratio"
+
+
+@pytest.mark.train
+def test_task_defaults_fill_only_what_was_not_given(tmp_path):
+    task = tasks.make_task("copy")
+    cfg = train.resolve(RunConfig(train=TrainConfig(steps=7), task=TaskConfig("copy")), task)
+    defaults = train.TASK_DEFAULTS["copy"]
+    assert cfg.train.steps == 7, "an explicit value must win over the task's default"
+    assert (cfg.train.batch_size, cfg.train.lr) == (defaults["batch_size"], defaults["lr"])
+    assert (cfg.model.d_in, cfg.model.d_out, cfg.model.max_len) == (task.d_in, task.d_out, task.seq_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, resume, divergence
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.train
+def test_resume_reaches_the_same_parameters_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight = tiny(tmp_path / "straight", "copy", "hebbian", steps=6, eval_interval=3, log_interval=1)
+    train.train(straight)
+
+    learning_rate = train.learning_rate
+
+    def killed_at_step_5(step, tc):  # the process dies after the step-3 checkpoint, having logged step 4
+        if step == 5:
+            raise Interrupted
+        return learning_rate(step, tc)
+
+    monkeypatch.setattr(train, "learning_rate", killed_at_step_5)
+    interrupted = tiny(tmp_path / "resumed", "copy", "hebbian", steps=6, eval_interval=3, log_interval=1)
+    with pytest.raises(Interrupted):
+        train.train(interrupted)
+    monkeypatch.setattr(train, "learning_rate", learning_rate)
+    interrupted.train.resume = True
+    resumed = train.train(interrupted)
+
+    a = torch.load(tmp_path / "straight/copy-hebbian/checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed/copy-hebbian/checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    different = [name for name in a["model"] if not torch.equal(a["model"][name], b["model"][name])]
+    assert not different, f"3 steps + resume + 3 steps differ from 6 straight steps in {different}"
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+    assert [r["step"] for r in train.read_log(tmp_path / "resumed/copy-hebbian") if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert resumed["best_step"] == json.loads((tmp_path / "straight/copy-hebbian/results.json").read_text())["best_step"]
+
+
+@pytest.mark.train
+def test_corrupted_checkpoint_gives_a_clear_error(tmp_path):
+    run_dir = tmp_path / "copy-hebbian"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(train.UsageError, match="not a readable checkpoint"):
+        train.train(tiny(tmp_path, resume=True))
+
+
+@pytest.mark.train
+def test_resume_without_a_checkpoint_or_with_other_options_is_refused(tmp_path):
+    with pytest.raises(train.UsageError, match="no checkpoint"):
+        train.train(tiny(tmp_path, resume=True))
+    train.train(tiny(tmp_path, steps=2))
+    with pytest.raises(train.UsageError, match="d_model"):
+        train.train(tiny(tmp_path, resume=True, model=dict(d_model=32)))
+
+
+@pytest.mark.train
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    def task_whose_loss_breaks_at_step_5(cfg):
+        task = tasks.make_task_from_config(cfg)
+        loss, calls = task.loss, []
+
+        def broken(out, batch):
+            calls.append(1)
+            return loss(out, batch) * (float("nan") if len(calls) >= 5 else 1.0)
+        task.loss = broken
+        return task
+
+    monkeypatch.setattr(train, "make_task_from_config", task_whose_loss_breaks_at_step_5)
+    with pytest.raises(train.Diverged, match=r"at step 5; lower --eta .* --max-norm") as error:
+        train.train(tiny(tmp_path, "copy", "gradient", steps=8))
+    assert "checkpoint" in str(error.value), "the message should say where the last good checkpoint is"
+    checkpoint = torch.load(tmp_path / "copy-gradient/checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 4 and all(torch.isfinite(p).all() for p in checkpoint["model"].values()), \
+        "the checkpoint before the divergence (step 4) should stay, with finite parameters"
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+
+@pytest.mark.cli
+def test_cli_is_built_from_the_dataclasses():
+    parser = train.build_parser()
+    help_text = parser.format_help()
+    for flag in ("--rule", "--task", "--steps", "--batch-size", "--lr", "--d-model", "--plastic-blocks",
+                 "--attn-window", "--way", "--shot", "--query", "--delay", "--seq-len", "--eta", "--decay",
+                 "--max-norm", "--no-modulation", "--seed", "--device", "--data-dir", "--out-dir",
+                 "--eval-interval", "--eval-episodes", "--compile", "--amp", "--resume", "--match-params"):
+        assert flag in help_text, f"--help lacks {flag}"
+    assert "--d-in" not in help_text and "--image-shape" not in help_text, "sizes the task sets are not options"
+    cfg = train.config_from_args(parser.parse_args(
+        "--task cue_reward --rule gradient --steps 7 --plastic-blocks 1 3 --no-modulation --attn-window 4 --way 3".split()))
+    assert (cfg.task.name, cfg.train.rule, cfg.train.steps, cfg.train.batch_size) == ("cue_reward", "gradient", 7, None)
+    assert (cfg.model.plastic_blocks, cfg.model.modulation, cfg.model.attn_window, cfg.task.way) == ((1, 3), False, 4, 3)
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("argv, message", [
+    ("--task nope", "invalid choice"),
+    ("--rule nope", "invalid choice"),
+    ("--steps many", "invalid int"),
+])
+def test_cli_rejects_bad_arguments_with_exit_code_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(argv.split())
+    error = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and message in error and "\n" not in error, f"expected one line with {message!r}: {error!r}"
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("argv, message", [
+    ("--task omniglot --shot 3 --query 2", "shot + query = 5 exceeds"),
+    ("--task omniglot --way 6", "way = 6 exceeds"),
+    ("--task copy --d-model 15 --n-head 2", "divisible by n_head"),
+    ("--task copy --device cuda:7", "CUDA is not available"),
+    ("--task copy --device gpu", "unknown device 'gpu'"),
+    ("--task copy --plastic-blocks 5", "plastic_blocks"),
+])
+def test_cli_bad_options_exit_2_with_one_sentence(tmp_path, capsys, offline, argv, message):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code = train.main(argv.split() + ["--n-layer", "2", "--out-dir", str(tmp_path)])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and message in error and "\n" not in error, f"expected exit 2 and one line with {message!r}: {error!r}"
+
+
+@pytest.mark.cli
+def test_cli_missing_data_and_unwritable_out_dir_exit_2(tmp_path, capsys, no_network):
+    assert train.main(["--task", "omniglot", "--data-dir", str(tmp_path / "empty"), "--out-dir", str(tmp_path)]) == 2
+    assert "could not be downloaded" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert train.main(["--task", "copy", "--out-dir", str(tmp_path / "a_file" / "runs")]) == 2
+    assert "cannot write the run folder" in capsys.readouterr().err
+
+
+@pytest.mark.cli
+def test_cli_runs_end_to_end_in_a_subprocess(tmp_path):
+    command = [sys.executable, "train.py", "--task", "copy", "--rule", "hebbian", "--seq-len", "2", "--delay", "1",
+               "--n-layer", "2", "--n-head", "2", "--d-model", "16", "--steps", "4", "--batch-size", "4",
+               "--log-interval", "2", "--eval-interval", "2", "--eval-episodes", "4", "--test-episodes", "8",
+               "--device", "cpu", "--out-dir", str(tmp_path)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, f"train.py failed:\n{done.stdout}\n{done.stderr}"
+    assert "step 4/4 | loss" in done.stdout and "ms/step" in done.stdout and "test mse" in done.stdout, done.stdout
+    assert all((tmp_path / "copy-hebbian" / name).is_file() for name in RUN_FILES + TRACE_FILES)
+    imported = subprocess.run([sys.executable, "-c", "import train"], cwd=HERE, capture_output=True, text=True, env=env)
+    assert imported.returncode == 0 and imported.stdout == "" and imported.stderr == "", "importing train.py should run nothing"

@@ -1,0 +1,563 @@
+"""
+Train a plastic GPT on one task, validate it as it learns, and test the best model.
+
+    python train.py --rule hebbian --task omniglot        # one rule, the task's default settings
+    python train.py --rule all --task copy --attn-window 8  # none, hebbian, gradient: one table
+    python train.py --help                                # every option, grouped by dataclass
+
+Every run writes a folder <out-dir>/<task>-<rule>/ with config.json, checkpoint.pt (the latest,
+for --resume), best.pt (the best validation score; the final test uses it), log.jsonl (one JSON line
+per log interval and per validation), results.json, learning_curve.png and, for the plastic rules,
+modulation.csv / modulation.png: the mean modulated rate eta_t per token position over the test
+episodes (the study's analysis of the learned modulatory signal).
+
+The test reports the mean and 95% confidence interval over --test-episodes episodes, and for the
+plastic rules the same test with plasticity knocked out (eta = 0): how much the model relies on its
+fast weights. From Python: `train(RunConfig(...)) -> dict`, `compare(RunConfig(...)) -> dict`.
+"""
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+
+import torch
+
+from plastic import Config, PlasticGPT
+from tasks import TASKS, TaskConfig, make_task_from_config
+
+RULES = ("none", "hebbian", "gradient")
+
+# Good defaults per task for the options left at None below; an option given explicitly wins.
+TASK_DEFAULTS = {
+    "copy": dict(steps=5000, batch_size=64, lr=1e-3),
+    "regression": dict(steps=10000, batch_size=64, lr=1e-3),
+    "cue_reward": dict(steps=5000, batch_size=64, lr=1e-3),
+    "omniglot": dict(steps=20000, batch_size=64, lr=1e-3),
+    "cifar_fs": dict(steps=20000, batch_size=64, lr=1e-3),
+}
+
+
+@dataclass
+class TrainConfig:
+    rule: str = "hebbian"  # fast-weight rule: none | hebbian | gradient, or all three (one table)
+    steps: int | None = None  # optimizer steps; None: the task's default
+    batch_size: int | None = None  # sequences (episodes) per step; None: the task's default
+    lr: float | None = None  # peak learning rate of AdamW; None: the task's default
+    warmup: int | None = None  # steps of linear warm-up before the cosine decay; None: 5% of steps
+    min_lr_ratio: float = 0.1  # the cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # clip the gradient's global norm to this; 0: no clipping
+    match_params: bool = False  # rule none: widen d_model to the Hebbian model's parameter count (always on with --rule all)
+    seed: int = 0  # seeds the model's initialisation and every sampled sequence
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    log_interval: int = 100  # steps between progress lines
+    eval_interval: int = 1000  # steps between validations (and checkpoints)
+    eval_episodes: int = 500  # validation episodes (the same ones every time)
+    test_episodes: int = 1000  # final test episodes (fresh ones; at least 1000 for the reported result)
+    out_dir: str = "runs"  # each run writes to <out_dir>/<task>-<rule>/
+    resume: bool = False  # continue the run in its folder from checkpoint.pt
+    compile: bool = False  # torch.compile the model; the plastic rules' token loop compiles slowly (minutes)
+    amp: bool = False  # bfloat16 autocast (CUDA only; ignored on the CPU)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. model.rule, d_in, d_out, max_len and image_shape are set by train()
+    from train.rule and the task."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: Config = field(default_factory=Config)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+
+class UsageError(Exception):
+    """A mistake in the options or the files a user gave: main() prints it as one sentence, exit 2."""
+
+
+class Diverged(Exception):
+    """The loss became NaN or inf: main() prints the step and a remedy, exit 1."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Setting up a run
+
+
+def resolve(cfg: RunConfig, task) -> RunConfig:
+    """Fill the options left at None from TASK_DEFAULTS and the model's sizes from the task."""
+    tc = cfg.train
+    defaults = TASK_DEFAULTS[task.name]
+    tc = dataclasses.replace(tc, **{k: v for k, v in defaults.items() if getattr(tc, k) is None})
+    tc = dataclasses.replace(tc, warmup=tc.steps // 20 if tc.warmup is None else tc.warmup)
+    try:
+        model = dataclasses.replace(cfg.model, rule=tc.rule, d_in=task.d_in, d_out=task.d_out,
+                                    max_len=task.seq_len, image_shape=task.image_shape)
+        if tc.rule == "none" and tc.match_params:
+            model = dataclasses.replace(model, d_model=matched_static_width(model))
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if min(tc.steps, tc.batch_size, tc.log_interval, tc.eval_interval, tc.eval_episodes, tc.test_episodes) < 1:
+        raise UsageError("steps, batch size, log and eval intervals and episode counts must be at least 1.")
+    return RunConfig(train=tc, model=model, task=cfg.task)
+
+
+def count_params(model_cfg: Config) -> int:
+    with torch.device("meta"):  # builds the model without allocating or initialising memory
+        return PlasticGPT(model_cfg).num_params()
+
+
+def matched_static_width(model_cfg: Config) -> int:
+    """d_model (a multiple of n_head, up to 4x the given one) whose static model has the parameter
+    count closest to the Hebbian model's with the same settings: the fair static baseline, widened as
+    Duan et al. widen theirs. The plastic coefficients A make the plastic MLPs twice as large."""
+    target = count_params(dataclasses.replace(model_cfg, rule="hebbian"))
+    widths = range(model_cfg.n_head, 4 * model_cfg.d_model + 1, model_cfg.n_head)
+    return min(widths, key=lambda width: abs(count_params(
+        dataclasses.replace(model_cfg, rule="none", d_model=width)) - target))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} was asked for but CUDA is not available; use --device cpu.")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from err
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def make_run_dir(tc: TrainConfig, task_name: str) -> str:
+    """<out_dir>/<task>-<rule>/, checked writable now rather than after hours of training."""
+    run_dir = os.path.join(tc.out_dir, f"{task_name}-{tc.rule}")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as err:
+        raise UsageError(f"cannot write the run folder {run_dir} ({err.strerror}); choose another --out-dir.") from err
+    return run_dir
+
+
+def learning_rate(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio at the last step (nanoGPT)."""
+    if step <= tc.warmup:
+        return tc.lr * step / tc.warmup
+    progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def autocast(amp: bool, device: torch.device):
+    """bfloat16 mixed precision on CUDA when asked for (--amp); otherwise a context that does nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: atomic writes, checkpoints (plain dicts and tensors, so they load with weights_only=True)
+
+
+def write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a half-written checkpoint
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.exists(path):
+        raise UsageError(f"there is no checkpoint {path} to resume from; run without --resume first.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UsageError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
+                         "delete it or run without --resume.") from err
+
+
+def check_same_config(saved: dict, current: dict, path: str) -> None:
+    """A resumed run must use the model and task it was started with."""
+    for section in ("model", "task"):
+        changed = [k for k in current[section] if k != "data_dir" and saved[section].get(k) != current[section][k]]
+        if changed:
+            k = changed[0]
+            raise UsageError(f"{path} was trained with {section} {k}={saved[section].get(k)!r}, not "
+                             f"{current[section][k]!r}; resume with the run's own options.")
+
+
+def read_log(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def rng_states(generator: torch.Generator) -> dict:
+    return dict(torch=torch.get_rng_state(), generator=generator.get_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_states(states: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["generator"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval, 1.96 * std / sqrt(n)."""
+    n = values.numel()
+    ci = 1.96 * values.std().item() / math.sqrt(n) if n > 1 else 0.0
+    return values.mean().item(), ci
+
+
+@torch.no_grad()
+def evaluate(model, task, split, episodes, batch_size, device, seed, eta=None, amp=False):
+    """Run `episodes` fresh episodes of `split` (the same ones for the same seed) in eval mode.
+    Returns the per-episode metric (episodes,) and, per token position, the means over episodes of
+    the model's info ((T,) each: eta, step, update_norm, fast_norm) and of the scored-position mask."""
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    metrics, sums = [], {}
+    for start in range(0, episodes, batch_size):
+        batch = task.sample(min(batch_size, episodes - start), split, device, generator)
+        with autocast(amp, device):
+            out, info = model(batch.x, batch.images, eta=eta)
+        metrics.append(task.metric(out.float(), batch))
+        info = {k: v for k, v in info.items() if k != "fast_weights"} | {"scored": batch.mask}
+        for key, value in info.items():  # (B, T) -> summed over episodes (T,)
+            sums[key] = sums.get(key, 0) + value.float().sum(0)
+    model.train()
+    return torch.cat(metrics).cpu(), {key: (s / episodes).cpu() for key, s in sums.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots and the modulation trace (matplotlib imported here so that importing train.py stays light)
+
+
+def plot_learning_curve(run_dir: str, metric_name: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    log = read_log(run_dir)
+    train = [r for r in log if r["split"] == "train"]
+    val = [r for r in log if r["split"] == "val"]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train])
+    ax_loss.set(xlabel="step", ylabel="training loss", yscale="log" if all(r["loss"] > 0 for r in train) else "linear")
+    ax_metric.plot([r["step"] for r in train], [r["metric"] for r in train], label="train", alpha=0.6)
+    ax_metric.errorbar([r["step"] for r in val], [r["metric"] for r in val], [r["ci95"] for r in val],
+                       marker="o", label="validation")
+    ax_metric.set(xlabel="step", ylabel=metric_name)
+    ax_metric.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "learning_curve.png"), dpi=100)
+    plt.close(fig)
+
+
+def write_modulation_trace(run_dir: str, trace: dict, rule: str) -> None:
+    """modulation.csv and modulation.png: per token position, the means over the test episodes."""
+    columns = ("eta", "step", "update_norm", "fast_norm", "scored")
+    with open(os.path.join(run_dir, "modulation.csv"), "w") as f:
+        f.write("position," + ",".join(columns) + "\n")
+        for t in range(len(trace["eta"])):
+            f.write(f"{t}," + ",".join(f"{trace[c][t].item():.6g}" for c in columns) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = dict(eta="eta_t (modulated rate)", step="step taken (after the bound)", fast_norm="||F_t+1||")
+    fig, axes = plt.subplots(len(labels), 1, figsize=(8, 6), sharex=True)
+    positions = range(len(trace["eta"]))
+    for ax, (key, label) in zip(axes, labels.items()):
+        ax.plot(positions, trace[key], marker=".")
+        ax.set_ylabel(label, fontsize=8)
+        for t in positions:  # shade the positions that are scored (queries, recall steps)
+            if trace["scored"][t] > 0.5:
+                ax.axvspan(t - 0.5, t + 0.5, color="tab:orange", alpha=0.15, linewidth=0)
+    axes[0].set_title(f"{rule}: mean over test episodes (shaded: scored positions)")
+    axes[-1].set_xlabel("token position t")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "modulation.png"), dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def remedy(model_cfg: Config, tc: TrainConfig) -> str:
+    if model_cfg.rule == "gradient":
+        return f"lower --eta (now {model_cfg.eta}) or --max-norm (now {model_cfg.max_norm}), or --lr (now {tc.lr})"
+    if tc.amp:
+        return "run without --amp, or lower --lr"
+    return f"lower --lr (now {tc.lr}) or --grad-clip (now {tc.grad_clip})"
+
+
+def format_time(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def final_test(model, task, tc: TrainConfig, device, run_dir: str) -> dict:
+    """The final test on fresh episodes (held-out classes for few-shot tasks); for the plastic rules
+    also the knock-out, the same episodes with eta = 0, and the modulation trace."""
+    values, trace = evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, amp=tc.amp)
+    results = dict(zip(("test_mean", "test_ci95"), mean_ci95(values)), test_episodes=tc.test_episodes,
+                   knockout_mean=None, knockout_ci95=None)
+    line = f"test {task.metric_name} {results['test_mean']:.4g} ± {results['test_ci95']:.2g} over {tc.test_episodes} episodes"
+    if model.config.rule != "none":
+        knocked, _ = evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, eta=0.0, amp=tc.amp)
+        results.update(zip(("knockout_mean", "knockout_ci95"), mean_ci95(knocked)))
+        line += f" | knock-out (eta=0) {results['knockout_mean']:.4g} ± {results['knockout_ci95']:.2g}"
+        write_modulation_trace(run_dir, trace, model.config.rule)
+    print(line)
+    return results
+
+
+def train(cfg: RunConfig) -> dict:
+    """Train one rule (cfg.train.rule in none | hebbian | gradient), test the best model, write the
+    run folder, and return what results.json holds. Rule "all": compare()."""
+    if cfg.train.rule == "all":
+        return compare(cfg)
+    try:
+        task = make_task_from_config(cfg.task)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from err
+    cfg = resolve(cfg, task)
+    tc, model_cfg = cfg.train, cfg.model
+    device = pick_device(tc.device)
+    run_dir = make_run_dir(tc, task.name)
+    config = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as config.json holds it; plain, for weights_only=True
+    write_json(os.path.join(run_dir, "config.json"), config)
+
+    torch.manual_seed(tc.seed)
+    model = PlasticGPT(model_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    generator = torch.Generator(device=device).manual_seed(tc.seed)  # the training sequences
+    forward = torch.compile(model) if tc.compile else model
+    checkpoint_path, best_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "best.pt")
+    step, best, train_time = 0, dict(value=None, step=0), 0.0
+    if tc.resume:
+        state = load_checkpoint(checkpoint_path)
+        check_same_config(state["config"], config, checkpoint_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_states(state["rng"], generator)
+        step, best, train_time = state["step"], state["best"], state["train_time"]
+        print(f"resuming {checkpoint_path} at step {step}")
+    better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
+    unit = "episodes" if task.image_shape is not None else "sequences"
+    print(f"{task.name}, rule {model_cfg.rule}: {model.num_params():,} parameters, {tc.steps} steps "
+          f"of {tc.batch_size} {unit} on {device_name(device)}; writing {run_dir}")
+
+    pending = []  # (loss, metric) per step since the last log line, kept on the device: no sync per step
+    started, interval_start, interval_steps = time.perf_counter() - train_time, time.perf_counter(), 0
+    kept = [r for r in read_log(run_dir) if r["step"] <= step] if tc.resume else []  # not what came after the checkpoint
+    with open(os.path.join(run_dir, "log.jsonl"), "w") as log:
+        log.writelines(json.dumps(r) + "\n" for r in kept)
+        while step < tc.steps:
+            step += 1
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, tc)
+            batch = task.sample(tc.batch_size, "train", device, generator)
+            with autocast(tc.amp, device):
+                out, _ = forward(batch.x, batch.images)
+            loss = task.loss(out.float(), batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            pending.append(torch.stack([loss.detach(), task.metric(out.detach().float(), batch).mean()]))
+            interval_steps += 1
+
+            validate = step % tc.eval_interval == 0 or step == tc.steps
+            if step % tc.log_interval != 0 and not validate:
+                continue
+            losses, metrics = torch.stack(pending).T.tolist()  # the one sync of the interval
+            bad = [i for i, value in enumerate(losses) if not math.isfinite(value)]
+            if bad:  # checked before any checkpoint is written, so the last one on disk is good
+                bad_step = step - len(losses) + 1 + bad[0]
+                log.write(json.dumps(dict(split="train", step=bad_step, diverged=True)) + "\n")
+                kept = (f"the last good checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path)
+                        else "no checkpoint was written yet")
+                raise Diverged(f"the loss became {losses[bad[0]]} at step {bad_step}; {remedy(model_cfg, tc)} ({kept}).")
+            seconds = time.perf_counter() - interval_start
+            ms_per_step = 1000 * seconds / interval_steps
+            record = dict(split="train", step=step, loss=sum(losses) / len(losses), metric=sum(metrics) / len(metrics),
+                          lr=learning_rate(step, tc), ms_per_step=ms_per_step,
+                          per_second=tc.batch_size * interval_steps / seconds)
+            print(f"step {step}/{tc.steps} | loss {record['loss']:.4g} | {task.metric_name} {record['metric']:.4g} | "
+                  f"{ms_per_step:.1f} ms/step | {record['per_second']:.0f} {unit}/s | "
+                  f"left {format_time((tc.steps - step) * ms_per_step / 1000)}")
+            log.write(json.dumps(record) + "\n")
+            pending, interval_steps = [], 0
+
+            if validate:
+                values, _ = evaluate(model, task, "val", tc.eval_episodes, tc.batch_size, device, tc.seed + 1, amp=tc.amp)
+                value, ci = mean_ci95(values)
+                is_best = best["value"] is None or better(value, best["value"])
+                if is_best:
+                    best = dict(value=value, step=step)
+                    save_checkpoint(best_path, dict(model=model.state_dict(), step=step, config=config, val=value))
+                train_time = time.perf_counter() - started
+                save_checkpoint(checkpoint_path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                                      step=step, config=config, best=best, train_time=train_time,
+                                                      rng=rng_states(generator)))
+                print(f"val step {step} | {task.metric_name} {value:.4g} ± {ci:.2g}" + (" | best" if is_best else ""))
+                log.write(json.dumps(dict(split="val", step=step, metric=value, ci95=ci, best=is_best)) + "\n")
+            log.flush()
+            interval_start = time.perf_counter()
+
+    model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
+    results = dict(task=task.name, rule=model_cfg.rule, params=model.num_params(), metric=task.metric_name,
+                   **final_test(model, task, tc, device, run_dir), best_step=best["step"], best_val=best["value"],
+                   train_time_s=train_time, device=device_name(device), run_dir=run_dir, config=config)
+    plot_learning_curve(run_dir, task.metric_name)
+    write_json(os.path.join(run_dir, "results.json"), results)
+    return results
+
+
+def compare(cfg: RunConfig) -> dict:
+    """Train none (widened to the Hebbian model's parameter count), hebbian and gradient with the same
+    settings; print and return one table."""
+    runs = []
+    for rule in RULES:
+        print(f"\n=== rule {rule} ===")
+        tc = dataclasses.replace(cfg.train, rule=rule, match_params=True)
+        runs.append(train(dataclasses.replace(cfg, train=tc)))
+    metric = runs[0]["metric"]
+    header = f"{'rule':<9} {'params':>10}   {'test ' + metric + ' (95% CI)':<24} {'knock-out (eta=0)':<20} {'train time':>10}"
+    lines = [f"{cfg.task.name}: {runs[0]['test_episodes']} test episodes", header, "-" * len(header)]
+    for r in runs:
+        ko = "-" if r["knockout_mean"] is None else f"{r['knockout_mean']:.4g} ± {r['knockout_ci95']:.2g}"
+        test = f"{r['test_mean']:.4g} ± {r['test_ci95']:.2g}"
+        lines.append(f"{r['rule']:<9} {r['params']:>10,}   {test:<24} {ko:<20} {format_time(r['train_time_s']):>10}")
+    table = "\n".join(lines)
+    print("\n" + table)
+    with open(os.path.join(cfg.train.out_dir, f"{cfg.task.name}-comparison.txt"), "w") as f:
+        f.write(table + "\n")
+    return dict(runs=runs, table=table)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line, built from the three dataclasses: one flag per field, help from its comment.
+
+SKIPPED = dict(model={"d_in", "d_out", "max_len", "image_shape", "rule"}, task=set(), train=set())
+FLAG_NAMES = dict(task={"name": "task"})  # --task rather than --name
+CHOICES = dict(train={"rule": RULES + ("all",)}, task={"name": TASKS})
+SECTIONS = (("train", TrainConfig), ("model", Config), ("task", TaskConfig))  # the fields of RunConfig
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The comment after each field in the class's source: its help text."""
+    names, comments = {f.name for f in dataclasses.fields(cls)}, {}
+    for line in inspect.getsource(cls).splitlines():
+        code, _, comment = line.partition("#")
+        for part in code.split(";"):  # "a: int = 1; b: int = 2  # comment" gives both the comment
+            name = part.split(":")[0].strip()
+            if ":" in part and name in names and comment.strip():
+                comments.setdefault(name, comment.strip())
+    return comments
+
+
+def optional(kind):
+    """An argparse type that also accepts 'none' (for options whose default None means 'all' or 'auto')."""
+    def parse(text):
+        return None if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_options(parser, section: str, cls) -> None:
+    group = parser.add_argument_group(f"{section} options ({cls.__name__})")
+    hints, comments = typing.get_type_hints(cls), field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in SKIPPED[section]:
+            continue
+        flag = FLAG_NAMES.get(section, {}).get(f.name, f.name)
+        kind, args = hints[f.name], typing.get_args(hints[f.name])
+        can_be_none = isinstance(kind, types.UnionType) and type(None) in args
+        if can_be_none:
+            kind = next(a for a in args if a is not type(None))
+        options = dict(dest=f"{section}.{f.name}", default=f.default, help=comments.get(f.name, "").replace("%", "%%"))
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            options.update(nargs="+", type=typing.get_args(kind)[0], metavar="I")
+        elif f.name in CHOICES.get(section, {}):
+            options.update(choices=CHOICES[section][f.name])
+        else:
+            options.update(type=optional(kind) if can_be_none else kind, metavar=kind.__name__.upper())
+        group.add_argument("--" + flag.replace("_", "-"), **options)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: None)" says nothing: the comment says what None means
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one sentence, exit code 2 (argparse would print the whole usage first)
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(description="Train and test a GPT with Hebbian or gradient-based fast weights.",
+                    epilog="examples: python train.py --rule hebbian --task omniglot; "
+                           "python train.py --rule all --task copy --attn-window 8 --steps 2000",
+                    formatter_class=HelpFormatter)
+    for section, cls in SECTIONS:
+        add_options(parser, section, cls)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    values = vars(args)
+    sections = {}
+    for section, cls in SECTIONS:
+        given = {f.name: values[f"{section}.{f.name}"] for f in dataclasses.fields(cls) if f"{section}.{f.name}" in values}
+        given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+        try:
+            sections[section] = cls(**given)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+    return RunConfig(**sections)
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = config_from_args(build_parser().parse_args(argv))
+        train(cfg)
+    except UsageError as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        return 2
+    except Diverged as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
