@@ -45,7 +45,7 @@ class Config:
     eta: float = 0.1  # base plasticity rate (before modulation and the norm bound)
     decay: float = 0.1  # base decay of the fast weights per token
     max_norm: float = 1.0  # bound on the global norm of the update direction G_t, per sequence
-    fast_form: str = "dense"  # keep F_t as a (B, in, out) matrix ("dense") or as its rank-1 history ("factored")
+    fast_form: str = "factored"  # F_t as its rank-1 history ("factored": faster, less memory) or a (B, in, out) matrix ("dense")
     n_extra: int = 4  # extra head units that only feed the gradient rule's inner loss
     modulation: bool = True  # scale rate and decay by 2*sigmoid(m_t); False: by 1
     plastic_blocks: tuple[int, ...] | None = None  # indices of blocks with plastic MLPs; None = all
@@ -351,11 +351,13 @@ class PlasticGPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def forward(self, x, images=None, eta=None, step_by_step=False):
+    def forward(self, x, images=None, eta=None, step_by_step=False, fast_norm=True):
         """x (B, T, d_in), images (B, T, C, H, W) or None. eta overrides config.eta (0.0: knock-out).
         Returns out (B, T, d_out) and info: "eta" (B, T) the modulated rate eta_t before the bound,
         "step" (B, T) the rate after it, "update_norm" (B, T) ||G_t||, "fast_norm" (B, T) ||F_{t+1}||
-        over all layers, and "fast_weights" the final F_T of every plastic layer (empty for "none")."""
+        over all layers, and "fast_weights" the final F_T of every plastic layer (empty for "none").
+        fast_norm=False leaves "fast_norm" out: it costs a pass over every fast weight per token
+        (a matrix product per layer in the factored form), which training does not need."""
         B, T, _ = x.shape
         if T > self.config.max_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_len={self.config.max_len}; raise max_len.")
@@ -369,14 +371,14 @@ class PlasticGPT(nn.Module):
             out = self.head(self.ln_f(self._run_blocks(h, 0, len(self.blocks))))
             zeros = out.new_zeros(B, T)
             return out, dict(eta=zeros, step=zeros, update_norm=zeros, fast_norm=zeros, fast_weights=[])
-        return self._forward_token_by_token(h, self.config.eta if eta is None else eta)
+        return self._forward_token_by_token(h, self.config.eta if eta is None else eta, fast_norm)
 
     def _run_blocks(self, h, start, stop):
         for block in self.blocks[start:stop]:
             h = block(h)
         return h
 
-    def _forward_token_by_token(self, h, eta):
+    def _forward_token_by_token(self, h, eta, with_fast_norm):
         """The fast weights make the network recurrent: blocks below the first plastic block run in
         parallel, the rest one token at a time with a KV cache."""
         cfg, rule = self.config, self.config.rule
@@ -399,7 +401,7 @@ class PlasticGPT(nn.Module):
                     records += block_records if block.plastic else []
                 head_output = self.head(self.ln_f(x_t))  # (B, units)
                 if rule != "none":
-                    fast, stats = self._update_fast_weights(fast, records, head_output, eta, keep_graph)
+                    fast, stats = self._update_fast_weights(fast, records, head_output, eta, keep_graph, with_fast_norm)
                     trace.append(stats)
             outputs.append(head_output[:, :cfg.d_out] if keep_graph else head_output[:, :cfg.d_out].detach())
         out = torch.stack(outputs, dim=1)  # (B, T, d_out)
@@ -410,7 +412,7 @@ class PlasticGPT(nn.Module):
         info["fast_weights"] = [self._dense(f, layer).detach() for f, layer in zip(fast, self.plastic_layers)]
         return out, info
 
-    def _update_fast_weights(self, fast, records, head_output, eta, keep_graph):
+    def _update_fast_weights(self, fast, records, head_output, eta, keep_graph, with_fast_norm):
         """After token t's output: F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ (pre_t ⊗ post_t), every plastic layer."""
         cfg = self.config
         modulator = head_output[:, -1] if self.has_modulator else None  # m_t (B,)
@@ -429,10 +431,11 @@ class PlasticGPT(nn.Module):
             fast = [f.update(pre, post, step, decay) for f, (pre, post) in zip(fast, factors)]
         if not keep_graph:  # evaluation: no graph may chain from token to token
             fast = [f.detach() for f in fast]
-        with torch.no_grad():
-            fast_norm = torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(self._dense(f, layer), dim=(1, 2)) for f, layer in zip(fast, self.plastic_layers)], -1), dim=-1)
-        stats = dict(eta=rate.detach(), step=step.detach(), update_norm=norm.detach(), fast_norm=fast_norm)
+        stats = dict(eta=rate.detach(), step=step.detach(), update_norm=norm.detach())
+        if with_fast_norm:
+            with torch.no_grad():
+                per_layer = [torch.linalg.vector_norm(self._dense(f, layer), dim=(1, 2)) for f, layer in zip(fast, self.plastic_layers)]
+                stats["fast_norm"] = torch.linalg.vector_norm(torch.stack(per_layer, dim=-1), dim=-1)  # (B,)
         return fast, stats
 
     @staticmethod

@@ -221,11 +221,12 @@ def test_zero_rate_equals_static_model(rule, plastic_blocks):
 @pytest.mark.hebbian
 @pytest.mark.parametrize("max_norm", [1e-3, 1e3], ids=["bound-active", "bound-inactive"])
 @pytest.mark.parametrize("modulation", [True, False], ids=["modulated", "unmodulated"])
-def test_hebbian_update_matches_outer_product_formula(max_norm, modulation):
+@pytest.mark.parametrize("fast_form", ["dense", "factored"])
+def test_hebbian_update_matches_outer_product_formula(max_norm, modulation, fast_form):
     """F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ (pre_t ⊗ post_t), with eta_t, lambda_t = (eta, decay) * 2 sigmoid(m_t)
     and eta_t shrunk by max_norm / ||G_t|| over both layers; recomputed here one sequence and token at a time."""
     eta, decay, T, B = 0.5, 0.3, 3, 2
-    model = tiny_model("hebbian", n_layer=1, eta=eta, decay=decay, max_norm=max_norm, modulation=modulation)
+    model = tiny_model("hebbian", n_layer=1, eta=eta, decay=decay, max_norm=max_norm, modulation=modulation, fast_form=fast_form)
     mlp = model.blocks[0].mlp
     fc_calls, gelu_calls, proj_calls, head_calls = [], [], [], []
     for module, store in ((mlp.fc, fc_calls), (mlp.gelu, gelu_calls), (mlp.proj, proj_calls), (model.head, head_calls)):
@@ -253,11 +254,12 @@ def test_hebbian_update_matches_outer_product_formula(max_norm, modulation):
 
 @pytest.mark.gradient
 @pytest.mark.parametrize("max_norm", [1e-3, 1e3], ids=["bound-active", "bound-inactive"])
-def test_gradient_update_matches_autograd(max_norm):
+@pytest.mark.parametrize("fast_form", ["dense", "factored"])
+def test_gradient_update_matches_autograd(max_norm, fast_form):
     """G_0 = dL_0/dF for L_0 = mean((o_0 ⊙ w)^2): at F = 0 this equals dL_0/dW of each layer's slow weight,
     computed here with torch.autograd for one sequence at a time, so the batch sum must not mix sequences."""
     eta, B = 0.5, 3
-    model = tiny_model("gradient", eta=eta, max_norm=max_norm)
+    model = tiny_model("gradient", eta=eta, max_norm=max_norm, fast_form=fast_form)
     with torch.no_grad():
         model.inner_loss_weight.uniform_(0.5, 1.5)  # a w other than ones
     x = random_tokens(B=B, T=1)
