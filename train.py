@@ -66,6 +66,8 @@ class TrainConfig:
     test_episodes: int = 1000  # final test episodes (fresh ones; at least 1000 for the reported result)
     out_dir: str = "runs"  # each run writes to <out_dir>/<task>-<rule>/
     resume: bool = False  # continue the run in its folder from checkpoint.pt
+    cuda_graph: bool = True  # on CUDA: record one training step as a CUDA graph and replay it (far fewer launches); ignored on the CPU
+    bench: bool = False  # time training steps of each rule (none, hebbian, gradient) instead of training; print a table
     compile: bool = False  # torch.compile the model; the plastic rules' token loop compiles slowly (minutes)
     amp: bool = False  # bfloat16 autocast (CUDA only; ignored on the CPU)
 
@@ -335,6 +337,57 @@ def final_test(model, task, tc: TrainConfig, device, run_dir: str) -> dict:
     return results
 
 
+def make_optimizer(model, tc: TrainConfig, graphed: bool):
+    """AdamW. For a CUDA graph it must not wait for the host: capturable=True and the learning rate a tensor."""
+    lr = torch.tensor(tc.lr, device=next(model.parameters()).device) if graphed else tc.lr
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=tc.weight_decay, capturable=graphed)
+
+
+def set_learning_rate(optimizer, value: float) -> None:
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(value)  # in place: a recorded CUDA graph reads this tensor
+        else:
+            group["lr"] = value
+
+
+def make_train_step(model, forward, optimizer, task, tc: TrainConfig, device):
+    """One optimizer step on a batch: forward, loss, backward, gradient clipping, AdamW.
+    Returns (loss, out), both still on the device: nothing here waits for the GPU."""
+    def train_step(batch):
+        with autocast(tc.amp, device):
+            out, _ = forward(batch.x, batch.images, fast_norm=False)
+        loss = task.loss(out.float(), batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        return loss.detach(), out.detach()
+    return train_step
+
+
+GRAPH_WARMUP = 3  # eager steps before a CUDA graph is recorded: they create the optimizer's state
+
+
+def record_cuda_graph(train_step, batch):
+    """Record train_step(batch) as a CUDA graph; return a step that copies each new batch into the
+    recorded input tensors and replays it. The token loop of the plastic rules launches thousands of
+    small kernels per step; a replay launches them all at once. Recording executes nothing, so the
+    returned step must still be called on `batch`. Shapes stay fixed (the batch size)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, out = train_step(batch)
+
+    def replay(new_batch):
+        for name in ("x", "images", "target", "mask"):
+            if getattr(batch, name) is not None and getattr(new_batch, name) is not getattr(batch, name):
+                getattr(batch, name).copy_(getattr(new_batch, name))
+        graph.replay()
+        return loss, out
+    return replay
+
+
 def train(cfg: RunConfig) -> dict:
     """Train one rule (cfg.train.rule in none | hebbian | gradient), test the best model, write the
     run folder, and return what results.json holds. Rule "all": compare()."""
@@ -353,9 +406,13 @@ def train(cfg: RunConfig) -> dict:
 
     torch.manual_seed(tc.seed)
     model = PlasticGPT(model_cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    graphed = tc.cuda_graph and device.type == "cuda" and not tc.compile
+    optimizer = make_optimizer(model, tc, graphed)
     generator = torch.Generator(device=device).manual_seed(tc.seed)  # the training sequences
     forward = torch.compile(model) if tc.compile else model
+    train_step, side_stream = make_train_step(model, forward, optimizer, task, tc, device), None
+    if graphed:  # the eager steps before the recording run on a side stream, as recording requires
+        side_stream = torch.cuda.Stream(device)
     checkpoint_path, best_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "best.pt")
     step, best, train_time = 0, dict(value=None, step=0), 0.0
     if tc.resume:
@@ -363,6 +420,8 @@ def train(cfg: RunConfig) -> dict:
         check_same_config(state["config"], config, checkpoint_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # a float or a tensor, as this run needs, whatever the saving run used
+            group["lr"] = torch.tensor(float(group["lr"]), device=device) if graphed else float(group["lr"])
         set_rng_states(state["rng"], generator)
         step, best, train_time = state["step"], state["best"], state["train_time"]
         print(f"resuming {checkpoint_path} at step {step}")
@@ -371,6 +430,7 @@ def train(cfg: RunConfig) -> dict:
     print(f"{task.name}, rule {model_cfg.rule}: {model.num_params():,} parameters, {tc.steps} steps "
           f"of {tc.batch_size} {unit} on {device_name(device)}; writing {run_dir}")
 
+    start_step = step
     pending = []  # (loss, metric) per step since the last log line, kept on the device: no sync per step
     started, interval_start, interval_steps = time.perf_counter() - train_time, time.perf_counter(), 0
     kept = [r for r in read_log(run_dir) if r["step"] <= step] if tc.resume else []  # not what came after the checkpoint
@@ -378,18 +438,18 @@ def train(cfg: RunConfig) -> dict:
         log.writelines(json.dumps(r) + "\n" for r in kept)
         while step < tc.steps:
             step += 1
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, tc)
+            set_learning_rate(optimizer, learning_rate(step, tc))
             batch = task.sample(tc.batch_size, "train", device, generator)
-            with autocast(tc.amp, device):
-                out, _ = forward(batch.x, batch.images)
-            loss = task.loss(out.float(), batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            pending.append(torch.stack([loss.detach(), task.metric(out.detach().float(), batch).mean()]))
+            if side_stream is not None and step - start_step > GRAPH_WARMUP:
+                train_step, side_stream = record_cuda_graph(train_step, batch), None
+            if side_stream is not None:  # an eager warm-up step, ordered after and before the default stream's work
+                side_stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side_stream):
+                    loss, out = train_step(batch)
+                torch.cuda.current_stream(device).wait_stream(side_stream)
+            else:
+                loss, out = train_step(batch)
+            pending.append(torch.stack([loss, task.metric(out.float(), batch).mean()]))
             interval_steps += 1
 
             validate = step % tc.eval_interval == 0 or step == tc.steps
@@ -459,6 +519,60 @@ def compare(cfg: RunConfig) -> dict:
     with open(os.path.join(cfg.train.out_dir, f"{cfg.task.name}-comparison.txt"), "w") as f:
         f.write(table + "\n")
     return dict(runs=runs, table=table)
+
+
+def bench(cfg: RunConfig, timed_steps: int = 20) -> list[dict]:
+    """--bench: time training steps (forward, backward, clipping, AdamW; sampling excluded) of each rule
+    with the same settings, after warm-up, and print one table: ms/step, sequences/s, peak GPU memory."""
+    try:
+        task = make_task_from_config(cfg.task)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from err
+    rows = []
+    for rule in RULES:
+        run = resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rule=rule)), task)
+        tc, device = run.train, pick_device(run.train.device)
+        torch.manual_seed(tc.seed)
+        model = PlasticGPT(run.model).to(device)
+        graphed = tc.cuda_graph and device.type == "cuda" and not tc.compile
+        optimizer = make_optimizer(model, tc, graphed)
+        forward = torch.compile(model) if tc.compile else model
+        train_step = make_train_step(model, forward, optimizer, task, tc, device)
+        generator = torch.Generator(device=device).manual_seed(tc.seed)
+        batches = [task.sample(tc.batch_size, "train", device, generator) for _ in range(4)]
+        if graphed:
+            side_stream = torch.cuda.Stream(device)
+            side_stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side_stream):
+                for batch in batches[:GRAPH_WARMUP]:
+                    train_step(batch)
+            torch.cuda.current_stream(device).wait_stream(side_stream)
+            train_step = record_cuda_graph(train_step, batches[0])
+        for batch in batches[:2]:  # warm-up (eager) or the first replays
+            train_step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        for i in range(timed_steps):
+            loss, _ = train_step(batches[i % len(batches)])
+        loss.item()  # waits for the last step
+        ms = 1000 * (time.perf_counter() - started) / timed_steps
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        rows.append(dict(rule=rule, params=model.num_params(), ms_per_step=ms, per_second=1000 * tc.batch_size / ms,
+                         peak_gib=peak, device=device_name(device), cuda_graph=graphed, fast_form=run.model.fast_form,
+                         task=task.name, batch_size=tc.batch_size, tokens=task.seq_len))
+        del model, optimizer, train_step
+    m = rows[0]
+    print(f"bench: {m['task']}, batch {m['batch_size']}, {m['tokens']} tokens, d_model {cfg.model.d_model}, "
+          f"{cfg.model.n_layer} layers, {m['fast_form']} fast weights, CUDA graph {'on' if m['cuda_graph'] else 'off'}, "
+          f"{m['device']}; {timed_steps} timed steps after warm-up")
+    print(f"{'rule':<9} {'params':>10} {'ms/step':>9} {'sequences/s':>12} {'peak GiB':>9} {'x none':>7}")
+    for r in rows:
+        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        print(f"{r['rule']:<9} {r['params']:>10,} {r['ms_per_step']:>9.1f} {r['per_second']:>12,.0f} {peak:>9} "
+              f"{r['ms_per_step'] / rows[0]['ms_per_step']:>7.1f}")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,7 +663,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def main(argv=None) -> int:
     try:
         cfg = config_from_args(build_parser().parse_args(argv))
-        train(cfg)
+        bench(cfg) if cfg.train.bench else train(cfg)
     except UsageError as err:
         print(f"train.py: {err}", file=sys.stderr)
         return 2
