@@ -39,11 +39,11 @@ RULES = ("none", "hebbian", "gradient")
 
 # Good defaults per task for the options left at None below; an option given explicitly wins.
 TASK_DEFAULTS = {
-    "copy": dict(steps=5000, batch_size=64, lr=1e-3),
-    "regression": dict(steps=10000, batch_size=64, lr=1e-3),
-    "cue_reward": dict(steps=5000, batch_size=64, lr=1e-3),
-    "omniglot": dict(steps=20000, batch_size=64, lr=1e-3),
-    "cifar_fs": dict(steps=20000, batch_size=64, lr=1e-3),
+    "copy": dict(steps=2000, batch_size=64, lr=1e-3),
+    "regression": dict(steps=2000, batch_size=64, lr=1e-3),
+    "cue_reward": dict(steps=2000, batch_size=64, lr=1e-3),
+    "omniglot": dict(steps=4000, batch_size=64, lr=1e-3),
+    "cifar_fs": dict(steps=4000, batch_size=64, lr=1e-3),
 }
 
 
@@ -333,6 +333,7 @@ def final_test(model, task, tc: TrainConfig, device, run_dir: str) -> dict:
         results.update(zip(("knockout_mean", "knockout_ci95"), mean_ci95(knocked)))
         line += f" | knock-out (eta=0) {results['knockout_mean']:.4g} ± {results['knockout_ci95']:.2g}"
         write_modulation_trace(run_dir, trace, model.config.rule)
+        results["trace"] = {key: [round(v, 6) for v in values.tolist()] for key, values in trace.items()}  # per position
     print(line)
     return results
 
@@ -532,6 +533,9 @@ def bench(cfg: RunConfig, timed_steps: int = 20) -> list[dict]:
     for rule in RULES:
         run = resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rule=rule)), task)
         tc, device = run.train, pick_device(run.train.device)
+        if device.type == "cuda":  # peak memory of everything this rule allocates, the graph's pool included
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
         torch.manual_seed(tc.seed)
         model = PlasticGPT(run.model).to(device)
         graphed = tc.cuda_graph and device.type == "cuda" and not tc.compile
@@ -552,7 +556,6 @@ def bench(cfg: RunConfig, timed_steps: int = 20) -> list[dict]:
             train_step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
         for i in range(timed_steps):
             loss, _ = train_step(batches[i % len(batches)])
