@@ -326,3 +326,22 @@ def test_cli_runs_end_to_end_in_a_subprocess(tmp_path):
     assert all((tmp_path / "copy-hebbian" / name).is_file() for name in RUN_FILES + TRACE_FILES)
     imported = subprocess.run([sys.executable, "-c", "import train"], cwd=HERE, capture_output=True, text=True, env=env)
     assert imported.returncode == 0 and imported.stdout == "" and imported.stderr == "", "importing train.py should run nothing"
+
+
+@pytest.mark.train
+def test_report_averages_seeds_with_a_t_interval(tmp_path):
+    """report.py: runs that differ only by seed become one row, mean ± t(0.975, n-1) * std / sqrt(n)."""
+    import report
+    for seed, value in enumerate((0.80, 0.90)):
+        for rule in ("none", "hebbian"):
+            folder = tmp_path / "main" / "default" / f"seed{seed}" / f"omniglot-{rule}"
+            folder.mkdir(parents=True)
+            knockout = None if rule == "none" else value - 0.1
+            (folder / "results.json").write_text(json.dumps(dict(
+                task="omniglot", rule=rule, metric="accuracy", test_mean=value, test_ci95=0.01,
+                knockout_mean=knockout, knockout_ci95=0.01, params=1000, train_time_s=60.0)))
+    table = report.tables(report.load_runs(str(tmp_path)))
+    half_width = 12.71 * 0.0707107 / 2 ** 0.5 * 100  # std of (0.8, 0.9) is 0.0707
+    assert f"85.00 ± {half_width:.2f}" in table, f"two seeds should give 85.00 ± {half_width:.2f}:\n{table}"
+    assert f"knock-out 75.00 ± {half_width:.2f}" in table, f"the knock-out column is averaged the same way:\n{table}"
+    assert "| default | omniglot |" in table and table.count("; 2; 1.0 min") == 2, f"one row, two seeds, 1 minute each:\n{table}"
