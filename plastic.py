@@ -356,8 +356,9 @@ class PlasticGPT(nn.Module):
         Returns out (B, T, d_out) and info: "eta" (B, T) the modulated rate eta_t before the bound,
         "step" (B, T) the rate after it, "update_norm" (B, T) ||G_t||, "fast_norm" (B, T) ||F_{t+1}||
         over all layers, and "fast_weights" the final F_T of every plastic layer (empty for "none").
-        fast_norm=False leaves "fast_norm" out: it costs a pass over every fast weight per token
-        (a matrix product per layer in the factored form), which training does not need."""
+        fast_norm=False leaves out "fast_norm" and "fast_weights" (plastic rules): they cost a pass over
+        every fast weight per token (a matrix product per layer in the factored form), which training
+        does not need."""
         B, T, _ = x.shape
         if T > self.config.max_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_len={self.config.max_len}; raise max_len.")
@@ -409,7 +410,9 @@ class PlasticGPT(nn.Module):
             zeros = out.new_zeros(B, T)
             return out, dict(eta=zeros, step=zeros, update_norm=zeros, fast_norm=zeros, fast_weights=[])
         info = {key: torch.stack([s[key] for s in trace], dim=1) for key in trace[0]}  # (B, T) each
-        info["fast_weights"] = [self._dense(f, layer).detach() for f, layer in zip(fast, self.plastic_layers)]
+        if with_fast_norm:
+            with torch.no_grad():
+                info["fast_weights"] = [self._dense(f, layer) for f, layer in zip(fast, self.plastic_layers)]
         return out, info
 
     def _update_fast_weights(self, fast, records, head_output, eta, keep_graph, with_fast_norm):
