@@ -327,7 +327,8 @@ def final_test(model, task, tc: TrainConfig, device, run_dir: str) -> dict:
     values, trace = evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, amp=tc.amp)
     results = dict(zip(("test_mean", "test_ci95"), mean_ci95(values)), test_episodes=tc.test_episodes,
                    knockout_mean=None, knockout_ci95=None)
-    line = f"test {task.metric_name} {results['test_mean']:.4g} ± {results['test_ci95']:.2g} over {tc.test_episodes} episodes"
+    unit = "episodes" if task.image_shape is not None else "sequences"
+    line = f"test {task.metric_name} {results['test_mean']:.4g} ± {results['test_ci95']:.2g} over {tc.test_episodes} {unit}"
     if model.config.rule != "none":
         knocked, _ = evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, eta=0.0, amp=tc.amp)
         results.update(zip(("knockout_mean", "knockout_ci95"), mean_ci95(knocked)))
