@@ -21,7 +21,7 @@ import torch
 
 import tasks
 import train
-from plastic import Config
+from plastic import Config, PlasticGPT
 from tasks import TaskConfig
 from train import RunConfig, TrainConfig
 
@@ -345,3 +345,33 @@ def test_report_averages_seeds_with_a_t_interval(tmp_path):
     assert f"85.00 ± {half_width:.2f}" in table, f"two seeds should give 85.00 ± {half_width:.2f}:\n{table}"
     assert f"knock-out 75.00 ± {half_width:.2f}" in table, f"the knock-out column is averaged the same way:\n{table}"
     assert "| default | omniglot |" in table and table.count("; 2; 1.0 min") == 2, f"one row, two seeds, 1 minute each:\n{table}"
+
+
+@pytest.mark.train
+def test_mean_ci95_is_the_normal_interval_of_the_mean():
+    values = torch.tensor([0.2, 0.4, 0.9, 0.5, 0.7], dtype=torch.float64)
+    mean, ci = train.mean_ci95(values)
+    want = 1.96 * np.std(values.numpy(), ddof=1) / np.sqrt(5)
+    assert abs(mean - 0.54) < 1e-12, f"mean should be 0.54, got {mean}"
+    assert abs(ci - want) < 1e-12, f"95% CI half-width should be 1.96 * sample std / sqrt(n) = {want:.6f}, got {ci:.6f}"
+
+
+@pytest.mark.train
+def test_evaluate_scores_the_requested_episodes_reproducibly():
+    """evaluate() returns one metric per episode, equal to task.metric on the same seeded episodes,
+    the same ones every time for a seed, and passes the knock-out rate to the model."""
+    task = tasks.make_task("copy", **TINY_TASKS["copy"])
+    torch.manual_seed(0)
+    model = PlasticGPT(Config(d_in=task.d_in, d_out=task.d_out, max_len=task.seq_len, n_layer=1, n_head=2, d_model=16))
+    values, trace = train.evaluate(model, task, "test", episodes=10, batch_size=4, device="cpu", seed=3)
+    assert values.shape == (10,), f"one metric per episode: expected (10,), got {tuple(values.shape)}"
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        expected = torch.cat([task.metric(model(b.x)[0], b) for b in
+                              (task.sample(n, "test", "cpu", generator) for n in (4, 4, 2))])
+    assert torch.allclose(values, expected), "evaluate() should score exactly the seeded episodes, 4 + 4 + 2"
+    again, _ = train.evaluate(model, task, "test", episodes=10, batch_size=4, device="cpu", seed=3)
+    assert torch.equal(values, again), "the same seed must give the same episodes and scores"
+    _, knocked = train.evaluate(model, task, "test", episodes=10, batch_size=4, device="cpu", seed=3, eta=0.0)
+    assert torch.all(knocked["eta"] == 0) and torch.all(trace["eta"] > 0), "eta=0.0 must reach the model (knock-out)"
+    assert trace["eta"].shape == (task.seq_len,), "the trace is one mean per token position"

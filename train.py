@@ -238,6 +238,7 @@ def evaluate(model, task, split, episodes, batch_size, device, seed, eta=None, a
     """Run `episodes` fresh episodes of `split` (the same ones for the same seed) in eval mode.
     Returns the per-episode metric (episodes,) and, per token position, the means over episodes of
     the model's info ((T,) each: eta, step, update_norm, fast_norm) and of the scored-position mask."""
+    device = torch.device(device)  # "cpu", "cuda" or a torch.device
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     metrics, sums = [], {}
