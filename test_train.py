@@ -375,3 +375,11 @@ def test_evaluate_scores_the_requested_episodes_reproducibly():
     _, knocked = train.evaluate(model, task, "test", episodes=10, batch_size=4, device="cpu", seed=3, eta=0.0)
     assert torch.all(knocked["eta"] == 0) and torch.all(trace["eta"] > 0), "eta=0.0 must reach the model (knock-out)"
     assert trace["eta"].shape == (task.seq_len,), "the trace is one mean per token position"
+
+
+@pytest.mark.train
+def test_bench_times_every_rule(tmp_path, capsys):
+    rows = train.bench(tiny(tmp_path), timed_steps=2)
+    assert [r["rule"] for r in rows] == list(train.RULES), "one row per rule: none, hebbian, gradient"
+    assert all(r["ms_per_step"] > 0 and r["per_second"] > 0 for r in rows), f"every rule needs a positive time: {rows}"
+    assert "ms/step" in capsys.readouterr().out, "bench prints its table"

@@ -391,6 +391,27 @@ def record_cuda_graph(train_step, batch):
     return replay
 
 
+def eager_step_on_side_stream(train_step, batch, stream):
+    """An eager step on a side stream, as the steps before a CUDA graph recording must be, ordered after
+    the default stream's work (the batch) and before whatever follows it."""
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    with torch.cuda.stream(stream):
+        result = train_step(batch)
+    torch.cuda.current_stream(stream.device).wait_stream(stream)
+    return result
+
+
+def build_training(run: RunConfig, task, device):
+    """The model, its optimizer and its training step; graphed: the step is to be recorded as a CUDA graph."""
+    tc = run.train
+    torch.manual_seed(tc.seed)
+    model = PlasticGPT(run.model).to(device)
+    graphed = tc.cuda_graph and device.type == "cuda" and not tc.compile
+    optimizer = make_optimizer(model, tc, graphed)
+    forward = torch.compile(model) if tc.compile else model
+    return model, optimizer, make_train_step(model, forward, optimizer, task, tc, device), graphed
+
+
 def train(cfg: RunConfig) -> dict:
     """Train one rule (cfg.train.rule in none | hebbian | gradient), test the best model, write the
     run folder, and return what results.json holds. Rule "all": compare()."""
@@ -407,15 +428,9 @@ def train(cfg: RunConfig) -> dict:
     config = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as config.json holds it; plain, for weights_only=True
     write_json(os.path.join(run_dir, "config.json"), config)
 
-    torch.manual_seed(tc.seed)
-    model = PlasticGPT(model_cfg).to(device)
-    graphed = tc.cuda_graph and device.type == "cuda" and not tc.compile
-    optimizer = make_optimizer(model, tc, graphed)
+    model, optimizer, train_step, graphed = build_training(cfg, task, device)
     generator = torch.Generator(device=device).manual_seed(tc.seed)  # the training sequences
-    forward = torch.compile(model) if tc.compile else model
-    train_step, side_stream = make_train_step(model, forward, optimizer, task, tc, device), None
-    if graphed:  # the eager steps before the recording run on a side stream, as recording requires
-        side_stream = torch.cuda.Stream(device)
+    side_stream = torch.cuda.Stream(device) if graphed else None  # for the eager steps before the recording
     checkpoint_path, best_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "best.pt")
     step, best, train_time = 0, dict(value=None, step=0), 0.0
     if tc.resume:
@@ -445,11 +460,8 @@ def train(cfg: RunConfig) -> dict:
             batch = task.sample(tc.batch_size, "train", device, generator)
             if side_stream is not None and step - start_step > GRAPH_WARMUP:
                 train_step, side_stream = record_cuda_graph(train_step, batch), None
-            if side_stream is not None:  # an eager warm-up step, ordered after and before the default stream's work
-                side_stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side_stream):
-                    loss, out = train_step(batch)
-                torch.cuda.current_stream(device).wait_stream(side_stream)
+            if side_stream is not None:
+                loss, out = eager_step_on_side_stream(train_step, batch, side_stream)
             else:
                 loss, out = train_step(batch)
             pending.append(torch.stack([loss, task.metric(out.float(), batch).mean()]))
@@ -538,21 +550,13 @@ def bench(cfg: RunConfig, timed_steps: int = 20) -> list[dict]:
         if device.type == "cuda":  # peak memory of everything this rule allocates, the graph's pool included
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        torch.manual_seed(tc.seed)
-        model = PlasticGPT(run.model).to(device)
-        graphed = tc.cuda_graph and device.type == "cuda" and not tc.compile
-        optimizer = make_optimizer(model, tc, graphed)
-        forward = torch.compile(model) if tc.compile else model
-        train_step = make_train_step(model, forward, optimizer, task, tc, device)
+        model, optimizer, train_step, graphed = build_training(run, task, device)
         generator = torch.Generator(device=device).manual_seed(tc.seed)
         batches = [task.sample(tc.batch_size, "train", device, generator) for _ in range(4)]
         if graphed:
             side_stream = torch.cuda.Stream(device)
-            side_stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side_stream):
-                for batch in batches[:GRAPH_WARMUP]:
-                    train_step(batch)
-            torch.cuda.current_stream(device).wait_stream(side_stream)
+            for batch in batches[:GRAPH_WARMUP]:
+                eager_step_on_side_stream(train_step, batch, side_stream)
             train_step = record_cuda_graph(train_step, batches[0])
         for batch in batches[:2]:  # warm-up (eager) or the first replays
             train_step(batch)
