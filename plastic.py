@@ -370,9 +370,14 @@ class PlasticGPT(nn.Module):
         h = self.embed(x) + self.pos(torch.arange(T, device=x.device))  # (B, T, C)
         if self.config.rule == "none" and not step_by_step:
             out = self.head(self.ln_f(self._run_blocks(h, 0, len(self.blocks))))
-            zeros = out.new_zeros(B, T)
-            return out, dict(eta=zeros, step=zeros, update_norm=zeros, fast_norm=zeros, fast_weights=[])
+            return out, self._static_info(out)
         return self._forward_token_by_token(h, self.config.eta if eta is None else eta, fast_norm)
+
+    @staticmethod
+    def _static_info(out):
+        """The static model's info: no plasticity, so zero traces (B, T) and no fast weights."""
+        zeros = out.new_zeros(out.shape[:2])
+        return dict(eta=zeros, step=zeros, update_norm=zeros, fast_norm=zeros, fast_weights=[])
 
     def _run_blocks(self, h, start, stop):
         for block in self.blocks[start:stop]:
@@ -407,8 +412,7 @@ class PlasticGPT(nn.Module):
             outputs.append(head_output[:, :cfg.d_out] if keep_graph else head_output[:, :cfg.d_out].detach())
         out = torch.stack(outputs, dim=1)  # (B, T, d_out)
         if rule == "none":
-            zeros = out.new_zeros(B, T)
-            return out, dict(eta=zeros, step=zeros, update_norm=zeros, fast_norm=zeros, fast_weights=[])
+            return out, self._static_info(out)
         info = {key: torch.stack([s[key] for s in trace], dim=1) for key in trace[0]}  # (B, T) each
         if with_fast_norm:
             with torch.no_grad():

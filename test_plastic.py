@@ -1,8 +1,6 @@
 """Tests of the model (plastic.py): every mechanism against a reference computed independently
 (an explicit formula, a loop, or torch.autograd), in float64. Grade one part with e.g. `pytest -m hebbian`."""
 
-import copy
-
 import pytest
 import torch
 

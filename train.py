@@ -318,6 +318,10 @@ def remedy(model_cfg: Config, tc: TrainConfig) -> str:
     return f"lower --lr (now {tc.lr}) or --grad-clip (now {tc.grad_clip})"
 
 
+def sequence_unit(task) -> str:
+    return "episodes" if task.image_shape is not None else "sequences"  # few-shot episodes, other sequences
+
+
 def format_time(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -330,7 +334,7 @@ def final_test(model, task, tc: TrainConfig, device, run_dir: str) -> dict:
     values, trace = evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, amp=tc.amp)
     results = dict(zip(("test_mean", "test_ci95"), mean_ci95(values)), test_episodes=tc.test_episodes,
                    knockout_mean=None, knockout_ci95=None)
-    unit = "episodes" if task.image_shape is not None else "sequences"
+    unit = sequence_unit(task)
     line = f"test {task.metric_name} {results['test_mean']:.4g} ± {results['test_ci95']:.2g} over {tc.test_episodes} {unit}"
     if model.config.rule != "none":
         knocked, _ = evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, eta=0.0, amp=tc.amp)
@@ -446,7 +450,7 @@ def train(cfg: RunConfig) -> dict:
         step, best, train_time = state["step"], state["best"], state["train_time"]
         print(f"resuming {checkpoint_path} at step {step}")
     better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
-    unit = "episodes" if task.image_shape is not None else "sequences"
+    unit = sequence_unit(task)
     print(f"{task.name}, rule {model_cfg.rule}: {model.num_params():,} parameters, {tc.steps} steps "
           f"of {tc.batch_size} {unit} on {device_name(device)}; writing {run_dir}")
 
