@@ -50,7 +50,10 @@ class Config:
     modulation: bool = True  # scale rate and decay by 2*sigmoid(m_t); False: by 1
     plastic_blocks: tuple[int, ...] | None = None  # indices of blocks with plastic MLPs; None = all
     attn_window: int | None = None  # each token attends to itself and the W-1 before it; None = all
-    coef_init: str = "symmetric"  # A ~ U[-1, 1] ("symmetric", Duan et al.) or U[0, 1] ("positive")
+    coef_init: str = "positive"  # A ~ U[0, 1] ("positive") or U[-1, 1] ("symmetric", Duan et al.)
+    normalize: bool = True  # G_t from unit-length pre_t and post_t (each layer's ||G_t|| = 1); False: the raw factors
+    init: str = "torch"  # "torch": PyTorch's default (linear layers U(+-1/sqrt(in))); "gpt2": N(0, 0.02)
+    image_norm: bool = True  # image features centred and scaled to unit length, as long as the one-hot label beside them
     image_shape: tuple[int, int, int] | None = None  # (C, H, W): add the Conv4 image encoder
     encoder_channels: int = 64  # channels of each Conv4 block (64 is the standard few-shot size)
 
@@ -69,6 +72,8 @@ class Config:
             raise ValueError(f"fast_form must be 'dense' or 'factored', got {self.fast_form!r}.")
         if self.coef_init not in ("symmetric", "positive"):
             raise ValueError(f"coef_init must be 'symmetric' or 'positive', got {self.coef_init!r}.")
+        if self.init not in ("torch", "gpt2"):
+            raise ValueError(f"init must be 'torch' or 'gpt2', got {self.init!r}.")
         if self.image_shape is not None:
             self.image_shape = tuple(self.image_shape)
             if len(self.image_shape) != 3 or min(self.image_shape[1:]) < 16:
@@ -110,6 +115,13 @@ def gradient_factors(records, loss, create_graph):
     dL_t/dF = pre_t ⊗ dL_t/dy_t: autograd gives dL_t/dy_t, the outer product the rest."""
     deltas = torch.autograd.grad(loss, [y for _, y, _ in records], create_graph=create_graph)
     return [(pre, delta) for (pre, _, _), delta in zip(records, deltas)]
+
+
+def normalized_factors(factors):
+    """G_t = (pre_t / ||pre_t||) ⊗ (post_t / ||post_t||): every layer's update has norm 1 whatever its width
+    and activity, so eta_t alone sets the step. (Raw Hebbian updates have norms of ~100 that the bound
+    cuts to a step of ~1e-3; raw gradient updates are ~1e4 times smaller than the Hebbian ones.)"""
+    return [(F.normalize(pre, dim=-1), F.normalize(post, dim=-1)) for pre, post in factors]
 
 
 def update_norm(factors):
@@ -339,7 +351,17 @@ class PlasticGPT(nn.Module):
         self.first_plastic = next((i for i, b in enumerate(self.blocks) if b.plastic), config.n_layer)
         self._init_weights()
 
-    def _init_weights(self):  # GPT-2: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)
+    def _init_weights(self):
+        """"torch": every linear layer as nn.Linear initialises itself, weight and bias U(-1/sqrt(in), 1/sqrt(in));
+        the position embedding N(0, 0.02). "gpt2": N(0, 0.02), residual projections N(0, 0.02 / sqrt(2 n_layer)),
+        zero biases (a long loss plateau here: README, "What makes the fast weights work")."""
+        if self.config.init == "torch":
+            for layer in (layer for block in self.blocks for layer in (block.mlp.fc, block.mlp.proj)):
+                bound = 1 / math.sqrt(layer.in_features)  # nn.Linear's default; W is (in, out) here
+                nn.init.uniform_(layer.weight, -bound, bound)
+                nn.init.uniform_(layer.bias, -bound, bound)
+            nn.init.normal_(self.pos.weight, std=0.02)
+            return
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.n_layer))
@@ -366,6 +388,8 @@ class PlasticGPT(nn.Module):
             raise ValueError("pass images exactly when the model has an image encoder (config.image_shape).")
         if images is not None:
             features = self.encoder(images.flatten(0, 1)).view(B, T, -1)  # (B, T, features)
+            if self.config.image_norm:  # else ~10x (Omniglot) to ~20x (CIFAR) the label's length: the label drowns
+                features = F.layer_norm(features, features.shape[-1:]) / math.sqrt(features.size(-1))
             x = torch.cat([features, x], dim=-1)
         h = self.embed(x) + self.pos(torch.arange(T, device=x.device))  # (B, T, C)
         if self.config.rule == "none" and not step_by_step:
@@ -429,6 +453,8 @@ class PlasticGPT(nn.Module):
             factors = hebbian_factors(records)
         else:
             factors = gradient_factors(records, inner_loss(head_output, self.inner_loss_weight), keep_graph)
+        if cfg.normalize:
+            factors = normalized_factors(factors)
         norm = update_norm(factors)  # (B,)
         step = bounded_rate(rate, norm, cfg.max_norm)
         if cfg.fast_form == "dense":
