@@ -70,7 +70,7 @@ class Config:
                 raise ValueError(f"plastic_blocks {self.plastic_blocks} must index blocks 0..{self.n_layer - 1}.")
         if self.fast_form not in ("dense", "factored"):
             raise ValueError(f"fast_form must be 'dense' or 'factored', got {self.fast_form!r}.")
-        if self.coef_init not in ("symmetric", "positive"):
+        if self.coef_init not in ("symmetric", "positive", "negative"):
             raise ValueError(f"coef_init must be 'symmetric' or 'positive', got {self.coef_init!r}.")
         if self.init not in ("torch", "gpt2"):
             raise ValueError(f"init must be 'torch' or 'gpt2', got {self.init!r}.")
@@ -191,8 +191,8 @@ class PlasticLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d_out))  # b: slow only
         self.coef = None  # A
         if plastic:
-            low = -1.0 if coef_init == "symmetric" else 0.0
-            self.coef = nn.Parameter(torch.empty(d_in, d_out).uniform_(low, 1.0))
+            low, high = dict(symmetric=(-1.0, 1.0), positive=(0.0, 1.0), negative=(-1.0, 0.0))[coef_init]
+            self.coef = nn.Parameter(torch.empty(d_in, d_out).uniform_(low, high))
 
     def forward(self, x, fast=None):
         y = x @ self.weight + self.bias  # (..., out)
