@@ -37,15 +37,6 @@ TINY_TASKS = {  # options that make every task a few tokens long
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (threads only add overhead, and thrash on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def synthetic_few_shot(cfg: TaskConfig):
     """tasks.FewShot over noisy 16x16 images (8 train, 4 val, 4 test classes of 4 images each),
     standing in for Omniglot (1 channel) and CIFAR-FS (3 channels); other tasks are the real ones."""
