@@ -4,7 +4,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models run fastest on one thread: threads only add overhead, and on a busy 2-core CPU they
     thrash (backprop through 100 tokens took 9-20 s on two threads beside another process, 0.6 s on one)."""
