@@ -1,7 +1,7 @@
 """
 Tests of train.py: every task and rule end to end, learning, checkpoints and resume, errors, the CLI.
 
-    pytest test_train.py            # about 20 s on a 2-core CPU
+    pytest test_train.py            # about 25 s on a 2-core CPU
     pytest -m train                 # the training loop, checkpoints, resume, outputs
     pytest -m cli                   # the command line
 
