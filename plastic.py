@@ -348,7 +348,8 @@ class PlasticGPT(nn.Module):
         if config.rule == "gradient":
             self.inner_loss_weight = nn.Parameter(torch.ones(self.head.out_features))
         self.plastic_layers = [layer for b in self.blocks if b.plastic for layer in (b.mlp.fc, b.mlp.proj)]
-        self.first_plastic = next((i for i, b in enumerate(self.blocks) if b.plastic), config.n_layer)
+        # the token loop starts at the first plastic block; the static model's (step_by_step) at block 0
+        self.first_looped = next((i for i, b in enumerate(self.blocks) if b.plastic), 0)
         self._init_weights()
 
     def _init_weights(self):
@@ -380,7 +381,8 @@ class PlasticGPT(nn.Module):
         over all layers, and "fast_weights" the final F_T of every plastic layer (empty for "none").
         fast_norm=False leaves out "fast_norm" and "fast_weights" (plastic rules): they cost a pass over
         every fast weight per token (a matrix product per layer in the factored form), which training
-        does not need."""
+        does not need. step_by_step=True runs the static model ("none") token by token with the KV
+        cache too, as the plastic rules always run: the same result, a check of the cache."""
         B, T, _ = x.shape
         if T > self.config.max_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_len={self.config.max_len}; raise max_len.")
@@ -410,11 +412,11 @@ class PlasticGPT(nn.Module):
 
     def _forward_token_by_token(self, h, eta, with_fast_norm):
         """The fast weights make the network recurrent: blocks below the first plastic block run in
-        parallel, the rest one token at a time with a KV cache."""
+        parallel, the rest (for the static model: every block) one token at a time with a KV cache."""
         cfg, rule = self.config, self.config.rule
         B, T, _ = h.shape
-        h = self._run_blocks(h, 0, self.first_plastic)
-        looped = self.blocks[self.first_plastic:]
+        h = self._run_blocks(h, 0, self.first_looped)
+        looped = self.blocks[self.first_looped:]
         keep_graph = torch.is_grad_enabled()  # False in evaluation under torch.no_grad()
         caches = [KVCache(detach=not keep_graph) for _ in looped]
         if cfg.fast_form == "dense":

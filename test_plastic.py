@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from plastic import Config, PlasticGPT
+from plastic import CausalSelfAttention, Config, PlasticGPT
 
 RULES = ("none", "hebbian", "gradient")
 PLASTIC_RULES = ("hebbian", "gradient")
@@ -97,6 +97,25 @@ def test_positive_coefficient_init():
 
 
 @pytest.mark.model
+def test_symmetric_coefficient_init_has_both_signs():
+    model = tiny_model("hebbian", coef_init="symmetric")
+    for layer in model.plastic_layers:
+        low, high = layer.coef.min().item(), layer.coef.max().item()
+        assert -1 <= low < 0 < high <= 1, f"coef_init='symmetric' must draw A from U[-1, 1], got values in [{low:.2f}, {high:.2f}]"
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("rule", PLASTIC_RULES)
+def test_plasticity_coefficient_is_a_learned_parameter(rule):
+    """A is learned by backprop like W: an nn.Parameter of the model that the optimizer sees, not a fixed buffer."""
+    model = tiny_model(rule)
+    parameters = list(model.parameters())
+    for i, layer in enumerate(model.plastic_layers):
+        assert isinstance(layer.coef, torch.nn.Parameter) and layer.coef.requires_grad, f"{rule}: A of plastic layer {i} is not a trainable nn.Parameter"
+        assert any(p is layer.coef for p in parameters), f"{rule}: A of plastic layer {i} is missing from model.parameters(), so no optimizer updates it"
+
+
+@pytest.mark.model
 @pytest.mark.parametrize("rule", RULES)
 def test_batch_elements_are_independent(rule):
     model = tiny_model(rule).eval()
@@ -156,15 +175,54 @@ def test_causality(rule, image):
 
 
 @pytest.mark.attention
+def test_static_step_by_step_runs_every_block_through_the_kv_cache(monkeypatch):
+    """forward(step_by_step=True) of the static model takes the token loop: CausalSelfAttention.step once per
+    block and token, the parallel attention never (else the test below compares the parallel pass with itself)."""
+    calls = []
+    step, parallel = CausalSelfAttention.step, CausalSelfAttention.forward
+
+    def counted_step(self, x, cache):
+        calls.append("step")
+        return step(self, x, cache)
+
+    def counted_parallel(self, x):
+        calls.append("parallel")
+        return parallel(self, x)
+
+    monkeypatch.setattr(CausalSelfAttention, "step", counted_step)
+    monkeypatch.setattr(CausalSelfAttention, "forward", counted_parallel)
+    model = tiny_model("none", n_layer=2)
+    model(random_tokens(T=5), step_by_step=True)
+    assert calls.count("step") == 2 * 5, f"expected step() for 2 blocks x 5 tokens, got {calls.count('step')} calls"
+    assert "parallel" not in calls, "step_by_step=True must not run any block's parallel attention"
+
+
+@pytest.mark.attention
 def test_step_by_step_equals_parallel():
     """For rule 'none', the token loop with a KV cache computes exactly what the parallel pass does."""
-    for window in (None, 3):
+    for window in (None, 1, 2, 3):
         model = tiny_model("none", attn_window=window)
         x = random_tokens(T=12)
         parallel, _ = model(x)
         looped, _ = model(x, step_by_step=True)
         err = (parallel - looped).abs().max().item()
         assert err < 1e-12, f"step-by-step differs from parallel by {err:.2e} (attn_window={window})"
+
+
+@pytest.mark.attention
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_windowed_static_model_is_causal(window):
+    """With an attention window too, changing the inputs at t >= k leaves every output before k unchanged, for every k."""
+    T = 8
+    model = tiny_model("none", attn_window=window)
+    x = random_tokens(T=T)
+    with torch.no_grad():
+        before = model(x)[0]
+        for k in range(1, T):
+            changed = x.clone()
+            changed[:, k:] += 1.0
+            moved = (model(changed)[0][:, :k] - before[:, :k]).abs().max().item()
+            assert moved < 1e-12, f"window {window}: an output before t={k} moved by {moved:.1e} when later inputs changed"
 
 
 @pytest.mark.attention
@@ -189,12 +247,18 @@ def test_window_bounds_what_a_static_model_sees():
 @pytest.mark.parametrize("rule", PLASTIC_RULES)
 def test_fast_weights_carry_information_beyond_the_window(rule):
     """The same change, beyond the attention's reach, does reach a plastic model through its fast weights."""
-    model = tiny_model(rule, attn_window=2, eta=1.0, max_norm=10.0)
+    model = tiny_model(rule, attn_window=2, eta=1.0, decay=0.1, max_norm=10.0)
     x = random_tokens(T=12)
     x2 = x.clone()
     x2[:, 0] += 1.0
-    moved = (model(x2)[0][:, -1] - model(x)[0][:, -1]).abs().max().item()
-    assert moved > 1e-8, f"{rule}: the fast weights should carry token 0 past the attention window to t=11"
+    with torch.no_grad():
+        out, changed, knocked_out = model(x)[0][:, -1], model(x2)[0][:, -1], model(x, eta=0.0)[0][:, -1]
+        blocked = (model(x2, eta=0.0)[0][:, -1] - knocked_out).abs().max().item()
+    assert blocked < 1e-12, f"setup: without plasticity token 0 should be beyond the attention's reach of t=11, moved it by {blocked:.1e}"
+    moved = (changed - out).abs().max().item()
+    fast_part = (out - knocked_out).abs().max().item()  # what the fast weights add to the output at t=11
+    assert moved > 0.05 * fast_part, \
+        f"{rule}: token 0 should reach t=11 through the fast weights, but moves it by {moved:.1e}, against {fast_part:.1e} that they add"
 
 
 # --------------------------------------------------------------------------------- the rules
@@ -204,16 +268,18 @@ def test_fast_weights_carry_information_beyond_the_window(rule):
 @pytest.mark.gradient
 @pytest.mark.parametrize("rule", PLASTIC_RULES)
 @pytest.mark.parametrize("plastic_blocks", [None, (1,)], ids=["all-plastic", "top-plastic"])
-def test_zero_rate_equals_static_model(rule, plastic_blocks):
-    """With eta = 0 a plastic model computes exactly what a static model with the same slow weights does."""
-    plastic = tiny_model(rule, eta=0.0, plastic_blocks=plastic_blocks)
-    static = tiny_model("none")
+@pytest.mark.parametrize("window", [None, 1, 2, 3])
+def test_zero_rate_equals_static_model(rule, plastic_blocks, window):
+    """With eta = 0 a plastic model computes exactly what a static model with the same slow weights does, also
+    with an attention window: the KV cache of the token loop keeps what the parallel pass's mask lets through."""
+    plastic = tiny_model(rule, eta=0.0, plastic_blocks=plastic_blocks, attn_window=window)
+    static = tiny_model("none", attn_window=window)
     slow = {k: v for k, v in plastic.state_dict().items() if k in static.state_dict()}
     slow["head.weight"], slow["head.bias"] = slow["head.weight"][:2], slow["head.bias"][:2]  # the task units
     static.load_state_dict(slow)
     x = random_tokens(T=10)
     err = (plastic(x)[0] - static(x)[0]).abs().max().item()
-    assert err < 1e-12, f"{rule} with eta=0 differs from the static model by {err:.2e}"
+    assert err < 1e-12, f"{rule} with eta=0 differs from the static model by {err:.2e} (attn_window={window})"
 
 
 @pytest.mark.hebbian
@@ -254,28 +320,39 @@ def test_hebbian_update_matches_outer_product_formula(max_norm, modulation, fast
 @pytest.mark.parametrize("max_norm", [1e-3, 1e3], ids=["bound-active", "bound-inactive"])
 @pytest.mark.parametrize("fast_form", ["dense", "factored"])
 def test_gradient_update_matches_autograd(max_norm, fast_form):
-    """G_0 = dL_0/dF for L_0 = mean((o_0 ⊙ w)^2): at F = 0 this equals dL_0/dW of each layer's slow weight,
-    computed here with torch.autograd for one sequence at a time, so the batch sum must not mix sequences."""
-    eta, B = 0.5, 3
-    model = tiny_model("gradient", eta=eta, max_norm=max_norm, fast_form=fast_form)
+    """Three tokens of the gradient rule, recomputed one sequence at a time with torch.autograd: F_t is a leaf,
+    o_t the head output (task, extra and modulator units) with weights W + F_t, G_t = dL_t/dF_t for
+    L_t = mean((o_t ⊙ w)^2), and F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ G_t with the modulated rate and decay
+    and the norm bound. With one block the keys and values of earlier tokens do not depend on F, so o_t is the
+    output at t of the tokens up to t with slow weights W + F_t and plasticity off (eta = 0)."""
+    eta, decay, B, T = 0.5, 0.3, 2, 3
+    model = tiny_model("gradient", n_layer=1, eta=eta, decay=decay, max_norm=max_norm, modulation=True, fast_form=fast_form)
     with torch.no_grad():
         model.inner_loss_weight.uniform_(0.5, 1.5)  # a w other than ones
-    x = random_tokens(B=B, T=1)
-    _, info = model(x)
+    x = random_tokens(B=B, T=T)
+    out, info = model(x)
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    layers = model.plastic_layers
     for b in range(B):
-        head_calls = []
-        hook = record_calls(model.head, head_calls)
-        model(x[b:b + 1], eta=0.0)
-        hook.remove()
-        o = head_calls[0][1][0]  # (units,) the full head output: task, extra and modulator units
-        loss = ((o * model.inner_loss_weight) ** 2).mean()
-        G = torch.autograd.grad(loss, [layer.weight for layer in model.plastic_layers])
-        norm = torch.sqrt(sum((g ** 2).sum() for g in G))
-        step = eta * 2 * torch.sigmoid(o[-1].detach()) * min(1.0, max_norm / norm.item())
-        for i, (layer, g) in enumerate(zip(model.plastic_layers, G)):
-            want = step * layer.coef.detach() * g
+        fast = [torch.zeros_like(layer.weight) for layer in layers]
+        for t in range(T):
+            fast = [f.detach().requires_grad_() for f in fast]  # F_t, a leaf
+            head_calls = []
+            hook = record_calls(model.head, head_calls)
+            weights = {name_of[id(layer.weight)]: layer.weight + f for layer, f in zip(layers, fast)}
+            torch.func.functional_call(model, weights, (x[b:b + 1, :t + 1],), dict(eta=0.0))
+            hook.remove()
+            o = head_calls[-1][1][0]  # (units,) token t's full head output
+            err = (out[b, t] - o[:out.size(-1)]).abs().max().item()
+            assert err < 1e-12, f"the output at t={t} differs by {err:.2e} from the one computed with F_t (sequence {b})"
+            G = torch.autograd.grad(((o * model.inner_loss_weight) ** 2).mean(), fast)
+            gate = 2 * torch.sigmoid(o[-1].detach())  # 2 sigmoid(m_t)
+            norm = torch.sqrt(sum((g ** 2).sum() for g in G))
+            step = eta * gate * min(1.0, max_norm / norm.item())
+            fast = [(1 - decay * gate) * f.detach() + step * layer.coef.detach() * g for f, g, layer in zip(fast, G, layers)]
+        for i, want in enumerate(fast):
             err = (info["fast_weights"][i][b] - want).abs().max().item()
-            assert err < 1e-12, f"gradient-rule fast weight {i} differs from autograd's dL/dW by {err:.2e} (sequence {b})"
+            assert err < 1e-12, f"gradient-rule fast weight {i} after {T} tokens differs from autograd's by {err:.2e} (sequence {b})"
 
 
 @pytest.mark.gradient

@@ -1,7 +1,7 @@
 """
 Tests of train.py: every task and rule end to end, learning, checkpoints and resume, errors, the CLI.
 
-    pytest test_train.py            # about 20 s on a 2-core CPU
+    pytest test_train.py            # about 25 s on a 2-core CPU
     pytest -m train                 # the training loop, checkpoints, resume, outputs
     pytest -m cli                   # the command line
 
@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -35,15 +36,6 @@ TINY_TASKS = {  # options that make every task a few tokens long
     "omniglot": dict(way=3, shot=1, query=1),
     "cifar_fs": dict(way=3, shot=1, query=1),
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (threads only add overhead, and thrash on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def synthetic_few_shot(cfg: TaskConfig):
@@ -255,6 +247,126 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
 
 # ----------------------------------------------------------------------------------------------
+# The protocol: which split when, with which seed, which model is tested
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory):
+    """Every batch task.sample draws in a tiny run (4 steps, validation at 2 and 4), in order:
+    (split, the batch's first sequence)."""
+    calls = []
+
+    def recording_task(cfg):
+        task = tasks.make_task_from_config(cfg)
+        sample = task.sample
+
+        def recording_sample(batch_size, split="train", device="cpu", generator=None):
+            batch = sample(batch_size, split, device, generator)
+            calls.append((split, batch.x[0].clone()))
+            return batch
+        task.sample = recording_sample
+        return task
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "make_task_from_config", recording_task)
+        train.train(tiny(tmp_path_factory.mktemp("sampled"), "copy", "none"))
+    return calls
+
+
+@pytest.mark.train
+def test_splits_are_train_then_validation_and_test_only_at_the_end(sampled):
+    order = [split for i, (split, _) in enumerate(sampled) if i == 0 or split != sampled[i - 1][0]]
+    assert order == ["train", "val", "train", "val", "test"], \
+        f"4 steps validated at 2 and 4 should sample train, val, train, val, then test; sampled {order}"
+
+
+@pytest.mark.train
+def test_training_validation_and_test_episodes_have_their_own_seeds(sampled):
+    first = {}
+    for split, sequence in sampled:
+        first.setdefault(split, sequence)
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not torch.equal(first[a], first[b]), f"the first {a} and {b} sequences are the same: their seeds must differ"
+
+
+def scripted_validation(monkeypatch, scores):
+    """train.evaluate returns `scores` in turn for the validations and runs the real evaluation for the
+    test. Returns the list that receives the state dict of every model the test evaluates."""
+    evaluate, scores, tested = train.evaluate, iter(scores), []
+
+    def scripted(model, task, split, *args, **kwargs):
+        if split == "val":
+            return torch.full((4,), next(scores)), {}
+        tested.append({name: value.clone() for name, value in model.state_dict().items()})
+        return evaluate(model, task, split, *args, **kwargs)
+    monkeypatch.setattr(train, "evaluate", scripted)
+    return tested
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("task, best_step", [("copy", 4), ("omniglot", 6)], ids=["mse-lower", "accuracy-higher"])
+def test_best_step_has_the_best_validation_score_in_the_tasks_direction(tmp_path, monkeypatch, offline, task, best_step):
+    """Validation scores 0.5, 0.1, 0.9 at steps 2, 4, 6: the best MSE is at step 4, the best accuracy at step 6."""
+    scripted_validation(monkeypatch, [0.5, 0.1, 0.9])
+    results = train.train(tiny(tmp_path, task, "none", steps=6))
+    saved = torch.load(tmp_path / f"{task}-none" / "best.pt", weights_only=True)
+    assert results["best_step"] == saved["step"] == best_step, \
+        f"{task}: the best of the scores 0.5, 0.1, 0.9 is at step {best_step}, not {results['best_step']} (best.pt: {saved['step']})"
+
+
+@pytest.mark.train
+def test_final_test_uses_the_weights_of_best_pt(tmp_path, monkeypatch):
+    """MSE validation scores 0.1 at step 2 and 0.5 at step 4: the test must run on the step-2 model, not the last."""
+    tested = scripted_validation(monkeypatch, [0.1, 0.5])
+    train.train(tiny(tmp_path, "copy", "none"))
+    best = torch.load(tmp_path / "copy-none" / "best.pt", weights_only=True)["model"]
+    last = torch.load(tmp_path / "copy-none" / "checkpoint.pt", weights_only=True)["model"]
+    assert any(not torch.equal(best[name], last[name]) for name in best), "setup: the best and the last model should differ"
+    assert tested, "the final test never called evaluate()"
+    for state in tested:
+        different = [name for name in best if not torch.equal(state[name], best[name])]
+        assert not different, f"the final test ran on weights other than best.pt's: {different}"
+
+
+@pytest.mark.train
+def test_default_warmup_is_five_percent_of_the_steps(tmp_path, monkeypatch):
+    """80 steps: the rate rises linearly to lr over the first 4, then decays."""
+    rates, set_learning_rate = [], train.set_learning_rate
+
+    def recorded(optimizer, value):
+        rates.append(value)
+        if len(rates) > 5:
+            raise Interrupted
+        set_learning_rate(optimizer, value)
+    monkeypatch.setattr(train, "set_learning_rate", recorded)
+    with pytest.raises(Interrupted):
+        train.train(tiny(tmp_path, "copy", "none", steps=80, lr=1e-3))
+    assert rates[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3]), f"4 steps of linear warm-up to 1e-3 expected, got {rates[:4]}"
+    assert rates[4] < 1e-3, f"the rate should decay after the warm-up, got {rates[4]} at step 5"
+
+
+@pytest.mark.train
+def test_gradients_are_clipped_before_every_optimizer_step(tmp_path, monkeypatch):
+    """With grad_clip = 1e-3 (far below the gradients of an untrained model) every step sees a gradient of norm 1e-3."""
+    norms, make_optimizer = [], train.make_optimizer
+
+    def recording_optimizer(model, tc, graphed):
+        optimizer = make_optimizer(model, tc, graphed)
+        step = optimizer.step
+
+        def recorded_step(*args, **kwargs):
+            grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.cat(grads)).item())
+            return step(*args, **kwargs)
+        optimizer.step = recorded_step
+        return optimizer
+    monkeypatch.setattr(train, "make_optimizer", recording_optimizer)
+    train.train(tiny(tmp_path, "copy", "none", grad_clip=1e-3))
+    assert len(norms) == 4, f"expected one optimizer step per training step (4), got {len(norms)}"
+    assert norms == pytest.approx([1e-3] * 4, rel=1e-3), f"every step's gradient norm should be clipped to 1e-3, got {norms}"
+
+
+# ----------------------------------------------------------------------------------------------
 # The command line
 
 
@@ -378,8 +490,64 @@ def test_evaluate_scores_the_requested_episodes_reproducibly():
 
 
 @pytest.mark.train
-def test_bench_times_every_rule(tmp_path, capsys):
-    rows = train.bench(tiny(tmp_path), timed_steps=2)
+def test_bench_times_the_timed_steps_of_every_rule(tmp_path, monkeypatch, capsys):
+    """With a clock that advances 5 ms per training step, every rule reads 5 ms/step and 4 sequences / 5 ms:
+    bench() times exactly `timed_steps` steps, after its warm-up steps."""
+    now, build_training = [0.0], train.build_training
+
+    def steps_of_5_ms(run, task, device):
+        model, optimizer, train_step, graphed = build_training(run, task, device)
+
+        def step(batch):
+            now[0] += 0.005
+            return train_step(batch)
+        return model, optimizer, step, graphed
+    monkeypatch.setattr(train, "build_training", steps_of_5_ms)
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    rows = train.bench(tiny(tmp_path, batch_size=4), timed_steps=3)
     assert [r["rule"] for r in rows] == list(train.RULES), "one row per rule: none, hebbian, gradient"
-    assert all(r["ms_per_step"] > 0 and r["per_second"] > 0 for r in rows), f"every rule needs a positive time: {rows}"
+    for r in rows:
+        assert r["ms_per_step"] == pytest.approx(5.0), f"{r['rule']}: 3 timed steps of 5 ms should read 5 ms/step, got {r['ms_per_step']}"
+        assert r["per_second"] == pytest.approx(4 / 0.005), f"{r['rule']}: 4 sequences per 5 ms are 800/s, got {r['per_second']}"
     assert "ms/step" in capsys.readouterr().out, "bench prints its table"
+
+
+def image_model_and_task(rule):
+    """A tiny model with the Conv4 encoder (batch norm) and a 3-way 1-shot task on synthetic images."""
+    task = synthetic_few_shot(TaskConfig("omniglot", **TINY_TASKS["omniglot"]))
+    torch.manual_seed(0)
+    model = PlasticGPT(Config(d_in=task.d_in, d_out=task.d_out, max_len=task.seq_len, image_shape=task.image_shape,
+                              rule=rule, n_layer=1, n_head=2, d_model=16, encoder_channels=8))
+    return model, task
+
+
+@pytest.mark.train
+def test_evaluate_leaves_batch_norm_statistics_unchanged():
+    """Evaluation runs in eval mode: batch norm uses its running statistics and does not update them."""
+    model, task = image_model_and_task("none")
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    assert before, "setup: the encoder should have batch-norm buffers"
+    train.evaluate(model, task, "val", episodes=4, batch_size=4, device="cpu", seed=0)
+    changed = [name for name, buffer in model.named_buffers() if not torch.equal(buffer, before[name])]
+    assert not changed, f"evaluate() changed the batch-norm buffers {changed}: it must run the model in eval mode"
+
+
+@pytest.mark.train
+def test_evaluate_scores_each_episode_alone_whatever_the_batch_size(monkeypatch):
+    """The same 4 episodes evaluated in batches of 1 and of 4 give the same scores and the same trace:
+    in eval mode no episode's images influence another's (non-transductive evaluation)."""
+    model, task = image_model_and_task("hebbian")
+    episodes = task.sample(4, "val", "cpu", torch.Generator().manual_seed(0))
+    results = {}
+    for batch_size in (1, 4):
+        served = iter(range(0, 4, batch_size))
+
+        def next_episodes(n, split, device, generator):  # the fixed episodes in order, n at a time
+            start = next(served)
+            return tasks.Batch(*(getattr(episodes, name)[start:start + n] for name in ("x", "images", "target", "mask")))
+        monkeypatch.setattr(task, "sample", next_episodes)
+        results[batch_size] = train.evaluate(model, task, "val", episodes=4, batch_size=batch_size, device="cpu", seed=0)
+    (alone, alone_trace), (together, together_trace) = results[1], results[4]
+    assert torch.allclose(alone, together, atol=1e-6), f"per-episode scores depend on the batch size: {alone} vs {together}"
+    for key in ("eta", "fast_norm"):
+        assert torch.allclose(alone_trace[key], together_trace[key], rtol=1e-4), f"the {key} trace depends on the batch size"
