@@ -30,6 +30,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 RULES = ("none", "hebbian", "gradient")
+# The coefficient A's initial sign, per rule (README, "What makes the fast weights work"): positive for
+# Hebbian, so a stored pre ⊗ post is read back as itself; negative for the gradient rule, so F_t takes
+# a descent step on the inner loss (a positive A climbs it, and the outputs run away).
+COEF_INITS = {"positive": (0.0, 1.0), "negative": (-1.0, 0.0), "symmetric": (-1.0, 1.0)}  # A ~ U[low, high]
+RULE_COEF_INIT = {"hebbian": "positive", "gradient": "negative"}
 
 
 @dataclass
@@ -42,7 +47,7 @@ class Config:
     max_len: int = 128  # longest sequence (size of the learned position embedding)
     dropout: float = 0.0  # dropout on attention weights and residual branches
     rule: str = "hebbian"  # fast-weight rule: "none" | "hebbian" | "gradient"
-    eta: float = 0.1  # base plasticity rate (before modulation and the norm bound)
+    eta: float = 1.0  # base plasticity rate (before modulation and the norm bound)
     decay: float = 0.1  # base decay of the fast weights per token
     max_norm: float = 1.0  # bound on the global norm of the update direction G_t, per sequence
     fast_form: str = "factored"  # F_t as its rank-1 history ("factored": faster, less memory) or a (B, in, out) matrix ("dense")
@@ -50,10 +55,9 @@ class Config:
     modulation: bool = True  # scale rate and decay by 2*sigmoid(m_t); False: by 1
     plastic_blocks: tuple[int, ...] | None = None  # indices of blocks with plastic MLPs; None = all
     attn_window: int | None = None  # each token attends to itself and the W-1 before it; None = all
-    coef_init: str = "positive"  # A ~ U[0, 1] ("positive") or U[-1, 1] ("symmetric", Duan et al.)
-    normalize: bool = True  # G_t from unit-length pre_t and post_t (each layer's ||G_t|| = 1); False: the raw factors
-    init: str = "torch"  # "torch": PyTorch's default (linear layers U(+-1/sqrt(in))); "gpt2": N(0, 0.02)
-    image_norm: bool = True  # image features centred and scaled to unit length, as long as the one-hot label beside them
+    coef_init: str | None = None  # A ~ U[0, 1] "positive", U[-1, 0] "negative", U[-1, 1] "symmetric" (Duan et al.); None: the rule's own (hebbian positive, gradient negative)
+    init: str = "torch"  # weights: "torch" (PyTorch's default, U(-1/sqrt(in), 1/sqrt(in))) or "gpt2" (N(0, 0.02))
+    image_norm: bool = True  # image features centred and scaled to unit length, like the one-hot label beside them
     image_shape: tuple[int, int, int] | None = None  # (C, H, W): add the Conv4 image encoder
     encoder_channels: int = 64  # channels of each Conv4 block (64 is the standard few-shot size)
 
@@ -70,8 +74,8 @@ class Config:
                 raise ValueError(f"plastic_blocks {self.plastic_blocks} must index blocks 0..{self.n_layer - 1}.")
         if self.fast_form not in ("dense", "factored"):
             raise ValueError(f"fast_form must be 'dense' or 'factored', got {self.fast_form!r}.")
-        if self.coef_init not in ("symmetric", "positive", "negative"):
-            raise ValueError(f"coef_init must be 'symmetric' or 'positive', got {self.coef_init!r}.")
+        if self.coef_init is not None and self.coef_init not in COEF_INITS:
+            raise ValueError(f"coef_init must be one of {', '.join(COEF_INITS)} (or None), got {self.coef_init!r}.")
         if self.init not in ("torch", "gpt2"):
             raise ValueError(f"init must be 'torch' or 'gpt2', got {self.init!r}.")
         if self.image_shape is not None:
@@ -115,13 +119,6 @@ def gradient_factors(records, loss, create_graph):
     dL_t/dF = pre_t ⊗ dL_t/dy_t: autograd gives dL_t/dy_t, the outer product the rest."""
     deltas = torch.autograd.grad(loss, [y for _, y, _ in records], create_graph=create_graph)
     return [(pre, delta) for (pre, _, _), delta in zip(records, deltas)]
-
-
-def normalized_factors(factors):
-    """G_t = (pre_t / ||pre_t||) ⊗ (post_t / ||post_t||): every layer's update has norm 1 whatever its width
-    and activity, so eta_t alone sets the step. (Raw Hebbian updates have norms of ~100 that the bound
-    cuts to a step of ~1e-3; raw gradient updates are ~1e4 times smaller than the Hebbian ones.)"""
-    return [(F.normalize(pre, dim=-1), F.normalize(post, dim=-1)) for pre, post in factors]
 
 
 def update_norm(factors):
@@ -184,14 +181,14 @@ class PlasticLinear(nn.Module):
     """y = x (W + F) + b with W (in, out) as in the equations; F (B, in, out) is passed in per call.
     A plastic layer also owns the learned plasticity coefficient A (in, out)."""
 
-    def __init__(self, d_in, d_out, plastic, coef_init="symmetric"):
+    def __init__(self, d_in, d_out, plastic, coef_init="positive"):
         super().__init__()
         self.in_features, self.out_features = d_in, d_out
-        self.weight = nn.Parameter(torch.empty(d_in, d_out))  # W
+        self.weight = nn.Parameter(torch.empty(d_in, d_out))  # W, initialised by PlasticGPT._init_weights
         self.bias = nn.Parameter(torch.zeros(d_out))  # b: slow only
         self.coef = None  # A
         if plastic:
-            low, high = dict(symmetric=(-1.0, 1.0), positive=(0.0, 1.0), negative=(-1.0, 0.0))[coef_init]
+            low, high = COEF_INITS[coef_init]
             self.coef = nn.Parameter(torch.empty(d_in, d_out).uniform_(low, high))
 
     def forward(self, x, fast=None):
@@ -210,9 +207,10 @@ class MLP(nn.Module):
     def __init__(self, config, plastic):
         super().__init__()
         C = config.d_model
-        self.fc = PlasticLinear(C, 4 * C, plastic, config.coef_init)
+        coef_init = config.coef_init or RULE_COEF_INIT.get(config.rule)
+        self.fc = PlasticLinear(C, 4 * C, plastic, coef_init)
         self.gelu = nn.GELU()
-        self.proj = PlasticLinear(4 * C, C, plastic, config.coef_init)
+        self.proj = PlasticLinear(4 * C, C, plastic, coef_init)
 
     def forward(self, x, fast=(None, None)):
         pre_activation = self.fc(x, fast[0])  # (..., 4C)
@@ -353,12 +351,13 @@ class PlasticGPT(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        """"torch": every linear layer as nn.Linear initialises itself, weight and bias U(-1/sqrt(in), 1/sqrt(in));
-        the position embedding N(0, 0.02). "gpt2": N(0, 0.02), residual projections N(0, 0.02 / sqrt(2 n_layer)),
-        zero biases (a long loss plateau here: README, "What makes the fast weights work")."""
+        """"torch": every layer keeps PyTorch's default (linear layers U(-1/sqrt(in), 1/sqrt(in)), weights and
+        biases), and the position embedding is N(0, 0.02) rather than nn.Embedding's N(0, 1). "gpt2": N(0, 0.02),
+        residual projections N(0, 0.02 / sqrt(2 n_layer)), zero biases; with it no model left chance at
+        attention window 1 (README, "What makes the fast weights work")."""
         if self.config.init == "torch":
             for layer in (layer for block in self.blocks for layer in (block.mlp.fc, block.mlp.proj)):
-                bound = 1 / math.sqrt(layer.in_features)  # nn.Linear's default; W is (in, out) here
+                bound = 1 / math.sqrt(layer.in_features)  # as nn.Linear initialises itself; W is (in, out) here
                 nn.init.uniform_(layer.weight, -bound, bound)
                 nn.init.uniform_(layer.bias, -bound, bound)
             nn.init.normal_(self.pos.weight, std=0.02)
@@ -390,8 +389,8 @@ class PlasticGPT(nn.Module):
             raise ValueError("pass images exactly when the model has an image encoder (config.image_shape).")
         if images is not None:
             features = self.encoder(images.flatten(0, 1)).view(B, T, -1)  # (B, T, features)
-            if self.config.image_norm:  # else ~10x (Omniglot) to ~20x (CIFAR) the label's length: the label drowns
-                features = F.layer_norm(features, features.shape[-1:]) / math.sqrt(features.size(-1))
+            if self.config.image_norm:  # unnormalised they are ~10x (Omniglot) to ~20x (CIFAR) the label's length
+                features = F.layer_norm(features, features.shape[-1:]) / math.sqrt(features.size(-1))  # (B, T, features)
             x = torch.cat([features, x], dim=-1)
         h = self.embed(x) + self.pos(torch.arange(T, device=x.device))  # (B, T, C)
         if self.config.rule == "none" and not step_by_step:
@@ -455,8 +454,6 @@ class PlasticGPT(nn.Module):
             factors = hebbian_factors(records)
         else:
             factors = gradient_factors(records, inner_loss(head_output, self.inner_loss_weight), keep_graph)
-        if cfg.normalize:
-            factors = normalized_factors(factors)
         norm = update_norm(factors)  # (B,)
         step = bounded_rate(rate, norm, cfg.max_norm)
         if cfg.fast_form == "dense":
