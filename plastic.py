@@ -6,7 +6,7 @@ The model: a small decoder-only GPT whose MLP weights change token by token.
 
 Every linear layer of the MLPs computes y = x (W + F_t) + b, where W, b are slow weights learned by
 backprop across sequences and F_t is a fast weight that starts at zero for every sequence and, after
-the output for token t is produced, changes by one of three rules (DESIGN.md, "The model"):
+the output for token t is produced, changes by one of three rules (README, "Reading the code"):
 
     eta_t    = eta   * 2 sigmoid(m_t)             the neuromodulated plasticity rate
     lambda_t = decay * 2 sigmoid(m_t)             the neuromodulated decay
@@ -70,6 +70,8 @@ class Config:
             raise ValueError(f"attn_window must be at least 1 (or None for the whole sequence), got {self.attn_window}.")
         if self.plastic_blocks is not None:
             self.plastic_blocks = tuple(sorted(set(self.plastic_blocks)))
+            if not self.plastic_blocks:
+                raise ValueError("plastic_blocks must name at least one block, or be None for all (no plastic block: rule 'none').")
             if any(not 0 <= i < self.n_layer for i in self.plastic_blocks):
                 raise ValueError(f"plastic_blocks {self.plastic_blocks} must index blocks 0..{self.n_layer - 1}.")
         if self.fast_form not in ("dense", "factored"):
@@ -92,7 +94,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# The plasticity rules: one short function per equation of DESIGN.md. Both rules add a rank-1 term
+# The plasticity rules: one short function per equation above. Both rules add a rank-1 term
 # per layer per token, G_t = pre_t ⊗ post_t, so each rule only says what pre and post are.
 
 

@@ -96,6 +96,7 @@ def test_conv4_feature_sizes():
     (dict(rule="hebbain"), "unknown rule"),
     (dict(d_model=30, n_head=4), "divisible"),
     (dict(plastic_blocks=(7,)), "plastic_blocks"),
+    (dict(plastic_blocks=()), "plastic_blocks"),
     (dict(attn_window=0), "attn_window"),
     (dict(coef_init="gaussian"), "coef_init"),
 ])
