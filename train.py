@@ -58,15 +58,18 @@ TASK_DEFAULTS = {
     "omniglot": dict(steps=4000, batch_size=64, lr=1e-3, d_model=128, n_layer=4),
     "cifar_fs": dict(steps=4000, batch_size=64, lr=1e-3, d_model=128, n_layer=4),
 }
-PROTOCOL_EPISODES = dict(eval=500, test=1000)  # validation and test episodes of a run (reported results: 1,000 test)
-SMOKE_RUN = dict(steps=100, episodes=100)  # a run of fewer steps only checks that everything works: 100 episodes each
+PROTOCOL_EPISODES = dict(eval_episodes=500, test_episodes=1000)  # of every run; reported results: 1,000 test episodes
+# A run of fewer steps is a smoke run: it checks that everything works, its numbers are no result, and
+# where not given otherwise it takes smaller batches and fewer episodes, so that it finishes in seconds
+# to a minute on a CPU (measured in the README).
+SMOKE_RUN = dict(steps=100, batch_size=16, eval_episodes=100, test_episodes=100)
 
 
 @dataclass
 class TrainConfig:
     rule: str = "hebbian"  # fast-weight rule: none | hebbian | gradient, or all three (one table)
     steps: int | None = None  # optimizer steps; None: the task's default
-    batch_size: int | None = None  # sequences (episodes) per step; None: the task's default
+    batch_size: int | None = None  # sequences (episodes) per step; None: the task's default, or 16 in a smoke run (under 100 steps)
     lr: float | None = None  # peak learning rate of AdamW; None: the task's default
     warmup: int | None = None  # steps of linear warm-up before the cosine decay; None: 5% of steps
     min_lr_ratio: float = 0.1  # the cosine decay ends at lr * min_lr_ratio
@@ -75,6 +78,7 @@ class TrainConfig:
     match_params: bool = False  # rule none: widen d_model to the Hebbian model's parameter count (always on with --rule all)
     seed: int = 0  # seeds the model's initialisation and every sampled sequence
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    threads: int | None = None  # CPU threads of PyTorch; None: half the cores, at least 1 (see set_cpu_threads)
     log_interval: int = 100  # steps between progress lines; one also comes after the first step, and at least every log_seconds
     log_seconds: float = 10.0  # longest time between progress lines
     eval_interval: int = 1000  # steps between validations (and checkpoints)
@@ -137,19 +141,21 @@ def check_numbers(options: dict) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be {allowed}, not {value}.")
 
 
+def is_smoke_run(tc: TrainConfig) -> bool:
+    return tc.steps < SMOKE_RUN["steps"]
+
+
 def resolve(cfg: RunConfig, task) -> RunConfig:
-    """Fill the options left at None from TASK_DEFAULTS (episode counts: the protocol's, or a smoke
-    run's) and the model's sizes from the task; check every number."""
+    """Fill the options left at None from TASK_DEFAULTS and PROTOCOL_EPISODES (or SMOKE_RUN) and the
+    model's sizes from the task; check every number."""
     tc = cfg.train
-    tc = dataclasses.replace(tc, **{k: v for k, v in TASK_DEFAULTS[task.name].items()
-                                    if hasattr(tc, k) and getattr(tc, k) is None})
+    defaults = {k: v for k, v in TASK_DEFAULTS[task.name].items() if hasattr(tc, k)} | PROTOCOL_EPISODES
+    tc = dataclasses.replace(tc, steps=defaults["steps"] if tc.steps is None else tc.steps)
+    defaults |= SMOKE_RUN if is_smoke_run(tc) else {}
+    tc = dataclasses.replace(tc, **{k: v for k, v in defaults.items() if hasattr(tc, k) and getattr(tc, k) is None})
     for section in (tc, cfg.model, cfg.task):
         check_numbers(dataclasses.asdict(section))
-    smoke = tc.steps < SMOKE_RUN["steps"]
-    episodes = {kind: SMOKE_RUN["episodes"] if smoke else n for kind, n in PROTOCOL_EPISODES.items()}
-    tc = dataclasses.replace(tc, warmup=tc.steps // 20 if tc.warmup is None else tc.warmup,
-                             eval_episodes=tc.eval_episodes or episodes["eval"],
-                             test_episodes=tc.test_episodes or episodes["test"])
+    tc = dataclasses.replace(tc, warmup=tc.steps // 20 if tc.warmup is None else tc.warmup)
     try:
         model = dataclasses.replace(cfg.model, rule=tc.rule, d_in=task.d_in, d_out=task.d_out,
                                     max_len=task.seq_len, image_shape=task.image_shape)
@@ -194,10 +200,20 @@ def pick_device(name: str) -> torch.device:
         raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from err
 
 
+def set_cpu_threads(tc: TrainConfig, device: torch.device) -> None:
+    """On a CPU, PyTorch's default of one thread per core makes every small operation wait for all of
+    them. Measured on 2 cores (copy and cue_reward, d_model 64): 2 threads were up to 1.9x faster than 1
+    on an idle machine, but 4-40x slower while another program kept one core busy. Half the cores
+    leaves that headroom."""
+    if device.type == "cpu":
+        torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // 2))
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''})"
 
 
 def check_memory(cfg: RunConfig, task, device: torch.device) -> None:
@@ -444,9 +460,8 @@ def final_test(model, task, tc: TrainConfig, device, run_dir: str) -> dict:
 
 def protocol_note(test_episodes: int) -> str:
     """What a test on fewer episodes than the protocol's says about itself, wherever it is printed."""
-    if test_episodes >= PROTOCOL_EPISODES["test"]:
-        return ""
-    return f" (not the protocol's {PROTOCOL_EPISODES['test']}: --test-episodes {PROTOCOL_EPISODES['test']} for results to report)"
+    protocol = PROTOCOL_EPISODES["test_episodes"]
+    return "" if test_episodes >= protocol else f" (not the protocol's {protocol}: --test-episodes {protocol} for results to report)"
 
 
 def make_optimizer(model, tc: TrainConfig, graphed: bool):
@@ -557,8 +572,8 @@ def cpu_hint(tc: TrainConfig, model_cfg: Config, ms_per_step: float) -> str:
     steps = max(20, int(float(f"{CPU_HINT['seconds'] * 1000 / ms_per_step:.1g}")))  # one significant digit
     smaller = "".join(f" --{k.replace('_', '-')} {v}" for k, v in CPU_HINT["model"].items()
                       if getattr(model_cfg, k) > v)
-    return (f"hint: the {tc.steps} steps would take about {format_time(tc.steps * ms_per_step / 1000)} on this CPU; "
-            f"--steps {steps}{smaller} finishes in minutes (the defaults are sized for a GPU)")
+    return (f"hint: at this speed the {tc.steps} steps take about {format_time(tc.steps * ms_per_step / 1000)} on "
+            f"this CPU; --steps {steps}{smaller} takes 5 minutes or less (the task defaults are sized for a GPU)")
 
 
 def train(cfg: RunConfig) -> dict:
@@ -570,6 +585,7 @@ def train(cfg: RunConfig) -> dict:
     cfg = resolve(cfg, task)
     tc, model_cfg = cfg.train, cfg.model
     device = pick_device(tc.device)
+    set_cpu_threads(tc, device)
     run_dir = run_folder(tc, task.name)
     checkpoint_path, best_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "best.pt")
     config = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as config.json holds it; plain, for weights_only=True
@@ -599,6 +615,9 @@ def train(cfg: RunConfig) -> dict:
     unit = sequence_unit(task)
     print(f"{task.name}, rule {model_cfg.rule}: {model.num_params():,} parameters, {tc.steps} steps "
           f"of {tc.batch_size} {unit} on {device_name(device)}; writing {run_dir}", flush=True)
+    if is_smoke_run(tc):
+        print(f"a smoke run (under {SMOKE_RUN['steps']} steps): it shows that everything works, not a result; options "
+              f"not given take smaller values ({', '.join(f'{k} {v}' for k, v in SMOKE_RUN.items() if k != 'steps')})")
 
     def save(path, **extra):  # model, step and config; checkpoint.pt also optimizer, best, RNG states
         save_checkpoint(path, dict(model=model.state_dict(), step=step, config=config, **extra))
@@ -730,6 +749,7 @@ def bench(cfg: RunConfig, timed_steps: int = 20) -> list[dict]:
     for rule in RULES:
         run = resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rule=rule)), task)
         tc, device = run.train, pick_device(run.train.device)
+        set_cpu_threads(tc, device)
         if device.type == "cuda":  # peak memory of everything this rule allocates, the graph's pool included
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
