@@ -392,19 +392,20 @@ def test_bench_times_every_rule(tmp_path, capsys):
 
 
 def tiny_argv(out_dir, *options) -> list[str]:
-    """The command line of tiny() for train.main."""
-    return ["--task", "copy", "--rule", "hebbian", "--seq-len", "2", "--delay", "1", "--n-layer", "2", "--n-head", "2",
+    """The command line of tiny() for train.main, with the static rule: the quickest, and these tests are about
+    the run, not the rule."""
+    return ["--task", "copy", "--rule", "none", "--seq-len", "2", "--delay", "1", "--n-layer", "2", "--n-head", "2",
             "--d-model", "16", "--batch-size", "4", "--eval-episodes", "4", "--test-episodes", "8", "--device", "cpu",
             "--out-dir", str(out_dir), *options]
 
 
 @pytest.mark.train
 def test_progress_lines_come_after_the_first_step_then_by_steps_or_seconds(tmp_path):
-    train.train(tiny(tmp_path / "by_steps", steps=5, log_interval=100, log_seconds=1000.0, eval_interval=100))
-    logged = [r["step"] for r in train.read_log(tmp_path / "by_steps/copy-hebbian") if r["split"] == "train"]
+    train.train(tiny(tmp_path / "by_steps", rule="none", steps=5, log_interval=100, log_seconds=1000.0, eval_interval=100))
+    logged = [r["step"] for r in train.read_log(tmp_path / "by_steps/copy-none") if r["split"] == "train"]
     assert logged == [1, 5], f"a line after the first step and one at the last (validation) step, got {logged}"
-    train.train(tiny(tmp_path / "by_time", steps=5, log_interval=100, log_seconds=1e-9, eval_interval=100))
-    logged = [r["step"] for r in train.read_log(tmp_path / "by_time/copy-hebbian") if r["split"] == "train"]
+    train.train(tiny(tmp_path / "by_time", rule="none", steps=5, log_interval=100, log_seconds=1e-9, eval_interval=100))
+    logged = [r["step"] for r in train.read_log(tmp_path / "by_time/copy-none") if r["split"] == "train"]
     assert logged == [1, 2, 3, 4, 5], f"log_seconds passed at every step, so every step should log, got {logged}"
 
 
@@ -413,7 +414,7 @@ def test_a_long_cpu_run_prints_one_hint_with_settings_that_finish_in_minutes(tmp
     hint = train.cpu_hint(TrainConfig(steps=4000), Config(d_model=128, n_layer=4), ms_per_step=700.0)
     assert "--steps 400 --d-model 64 --n-layer 2" in hint, f"300 s at 700 ms/step is ~430 steps, and a smaller model: {hint}"
     monkeypatch.setitem(train.CPU_HINT, "minutes", 0)  # every run counts as long
-    train.train(tiny(tmp_path))
+    train.train(tiny(tmp_path, rule="none"))
     hints = [line for line in capsys.readouterr().out.splitlines() if line.startswith("hint:")]
     assert len(hints) == 1 and "--steps" in hints[0], f"one hint on the CPU, not one per progress line: {hints}"
 
@@ -461,22 +462,22 @@ def test_cli_non_finite_or_negative_numbers_exit_2_with_one_sentence(tmp_path, c
 
 @pytest.mark.train
 def test_an_existing_run_is_refused_unless_resumed_or_overwritten(tmp_path):
-    train.train(tiny(tmp_path, steps=2))
-    run_dir = tmp_path / "copy-hebbian"
+    train.train(tiny(tmp_path, rule="none", steps=2))
+    run_dir = tmp_path / "copy-none"
     before = {name: (run_dir / name).read_bytes() for name in RUN_FILES}
     with pytest.raises(train.UsageError, match="holds a finished run already; continue it with --resume, replace it with --overwrite"):
-        train.train(tiny(tmp_path, steps=2, seed=1))
+        train.train(tiny(tmp_path, rule="none", steps=2, seed=1))
     assert all((run_dir / name).read_bytes() == data for name, data in before.items()), "a refused run must change no file"
     with pytest.raises(train.UsageError, match="choose one"):
-        train.train(tiny(tmp_path, steps=2, resume=True, overwrite=True))
-    train.train(tiny(tmp_path, steps=2, seed=1, overwrite=True))
+        train.train(tiny(tmp_path, rule="none", steps=2, resume=True, overwrite=True))
+    train.train(tiny(tmp_path, rule="none", steps=2, seed=1, overwrite=True))
     assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == 1, "--overwrite replaces the run"
 
 
 @pytest.mark.train
 def test_refused_options_leave_the_run_folder_as_it_was(tmp_path, capsys):
     assert train.main(tiny_argv(tmp_path, "--steps", "2")) == 0
-    run_dir = tmp_path / "copy-hebbian"
+    run_dir = tmp_path / "copy-none"
     before = {name: (run_dir / name).read_bytes() for name in RUN_FILES}
     refused = {"a resume with another model": tiny_argv(tmp_path, "--steps", "4", "--resume", "--d-model", "32"),
                "--lr nan": tiny_argv(tmp_path, "--steps", "4", "--resume", "--lr", "nan")}
@@ -533,11 +534,11 @@ def test_sigterm_saves_the_current_step_and_resume_reaches_the_uninterrupted_par
     error = capsys.readouterr().err.strip()
     assert "stopped at step 4 of 6" in error and error.endswith(" --resume") and "\n" not in error, \
         f"one line saying where it stopped and how to resume: {error!r}"
-    assert torch.load(tmp_path / "stopped/copy-hebbian/checkpoint.pt", weights_only=True)["step"] == 4, \
+    assert torch.load(tmp_path / "stopped/copy-none/checkpoint.pt", weights_only=True)["step"] == 4, \
         "the checkpoint should hold the step the signal came in"
     monkeypatch.setattr(train, "learning_rate", learning_rate)
     assert train.main(argv + ["--resume"]) == 0, "the resume should finish the run"
-    a, b = (torch.load(tmp_path / f"{run}/copy-hebbian/checkpoint.pt", weights_only=True) for run in ("straight", "stopped"))
+    a, b = (torch.load(tmp_path / f"{run}/copy-none/checkpoint.pt", weights_only=True) for run in ("straight", "stopped"))
     different = [name for name in a["model"] if not torch.equal(a["model"][name], b["model"][name])]
     assert not different, f"4 steps + SIGTERM + resume + 2 steps differ from 6 straight steps in {different}"
 
@@ -552,8 +553,8 @@ def test_checkpoints_also_follow_the_clock(tmp_path, monkeypatch):
         return learning_rate(step, tc)
     monkeypatch.setattr(train, "learning_rate", killed_at_step_4)
     with pytest.raises(Interrupted):  # a kill -9 with no chance to save: only the clock's checkpoints remain
-        train.train(tiny(tmp_path, steps=6, eval_interval=100, log_interval=1, checkpoint_minutes=1e-9))
-    checkpoint = torch.load(tmp_path / "copy-hebbian/checkpoint.pt", weights_only=True)
+        train.train(tiny(tmp_path, rule="none", steps=6, eval_interval=100, log_interval=1, checkpoint_minutes=1e-9))
+    checkpoint = torch.load(tmp_path / "copy-none/checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 3, f"every log line was due a checkpoint, so step 3's should be there, not {checkpoint['step']}"
 
 
@@ -572,11 +573,11 @@ def test_ctrl_c_in_a_running_train_py_saves_and_says_how_to_resume(tmp_path):
     last = error.strip().splitlines()[-1] if error.strip() else ""
     assert len(error.strip().splitlines()) == 1 and "stopped at step" in last and last.endswith("--resume"), \
         f"one line saying where it stopped and the command that resumes it: {error!r}"
-    step = torch.load(tmp_path / "copy-hebbian/checkpoint.pt", weights_only=True)["step"]
+    step = torch.load(tmp_path / "copy-none/checkpoint.pt", weights_only=True)["step"]
     assert train.main(argv[:-4] + ["--steps", str(step + 2), "--eval-interval", "100000", "--resume"]) == 0, \
         "--resume should continue from the saved step and finish"
-    logged = [r["step"] for r in train.read_log(tmp_path / "copy-hebbian") if r["split"] == "train"]
-    assert logged[-1] == step + 2 and (tmp_path / "copy-hebbian/results.json").is_file(), f"resumed to the end: {logged}"
+    logged = [r["step"] for r in train.read_log(tmp_path / "copy-none") if r["split"] == "train"]
+    assert logged[-1] == step + 2 and (tmp_path / "copy-none/results.json").is_file(), f"resumed to the end: {logged}"
 
 
 @pytest.mark.train
