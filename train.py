@@ -223,8 +223,10 @@ def check_memory(cfg: RunConfig, task, device: torch.device) -> None:
     free = memory.free_bytes(device)
     need = memory.step_bytes(cfg.model, task, cfg.train.batch_size, device) if free is not None else 0
     if free is not None and need > free:
+        fits = int(0.8 * cfg.train.batch_size * free / need)  # a margin for the estimate; parameters are a small share
         raise UsageError(f"one training step needs about {need / 2**30:.1f} GiB ({cfg.train.batch_size} sequences of "
-                         f"{task.seq_len} tokens), but the {device.type} has {free / 2**30:.1f} GiB free; {memory.REMEDY}.")
+                         f"{task.seq_len} tokens), but the {device.type} has {free / 2**30:.1f} GiB free; {memory.REMEDY}"
+                         + (f" (--batch-size {fits} would fit with a margin)." if fits else "."))
 
 
 def run_folder(tc: TrainConfig, task_name: str) -> str:
@@ -571,7 +573,9 @@ CPU_HINT = dict(minutes=10, seconds=300, model=dict(d_model=64, n_layer=2))  # r
 
 def cpu_hint(tc: TrainConfig, model_cfg: Config, ms_per_step: float) -> str:
     """On a CPU, options that finish in minutes where the run as asked would take long."""
-    steps = max(20, int(float(f"{CPU_HINT['seconds'] * 1000 / ms_per_step:.1g}")))  # one significant digit
+    fit = CPU_HINT["seconds"] * 1000 / ms_per_step
+    unit = 10 ** max(0, math.floor(math.log10(fit)) - 1)
+    steps = max(20, int(fit // unit * unit))  # rounded down to two significant digits
     smaller = "".join(f" --{k.replace('_', '-')} {v}" for k, v in CPU_HINT["model"].items()
                       if getattr(model_cfg, k) > v)
     return (f"hint: at this speed the {tc.steps} steps take about {format_time(tc.steps * ms_per_step / 1000)} on "
