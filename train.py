@@ -887,7 +887,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
         if section == "model":  # sizes left unset take the task's default (TrainConfig's None: resolve())
             given |= {k: task_defaults[k] for k, v in given.items() if v is None and k in task_defaults}
-        check_numbers(given)
+        check_numbers(given)  # before the dataclass checks its own fields: Config(n_head=0) would divide by zero
         try:
             sections[section] = cls(**given)
         except ValueError as err:
@@ -917,7 +917,7 @@ def main(argv=None) -> int:
         print(f"train.py: {err}{how}", file=sys.stderr)
         return 128 + err.signum
     except KeyboardInterrupt:
-        print("train.py: stopped by Ctrl-C while setting up a run; nothing of it was saved.", file=sys.stderr)
+        print("train.py: stopped by Ctrl-C before training began; nothing of this run was saved.", file=sys.stderr)
         return 128 + signal.SIGINT
     return 0
 
