@@ -562,7 +562,8 @@ def test_checkpoints_also_follow_the_clock(tmp_path, monkeypatch):
 def test_ctrl_c_in_a_running_train_py_saves_and_says_how_to_resume(tmp_path):
     argv = tiny_argv(tmp_path, "--steps", "100000", "--log-interval", "100000", "--eval-interval", "100000")
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    with subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, env=env, text=True,
+    as_in_a_terminal = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # not ignored, even if pytest runs in the background
+    with subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, env=env, text=True, preexec_fn=as_in_a_terminal,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) as running:
         for line in running.stdout:  # the first progress line comes after the first step
             if line.startswith("step 1/"):

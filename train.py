@@ -550,8 +550,9 @@ class StopOnSignal:
         self.checkpoint_path, self.signum, self.at_once, self.previous = checkpoint_path, None, None, {}
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+        if threading.current_thread() is threading.main_thread():  # a signal ignored by who started us stays ignored
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGINT, signal.SIGTERM)
+                             if signal.getsignal(signum) is not signal.SIG_IGN}
         return self
 
     def handle(self, signum, frame):
