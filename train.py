@@ -250,8 +250,8 @@ def refuse_to_replace(tc: TrainConfig, run_dir: str) -> None:
         raise UsageError("--resume continues the run in its folder and --overwrite replaces it; choose one.")
     state = run_state(run_dir)
     if state and not tc.resume and not tc.overwrite:
-        raise UsageError(f"{run_dir} holds a {state} run already; continue it with --resume, replace it with "
-                         f"--overwrite, or choose another --out-dir.")
+        raise UsageError(f"{run_dir} holds {'a finished' if state == 'finished' else 'an unfinished'} run already; "
+                         f"continue it with --resume, replace it with --overwrite, or choose another --out-dir.")
 
 
 def make_run_dir(tc: TrainConfig, run_dir: str) -> None:
@@ -302,8 +302,8 @@ def load_checkpoint(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UsageError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
-                         "delete it or run without --resume.") from err
+        raise UsageError(f"{path} is not a readable checkpoint ({type(err).__name__}); start the run again "
+                         "with --overwrite instead of --resume.") from err
 
 
 def check_same_config(saved: dict, current: dict, path: str) -> None:
