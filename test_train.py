@@ -592,7 +592,8 @@ def test_report_reads_train_py_default_layout_and_has_help(tmp_path, capsys):
             knockout_mean=None if rule == "none" else 0.6, knockout_ci95=0.01)))
     assert report.main([str(tmp_path / "runs")]) == 0, "report.py should read runs/<task>-<rule>/"
     table = capsys.readouterr().out
-    assert "### runs" in table and "| - | copy | 0.5 ± 0.01;" in table and "knock-out 0.6" in table, table
+    assert "### runs" in table and "| - | copy | 0.5 ± 0.01;" in table and "knock-out 0.6" in table, \
+        f"runs/<task>-<rule>/ should be experiment 'runs', setting '-', one row per task:\n{table}"
     assert report.main([str(tmp_path)]) == 0 and "### runs" in capsys.readouterr().out, "any depth above the runs works"
     with pytest.raises(SystemExit) as done:
         report.main(["--help"])
