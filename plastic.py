@@ -35,6 +35,7 @@ RULES = ("none", "hebbian", "gradient")
 # a descent step on the inner loss (a positive A climbs it, and the outputs run away).
 COEF_INITS = {"positive": (0.0, 1.0), "negative": (-1.0, 0.0), "symmetric": (-1.0, 1.0)}  # A ~ U[low, high]
 RULE_COEF_INIT = {"hebbian": "positive", "gradient": "negative"}
+INITS = ("torch", "gpt2")  # the slow weights' initialisation: PlasticGPT._init_weights
 
 
 @dataclass
@@ -78,8 +79,8 @@ class Config:
             raise ValueError(f"fast_form must be 'dense' or 'factored', got {self.fast_form!r}.")
         if self.coef_init is not None and self.coef_init not in COEF_INITS:
             raise ValueError(f"coef_init must be one of {', '.join(COEF_INITS)} (or None), got {self.coef_init!r}.")
-        if self.init not in ("torch", "gpt2"):
-            raise ValueError(f"init must be 'torch' or 'gpt2', got {self.init!r}.")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}.")
         if self.image_shape is not None:
             self.image_shape = tuple(self.image_shape)
             if len(self.image_shape) != 3 or min(self.image_shape[1:]) < 16:

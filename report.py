@@ -1,18 +1,24 @@
 """
-Turn the run folders under results/ into the README's tables and plots.
+Turn run folders into the README's tables and plots.
 
     python report.py results          # prints the markdown tables; writes results/window-*.png
+    python report.py runs             # train.py's default output: runs/<task>-<rule>/
 
-Every run leaves results/<experiment>/<setting>/seed<k>/<task>-<rule>/results.json (train.py's
---out-dir is results/<experiment>/<setting>/seed<k>). Runs of one experiment, setting, task and rule
+Every finished run leaves a results.json in its folder, at any depth below the folder given. The
+folders above a run name it: the first is the experiment, the rest the setting, and a last one
+named seed<k> the seed, as in results/<experiment>/<setting>/seed<k>/<task>-<rule>/ (train.py's
+--out-dir is results/<experiment>/<setting>/seed<k>); a run directly below the folder given (runs/)
+belongs to an experiment named after that folder. Runs of one experiment, setting, task and rule
 that differ only by seed are one row: the mean over seeds of each run's test metric, and the 95%
 confidence interval of that mean (t distribution over seeds; with one seed, the run's own interval
 over its test episodes). The knock-out column is the same test with plasticity off (eta = 0).
 """
 
+import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections import defaultdict
 
@@ -26,12 +32,15 @@ def load_runs(root):
     for folder, _, files in sorted(os.walk(root)):
         if "results.json" not in files:
             continue
-        parts = os.path.relpath(folder, root).split(os.sep)  # experiment, setting, seed<k>, task-rule
-        if len(parts) != 4:
-            continue
+        above = os.path.relpath(os.path.dirname(os.path.abspath(folder)), os.path.abspath(root)).split(os.sep)
+        above = [part for part in above if part not in (".", "..")]  # the folders between root and the run
+        if above and re.fullmatch(r"seed\d+", above[-1]):
+            above = above[:-1]
+        experiment = above[0] if above else os.path.basename(os.path.abspath(root))
+        setting = "/".join(above[1:]) or "-"
         with open(os.path.join(folder, "results.json")) as f:
             result = json.load(f)
-        runs[(parts[0], parts[1], result["task"], result["rule"])].append(result)
+        runs[(experiment, setting, result["task"], result["rule"])].append(result)
     return runs
 
 
@@ -113,10 +122,15 @@ def window_plots(runs, root):
         plt.close(fig)
 
 
-def main(root="results"):
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Print the markdown tables of every finished run below a folder "
+                                                 "(and write <folder>/window-<task>.png for an experiment named window).")
+    parser.add_argument("folder", nargs="?", default="results",
+                        help="a folder holding run folders (each with a results.json) at any depth (default: results)")
+    root = parser.parse_args(argv).folder
     runs = load_runs(root)
     if not runs:
-        print(f"report.py: no results.json under {root}/<experiment>/<setting>/seed<k>/<task>-<rule>/", file=sys.stderr)
+        print(f"report.py: no finished run (a folder with results.json) below {root}.", file=sys.stderr)
         return 2
     print(tables(runs))
     window_plots(runs, root)
@@ -124,4 +138,4 @@ def main(root="results"):
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:2]))
+    sys.exit(main())

@@ -420,6 +420,12 @@ def fetch(folder: Path, files: dict) -> list[Path]:
     return [folder / name for name in files]
 
 
+def read_cache(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz cache, read in full, so that a damaged file fails here (its zip CRC)."""
+    with np.load(path) as stored:
+        return {key: stored[key] for key in stored.files}
+
+
 def load_dataset(name, folder: Path, files: dict, decode) -> dict[str, np.ndarray]:
     """The arrays `decode(*archives)` returns, from the cache when these exact archives were decoded before."""
     archives = fetch(folder, files)
@@ -427,12 +433,16 @@ def load_dataset(name, folder: Path, files: dict, decode) -> dict[str, np.ndarra
                               for path in archives]).encode()).hexdigest()[:10]
     cache = cache_folder(folder) / f"{name}_v{CACHE_VERSION}_{stamp}.npz"
     if cache.exists():
-        with np.load(cache) as stored:
-            return {key: stored[key] for key in stored.files}
+        try:
+            return read_cache(cache)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # truncated, or bytes changed
+            cache.unlink()
+            print(f"the cache {cache} was damaged ({error}), so it was deleted; decoding the archives again")
     start = time.time()
     for path in archives:                                            # placed by hand: md5 reported, not required
         found, published = md5sum(path), files[path.name][1]
-        verdict = "the published md5" if found == published else f"published {published}; checked by structure"
+        verdict = ("the published md5" if found == published else
+                   "not the published one, as expected of a re-packed copy: its contents are checked instead")
         print(f"decoding {path} (md5 {found}, {verdict})")
     arrays = decode(*archives)
     cache.parent.mkdir(parents=True, exist_ok=True)

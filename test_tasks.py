@@ -439,6 +439,32 @@ def test_omniglot_decodes_with_bright_strokes_and_caches(tiny_omniglot, monkeypa
 
 
 @pytest.mark.data
+def test_a_damaged_cache_is_named_deleted_and_rebuilt(tiny_omniglot, capsys):
+    data = tasks.load_omniglot(tiny_omniglot)
+    [cache] = (tiny_omniglot / "omniglot").glob("omniglot_28px_v*.npz")
+    flipped = lambda b: b[:len(b) // 2] + bytes(255 - x for x in b[len(b) // 2:len(b) // 2 + 64]) + b[len(b) // 2 + 64:]
+    damages = {"truncated": lambda b: b[:len(b) // 2], "bytes changed": flipped}
+    for damage, change in damages.items():
+        cache.write_bytes(change(cache.read_bytes()))
+        capsys.readouterr()
+        again = tasks.load_omniglot(tiny_omniglot)
+        said = [line for line in capsys.readouterr().out.splitlines() if "was damaged" in line]
+        assert len(said) == 1 and str(cache) in said[0] and "deleted" in said[0], \
+            f"{damage}: one line must name the damaged cache and say it was deleted, got {said}"
+        assert all(np.array_equal(data[k], again[k]) for k in data), f"{damage}: the archives must be decoded again"
+        assert set(tasks.read_cache(cache)) == set(data), f"{damage}: the rebuilt cache must be whole again"
+
+
+@pytest.mark.data
+def test_a_hand_placed_archive_with_another_md5_is_reported_calmly(tiny_omniglot, capsys):
+    tasks.load_omniglot(tiny_omniglot)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("decoding")]
+    assert len(lines) == 2 and all("checked" in line for line in lines), f"each archive's line says it is checked: {lines}"
+    alarming = [line for line in lines if any(word in line.lower() for word in ("mismatch", "error", "warning", "fail"))]
+    assert not alarming, f"an md5 other than the published one is expected for a copy and must not alarm: {alarming}"
+
+
+@pytest.mark.data
 def test_omniglot_task_end_to_end_on_tiny_archives(tiny_omniglot):
     task = make_task("omniglot", data_dir=str(tiny_omniglot), way=2, shot=1, query=2)
     assert {s: len(v) for s, v in task.class_names.items()} == {"train": 8, "val": 2, "test": 2}, \

@@ -12,6 +12,7 @@ or the network.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -19,6 +20,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import tasks
 import train
@@ -99,7 +101,7 @@ def test_every_task_and_rule_trains_and_writes_every_output(tmp_path, offline, t
     assert {"model", "optimizer", "step", "config", "rng"} <= checkpoint.keys() and checkpoint["step"] == 4, \
         f"checkpoint.pt should hold model, optimizer, step 4, config and RNG states, has {sorted(checkpoint)}"
     log = train.read_log(run_dir)
-    assert [r["step"] for r in log if r["split"] == "train"] == [2, 4], "one train log line per interval"
+    assert [r["step"] for r in log if r["split"] == "train"] == [1, 2, 4], "a log line after step 1, then one per interval"
     assert [r["step"] for r in log if r["split"] == "val"] == [2, 4], "one validation per eval interval"
     if rule != "none":
         rows = (run_dir / "modulation.csv").read_text().splitlines()
@@ -162,9 +164,9 @@ def test_learning_rate_warms_up_then_decays_by_cosine():
 @pytest.mark.train
 def test_task_defaults_fill_only_what_was_not_given(tmp_path):
     task = tasks.make_task("copy")
-    cfg = train.resolve(RunConfig(train=TrainConfig(steps=7), task=TaskConfig("copy")), task)
+    cfg = train.resolve(RunConfig(train=TrainConfig(steps=700), task=TaskConfig("copy")), task)
     defaults = train.TASK_DEFAULTS["copy"]
-    assert cfg.train.steps == 7, "an explicit value must win over the task's default"
+    assert cfg.train.steps == 700, "an explicit value must win over the task's default"
     assert (cfg.train.batch_size, cfg.train.lr) == (defaults["batch_size"], defaults["lr"])
     assert (cfg.model.d_in, cfg.model.d_out, cfg.model.max_len) == (task.d_in, task.d_out, task.seq_len)
 
@@ -381,7 +383,7 @@ def test_cli_is_built_from_the_dataclasses():
         assert flag in help_text, f"--help lacks {flag}"
     assert "--d-in" not in help_text and "--image-shape" not in help_text, "sizes the task sets are not options"
     cfg = train.config_from_args(parser.parse_args(
-        "--task cue_reward --rule gradient --steps 7 --plastic-blocks 1 3 --no-modulation --attn-window 4 --way 3".split()))
+        "--task cue_reward --rule gradient --steps 7 --n-layer 4 --plastic-blocks 1 3 --no-modulation --attn-window 4 --way 3".split()))
     assert (cfg.task.name, cfg.train.rule, cfg.train.steps, cfg.train.batch_size) == ("cue_reward", "gradient", 7, None)
     assert (cfg.model.plastic_blocks, cfg.model.modulation, cfg.model.attn_window, cfg.task.way) == ((1, 3), False, 4, 3)
 
@@ -551,3 +553,227 @@ def test_evaluate_scores_each_episode_alone_whatever_the_batch_size(monkeypatch)
     assert torch.allclose(alone, together, atol=1e-6), f"per-episode scores depend on the batch size: {alone} vs {together}"
     for key in ("eta", "fast_norm"):
         assert torch.allclose(alone_trace[key], together_trace[key], rtol=1e-4), f"the {key} trace depends on the batch size"
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress, interruptions, run folders and mistakes: nothing is lost, every error is one sentence
+
+
+def tiny_argv(out_dir, *options) -> list[str]:
+    """The command line of tiny() for train.main, with the static rule: the quickest, and these tests are about
+    the run, not the rule."""
+    return ["--task", "copy", "--rule", "none", "--seq-len", "2", "--delay", "1", "--n-layer", "2", "--n-head", "2",
+            "--d-model", "16", "--batch-size", "4", "--eval-episodes", "4", "--test-episodes", "8", "--device", "cpu",
+            "--out-dir", str(out_dir), *options]
+
+
+@pytest.mark.train
+def test_progress_lines_come_after_the_first_step_then_by_steps_or_seconds(tmp_path):
+    train.train(tiny(tmp_path / "by_steps", rule="none", steps=5, log_interval=100, log_seconds=1000.0, eval_interval=100))
+    logged = [r["step"] for r in train.read_log(tmp_path / "by_steps/copy-none") if r["split"] == "train"]
+    assert logged == [1, 5], f"a line after the first step and one at the last (validation) step, got {logged}"
+    train.train(tiny(tmp_path / "by_time", rule="none", steps=5, log_interval=100, log_seconds=1e-9, eval_interval=100))
+    logged = [r["step"] for r in train.read_log(tmp_path / "by_time/copy-none") if r["split"] == "train"]
+    assert logged == [1, 2, 3, 4, 5], f"log_seconds passed at every step, so every step should log, got {logged}"
+
+
+@pytest.mark.train
+def test_a_long_cpu_run_prints_one_hint_with_settings_that_finish_in_minutes(tmp_path, monkeypatch, capsys):
+    hint = train.cpu_hint(TrainConfig(steps=4000), Config(d_model=128, n_layer=4), ms_per_step=700.0)
+    assert "--steps 420 --d-model 64 --n-layer 2" in hint, f"300 s at 700 ms/step is 428 steps, rounded down: {hint}"
+    monkeypatch.setitem(train.CPU_HINT, "minutes", 0)  # every run counts as long
+    train.train(tiny(tmp_path, rule="none"))
+    hints = [line for line in capsys.readouterr().out.splitlines() if line.startswith("hint:")]
+    assert len(hints) == 1 and "--steps" in hints[0], f"one hint on the CPU, not one per progress line: {hints}"
+
+
+@pytest.mark.train
+def test_smoke_runs_take_smaller_batches_and_fewer_episodes_and_say_so():
+    task = tasks.make_task("copy")
+    smoke = train.resolve(RunConfig(train=TrainConfig(steps=20), task=TaskConfig("copy")), task).train
+    assert (smoke.batch_size, smoke.eval_episodes, smoke.test_episodes) == (16, 100, 100), \
+        "a run of under 100 steps is a smoke run: batch 16, 100 validation and test episodes"
+    real = train.resolve(RunConfig(train=TrainConfig(steps=100), task=TaskConfig("copy")), task).train
+    assert (real.batch_size, real.eval_episodes, real.test_episodes) == (64, 500, 1000), \
+        "other runs take the task's batch and the protocol's episodes: 1,000 test episodes"
+    given = train.resolve(RunConfig(train=TrainConfig(steps=20, batch_size=64, test_episodes=1000), task=TaskConfig("copy")), task)
+    assert (given.train.batch_size, given.train.test_episodes) == (64, 1000), "options given explicitly win"
+    assert "1000" in train.protocol_note(100) and train.protocol_note(1000) == "", \
+        "a test on fewer episodes than the protocol's must say so"
+
+
+@pytest.mark.cli
+def test_cli_task_defaults_and_choices_are_in_help_and_fill_the_model():
+    help_text = " ".join(train.build_parser().format_help().split())
+    for shown in ("2000 for copy, regression, cue_reward; 4000 for omniglot, cifar_fs", "64 for every task",
+                  "64 for copy, regression, cue_reward; 128 for omniglot, cifar_fs",
+                  "0.01 for copy; 0.1 for regression, cue_reward, omniglot, cifar_fs",
+                  "{factored,dense}", "{positive,negative,symmetric}", "{torch,gpt2}", "{linear,mlp}"):
+        assert shown in help_text, f"--help should show {shown!r}"
+    parse = lambda line: train.config_from_args(train.build_parser().parse_args(line.split()))
+    for task in tasks.TASKS:
+        model = parse(f"--task {task}").model
+        expected = tuple(train.TASK_DEFAULTS[task][k] for k in ("d_model", "n_layer", "decay"))
+        assert (model.d_model, model.n_layer, model.decay) == expected, f"{task}: the model should have the task's size and decay {expected}"
+    assert parse("--task copy --d-model 96").model.d_model == 96, "an explicit --d-model wins over the task's default"
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("option, value", [("--lr", "nan"), ("--lr", "-1"), ("--lr", "0"), ("--eta", "inf"),
+                                           ("--decay", "-0.1"), ("--n-head", "0"), ("--dropout", "1.5"), ("--steps", "-5")])
+def test_cli_non_finite_or_negative_numbers_exit_2_with_one_sentence(tmp_path, capsys, option, value):
+    code = train.main(tiny_argv(tmp_path, "--steps", "2", option, value))
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and error.startswith(f"train.py: {option} must be") and "\n" not in error, \
+        f"{option} {value}: expected exit 2 and one sentence naming {option}, got {code}: {error!r}"
+    assert not any(tmp_path.iterdir()), "nothing may be written for a mistaken command line"
+
+
+@pytest.mark.train
+def test_an_existing_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    train.train(tiny(tmp_path, rule="none", steps=2))
+    run_dir = tmp_path / "copy-none"
+    before = {name: (run_dir / name).read_bytes() for name in RUN_FILES}
+    with pytest.raises(train.UsageError, match="holds a finished run already; continue it with --resume, replace it with --overwrite"):
+        train.train(tiny(tmp_path, rule="none", steps=2, seed=1))
+    assert all((run_dir / name).read_bytes() == data for name, data in before.items()), "a refused run must change no file"
+    with pytest.raises(train.UsageError, match="choose one"):
+        train.train(tiny(tmp_path, rule="none", steps=2, resume=True, overwrite=True))
+    train.train(tiny(tmp_path, rule="none", steps=2, seed=1, overwrite=True))
+    assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == 1, "--overwrite replaces the run"
+
+
+@pytest.mark.train
+def test_refused_options_leave_the_run_folder_as_it_was(tmp_path, capsys):
+    assert train.main(tiny_argv(tmp_path, "--steps", "2")) == 0
+    run_dir = tmp_path / "copy-none"
+    before = {name: (run_dir / name).read_bytes() for name in RUN_FILES}
+    refused = {"a resume with another model": tiny_argv(tmp_path, "--steps", "4", "--resume", "--d-model", "32"),
+               "--lr nan": tiny_argv(tmp_path, "--steps", "4", "--resume", "--lr", "nan")}
+    for what, argv in refused.items():
+        assert train.main(argv) == 2, f"{what} should be refused with exit 2"
+        changed = [name for name, data in before.items() if (run_dir / name).read_bytes() != data]
+        assert not changed, f"{what} was refused, yet it changed {changed}"
+    (run_dir / "checkpoint.pt").write_bytes(b"damaged")
+    assert train.main(tiny_argv(tmp_path, "--steps", "4", "--resume")) == 2, "a damaged checkpoint should be refused"
+    assert (run_dir / "config.json").read_bytes() == before["config.json"], "a refused resume must not rewrite config.json"
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("train.py: ") for line in errors), f"one sentence each: {errors}"
+
+
+@pytest.mark.train
+def test_a_step_that_cannot_fit_in_memory_is_refused_before_it_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(train.memory, "free_bytes", lambda device: 1000)
+    with pytest.raises(train.UsageError, match=r"one training step needs about .* GiB free; lower --batch-size"):
+        train.train(tiny(tmp_path))
+    assert not (tmp_path / "copy-hebbian").exists(), "a refused run must not create its folder"
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 17.00 GiB")
+    monkeypatch.setattr(train.memory, "free_bytes", lambda device: None)  # no estimate: the first step fails
+    monkeypatch.setattr(train, "make_train_step", lambda *args: out_of_memory)
+    with pytest.raises(train.UsageError, match="ran out of memory at step 1; lower --batch-size"):
+        train.train(tiny(tmp_path))
+
+
+@pytest.mark.train
+def test_the_memory_estimate_scales_one_sequence_by_the_batch_size():
+    """memory.py assumes what autograd saves grows in proportion to the batch: checked against a real batch."""
+    task = tasks.make_task("copy", seq_len=4, delay=4)
+    cfg = Config(d_in=task.d_in, d_out=task.d_out, max_len=task.seq_len, n_layer=2, n_head=2, d_model=32, rule="gradient")
+    model = PlasticGPT(cfg)
+    one, batch = (task.sample(n, "train", "cpu", torch.Generator().manual_seed(0)) for n in (1, 16))
+    per_sequence, measured = train.memory.saved_bytes(model, one), train.memory.saved_bytes(model, batch)
+    assert measured <= 16 * per_sequence <= 1.5 * measured, \
+        f"16 x one sequence ({16 * per_sequence:,} bytes) should bound a batch of 16 ({measured:,}) from above, closely"
+
+
+@pytest.mark.train
+def test_sigterm_saves_the_current_step_and_resume_reaches_the_uninterrupted_parameters(tmp_path, monkeypatch, capsys):
+    argv = tiny_argv(tmp_path / "stopped", "--steps", "6", "--eval-interval", "100", "--log-interval", "100")
+    assert train.main(tiny_argv(tmp_path / "straight", "--steps", "6", "--eval-interval", "100")) == 0
+    learning_rate = train.learning_rate
+
+    def terminated_during_step_4(step, tc, sent=[]):  # as `kill <pid>` would, through the handler train() installed
+        if step == 4 and not sent:
+            sent.append(signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None))
+        return learning_rate(step, tc)
+    monkeypatch.setattr(train, "learning_rate", terminated_during_step_4)
+    assert train.main(argv) == 143, "SIGTERM should exit with 128 + 15"
+    error = capsys.readouterr().err.strip()
+    assert "stopped at step 4 of 6" in error and error.endswith(" --resume") and "\n" not in error, \
+        f"one line saying where it stopped and how to resume: {error!r}"
+    assert torch.load(tmp_path / "stopped/copy-none/checkpoint.pt", weights_only=True)["step"] == 4, \
+        "the checkpoint should hold the step the signal came in"
+    monkeypatch.setattr(train, "learning_rate", learning_rate)
+    assert train.main(argv + ["--resume"]) == 0, "the resume should finish the run"
+    a, b = (torch.load(tmp_path / f"{run}/copy-none/checkpoint.pt", weights_only=True) for run in ("straight", "stopped"))
+    different = [name for name in a["model"] if not torch.equal(a["model"][name], b["model"][name])]
+    assert not different, f"4 steps + SIGTERM + resume + 2 steps differ from 6 straight steps in {different}"
+
+
+@pytest.mark.train
+def test_checkpoints_also_follow_the_clock(tmp_path, monkeypatch):
+    learning_rate = train.learning_rate
+
+    def killed_at_step_4(step, tc):
+        if step == 4:
+            raise Interrupted
+        return learning_rate(step, tc)
+    monkeypatch.setattr(train, "learning_rate", killed_at_step_4)
+    with pytest.raises(Interrupted):  # a kill -9 with no chance to save: only the clock's checkpoints remain
+        train.train(tiny(tmp_path, rule="none", steps=6, eval_interval=100, log_interval=1, checkpoint_minutes=1e-9))
+    checkpoint = torch.load(tmp_path / "copy-none/checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 3, f"every log line was due a checkpoint, so step 3's should be there, not {checkpoint['step']}"
+
+
+@pytest.mark.cli
+def test_ctrl_c_in_a_running_train_py_saves_and_says_how_to_resume(tmp_path):
+    argv = tiny_argv(tmp_path, "--steps", "100000", "--log-interval", "100000", "--eval-interval", "100000")
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    as_in_a_terminal = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # not ignored, even if pytest runs in the background
+    with subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, env=env, text=True, preexec_fn=as_in_a_terminal,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as running:
+        for line in running.stdout:  # the first progress line comes after the first step
+            if line.startswith("step 1/"):
+                break
+        running.send_signal(signal.SIGINT)
+        _, error = running.communicate(timeout=60)
+    assert running.returncode == 130, f"Ctrl-C should exit with 130, got {running.returncode}: {error}"
+    last = error.strip().splitlines()[-1] if error.strip() else ""
+    assert len(error.strip().splitlines()) == 1 and "stopped at step" in last and last.endswith("--resume"), \
+        f"one line saying where it stopped and the command that resumes it: {error!r}"
+    step = torch.load(tmp_path / "copy-none/checkpoint.pt", weights_only=True)["step"]
+    assert train.main(argv[:-4] + ["--steps", str(step + 2), "--eval-interval", "100000", "--resume"]) == 0, \
+        "--resume should continue from the saved step and finish"
+    logged = [r["step"] for r in train.read_log(tmp_path / "copy-none") if r["split"] == "train"]
+    assert logged[-1] == step + 2 and (tmp_path / "copy-none/results.json").is_file(), f"resumed to the end: {logged}"
+
+
+@pytest.mark.train
+def test_report_reads_train_py_default_layout_and_has_help(tmp_path, capsys):
+    import report
+    for rule in ("none", "hebbian"):
+        folder = tmp_path / "runs" / f"copy-{rule}"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(dict(
+            task="copy", rule=rule, metric="mse", test_mean=0.5, test_ci95=0.01, params=1000, train_time_s=60.0,
+            knockout_mean=None if rule == "none" else 0.6, knockout_ci95=0.01)))
+    assert report.main([str(tmp_path / "runs")]) == 0, "report.py should read runs/<task>-<rule>/"
+    table = capsys.readouterr().out
+    assert "### runs" in table and "| - | copy | 0.5 ± 0.01;" in table and "knock-out 0.6" in table, \
+        f"runs/<task>-<rule>/ should be experiment 'runs', setting '-', one row per task:\n{table}"
+    assert report.main([str(tmp_path)]) == 0 and "### runs" in capsys.readouterr().out, "any depth above the runs works"
+    with pytest.raises(SystemExit) as done:
+        report.main(["--help"])
+    assert done.value.code == 0 and "folder" in capsys.readouterr().out, "--help prints the usage and exits 0"
+
+
+@pytest.mark.train
+def test_learning_curve_of_a_one_step_run_is_not_blank(tmp_path):
+    (tmp_path / "log.jsonl").write_text(json.dumps(dict(split="train", step=1, loss=0.5, metric=0.5)) + "\n")
+    train.plot_learning_curve(str(tmp_path), "mse", "copy, rule hebbian")
+    pixels = np.asarray(Image.open(tmp_path / "learning_curve.png").convert("RGB")).astype(int)
+    line_colour = np.array([31, 119, 180])  # matplotlib's first colour, C0
+    drawn = (np.abs(pixels - line_colour).sum(-1) < 60).sum()
+    assert drawn > 10, f"a single logged step should draw a visible marker, found {drawn} pixels of its colour"
