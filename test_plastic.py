@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from plastic import CausalSelfAttention, Config, PlasticGPT
+from plastic import CausalSelfAttention, Config, PlasticGPT, PlasticLinear
 
 RULES = ("none", "hebbian", "gradient")
 PLASTIC_RULES = ("hebbian", "gradient")
@@ -137,7 +137,7 @@ def test_torch_initialisation_has_pytorch_default_standard_deviations(rule):
     (std 1/sqrt(3 in)), the MLP's own (in, out) weights included; the position embedding N(0, 0.02)."""
     model = tiny_model(rule, d_model=64, n_head=4)
     linears = [(name, m.weight, m.bias, m.weight.shape[1]) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    linears += [(name, m.weight, m.bias, m.in_features) for name, m in model.named_modules() if type(m).__name__ == "PlasticLinear"]
+    linears += [(name, m.weight, m.bias, m.in_features) for name, m in model.named_modules() if isinstance(m, PlasticLinear)]
     assert len(linears) == 1 + 2 * 4 + 1, "expected the embedding, per block qkv, attention projection, fc and proj, and the head"
     for name, weight, bias, fan_in in linears:
         for kind, p in (("weight", weight), ("bias", bias)):
