@@ -157,7 +157,7 @@ def resolve(cfg: RunConfig, task) -> RunConfig:
     defaults = {k: v for k, v in TASK_DEFAULTS[task.name].items() if hasattr(tc, k)} | PROTOCOL_EPISODES
     tc = dataclasses.replace(tc, steps=defaults["steps"] if tc.steps is None else tc.steps)
     defaults |= SMOKE_RUN if is_smoke_run(tc) else {}
-    tc = dataclasses.replace(tc, **{k: v for k, v in defaults.items() if hasattr(tc, k) and getattr(tc, k) is None})
+    tc = dataclasses.replace(tc, **{k: v for k, v in defaults.items() if getattr(tc, k) is None})
     for section in (tc, cfg.model, cfg.task):
         check_numbers(dataclasses.asdict(section))
     tc = dataclasses.replace(tc, warmup=tc.steps // 20 if tc.warmup is None else tc.warmup)
