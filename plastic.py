@@ -35,6 +35,12 @@ RULES = ("none", "hebbian", "gradient")
 # a descent step on the inner loss (a positive A climbs it, and the outputs run away).
 COEF_INITS = {"positive": (0.0, 1.0), "negative": (-1.0, 0.0), "symmetric": (-1.0, 1.0)}  # A ~ U[low, high]
 RULE_COEF_INIT = {"hebbian": "positive", "gradient": "negative"}
+# The base rate eta per rule (README, "What makes the fast weights work"). The Hebbian update's norm is
+# hundreds per token, so the bound always acts and eta is the norm of every step. The gradient rule's
+# update is near the bound at first: at eta 1 the noise its steps add to the queries' outputs at
+# initialisation made training switch plasticity off (2 of 5 Omniglot seeds stayed at chance); at eta 0.1
+# (Duan et al.'s rate) the noise costs less than the association gains, and training raises the rate.
+RULE_ETA = {"hebbian": 1.0, "gradient": 0.1}
 INITS = ("torch", "gpt2")  # the slow weights' initialisation: PlasticGPT._init_weights
 
 
@@ -48,7 +54,7 @@ class Config:
     max_len: int = 128  # longest sequence (size of the learned position embedding)
     dropout: float = 0.0  # dropout on attention weights and residual branches
     rule: str = "hebbian"  # fast-weight rule: "none" | "hebbian" | "gradient"
-    eta: float = 1.0  # base plasticity rate (before modulation and the norm bound)
+    eta: float | None = None  # base plasticity rate (before modulation and the norm bound); None: the rule's own (hebbian 1, gradient 0.1)
     decay: float = 0.1  # base decay of the fast weights per token
     max_norm: float = 1.0  # bound on the global norm of the update direction G_t, per sequence
     fast_form: str = "factored"  # F_t as its rank-1 history ("factored": faster, less memory) or a (B, in, out) matrix ("dense")
@@ -87,6 +93,10 @@ class Config:
                 raise ValueError(f"image_shape must be (C, H, W) with H, W >= 16 for Conv4, got {self.image_shape}.")
         if min(self.d_in, self.d_out, self.n_layer, self.n_head, self.max_len) < 1 or self.max_norm <= 0:
             raise ValueError("d_in, d_out, n_layer, n_head, max_len must be positive and max_norm > 0.")
+
+    def base_rate(self):
+        """eta, or the rule's own where it is None (RULE_ETA; 0 for the static model, which has no fast weights)."""
+        return self.eta if self.eta is not None else RULE_ETA.get(self.rule, 0.0)
 
     def is_plastic(self, block_index):
         if self.rule == "none":
@@ -377,7 +387,7 @@ class PlasticGPT(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def forward(self, x, images=None, eta=None, step_by_step=False, fast_norm=True):
-        """x (B, T, d_in), images (B, T, C, H, W) or None. eta overrides config.eta (0.0: knock-out).
+        """x (B, T, d_in), images (B, T, C, H, W) or None. eta overrides the config's (0.0: knock-out).
         Returns out (B, T, d_out) and info: "eta" (B, T) the modulated rate eta_t before the bound,
         "step" (B, T) the rate after it, "update_norm" (B, T) ||G_t||, "fast_norm" (B, T) ||F_{t+1}||
         over all layers, and "fast_weights" the final F_T of every plastic layer (empty for "none").
@@ -399,7 +409,7 @@ class PlasticGPT(nn.Module):
         if self.config.rule == "none" and not step_by_step:
             out = self.head(self.ln_f(self._run_blocks(h, 0, len(self.blocks))))
             return out, self._static_info(out)
-        return self._forward_token_by_token(h, self.config.eta if eta is None else eta, fast_norm)
+        return self._forward_token_by_token(h, self.config.base_rate() if eta is None else eta, fast_norm)
 
     @staticmethod
     def _static_info(out):

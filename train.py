@@ -164,6 +164,7 @@ def resolve(cfg: RunConfig, task) -> RunConfig:
     try:
         model = dataclasses.replace(cfg.model, rule=tc.rule, d_in=task.d_in, d_out=task.d_out,
                                     max_len=task.seq_len, image_shape=task.image_shape)
+        model = dataclasses.replace(model, eta=model.base_rate())  # the rule's own where not given: config.json says which
         if tc.rule == "none" and tc.match_params:
             model = dataclasses.replace(model, d_model=matched_static_width(model))
     except ValueError as err:
