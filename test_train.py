@@ -171,6 +171,15 @@ def test_task_defaults_fill_only_what_was_not_given(tmp_path):
     assert (cfg.model.d_in, cfg.model.d_out, cfg.model.max_len) == (task.d_in, task.d_out, task.seq_len)
 
 
+@pytest.mark.train
+def test_the_rules_own_rate_is_written_into_the_config():
+    """--eta left unset: the run's config (config.json, results.json) says the rate the rule used."""
+    task = tasks.make_task("copy")
+    for rule, given, expected in (("hebbian", None, 1.0), ("gradient", None, 0.1), ("gradient", 0.3, 0.3)):
+        cfg = RunConfig(train=TrainConfig(rule=rule, steps=700), model=Config(eta=given), task=TaskConfig("copy"))
+        assert train.resolve(cfg, task).model.eta == expected, f"{rule} with --eta {given}: the config should record {expected}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints, resume, divergence
 
