@@ -237,6 +237,39 @@ def test_resume_without_a_checkpoint_or_with_other_options_is_refused(tmp_path):
 
 
 @pytest.mark.train
+def test_init_encoder_starts_from_another_runs_encoder_and_the_rest_as_without_it(tmp_path, offline):
+    """--init-encoder: the encoder's weights and batch-norm statistics are those of the given run's best.pt;
+    every other parameter is what the same seed gives without the option."""
+    train.train(tiny(tmp_path / "static", "cifar_fs", "none"))
+    source_dir = tmp_path / "static" / "cifar_fs-none"
+    source = torch.load(source_dir / "best.pt", weights_only=True)["model"]
+    task = synthetic_few_shot(TaskConfig(name="cifar_fs", **TINY_TASKS["cifar_fs"]))
+    run = train.resolve(tiny(tmp_path, "cifar_fs", "hebbian"), task)
+    started = train.build_training(run, task, torch.device("cpu"), train.read_encoder(str(source_dir), run.model))[0].state_dict()
+    fresh = train.build_training(run, task, torch.device("cpu"))[0].state_dict()
+    assert any(not torch.equal(source[k], fresh[k]) for k in fresh if k.startswith("encoder.")), "setup: the encoders should differ"
+    for name, value in started.items():
+        expected = source[name] if name.startswith("encoder.") else fresh[name]
+        assert torch.equal(value, expected), f"{name} is not {'the source run' if name.startswith('encoder.') else 'a fresh model'}'s"
+    result = train.train(tiny(tmp_path, "cifar_fs", "hebbian", init_encoder=str(source_dir)))
+    assert result["config"]["train"]["init_encoder"] == str(source_dir), "config.json should say where the encoder came from"
+
+
+@pytest.mark.train
+def test_init_encoder_refuses_a_missing_damaged_or_mismatched_source_before_writing(tmp_path, offline):
+    train.train(tiny(tmp_path / "omniglot", "omniglot", "none"))  # a 1-channel encoder
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a checkpoint")
+    for source, message in [(tmp_path / "nowhere", "there is no"), (damaged, "not a readable checkpoint"),
+                            (tmp_path / "omniglot" / "omniglot-none", "no Conv4 encoder for 3-channel images")]:
+        with pytest.raises(train.UsageError, match=message):
+            train.train(tiny(tmp_path / "out", "cifar_fs", init_encoder=str(source)))
+        assert not (tmp_path / "out" / "cifar_fs-hebbian").exists(), f"a refused --init-encoder {source} wrote a run folder"
+    with pytest.raises(train.UsageError, match="needs an image task"):
+        train.train(tiny(tmp_path / "out", "copy", init_encoder=str(damaged)))
+
+
+@pytest.mark.train
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     def task_whose_loss_breaks_at_step_5(cfg):
         task = tasks.make_task_from_config(cfg)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 import memory
-from plastic import COEF_INITS, INITS, Config, PlasticGPT
+from plastic import COEF_INITS, INITS, Config, Conv4, PlasticGPT
 from tasks import TASKS, TaskConfig, make_task_from_config
 
 RULES = ("none", "hebbian", "gradient")
@@ -97,6 +97,7 @@ class TrainConfig:
     bench: bool = False  # time training steps of each rule (none, hebbian, gradient) instead of training; print a table
     compile: bool = False  # torch.compile the model; the plastic rules' token loop compiles slowly (minutes)
     amp: bool = False  # bfloat16 autocast (CUDA only; ignored on the CPU)
+    init_encoder: str | None = None  # image tasks: a run folder (its best.pt) or checkpoint whose Conv4 encoder starts this model; the rest starts fresh
 
 
 @dataclass
@@ -308,6 +309,28 @@ def load_checkpoint(path: str) -> dict:
     except Exception as err:
         raise UsageError(f"{path} is not a readable checkpoint ({type(err).__name__}); start the run again "
                          "with --overwrite instead of --resume.") from err
+
+
+def read_encoder(path: str, model_cfg: Config) -> dict:
+    """The image encoder's weights (and batch-norm statistics) from a run folder's best.pt or a checkpoint
+    file, checked against the encoder this model builds: --init-encoder starts a model from another run's
+    features (README, "Attention window 1")."""
+    if model_cfg.image_shape is None:
+        raise UsageError("--init-encoder needs an image task (omniglot, cifar_fs): this task has no image encoder.")
+    file = os.path.join(path, "best.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise UsageError(f"--init-encoder: there is no {file}; give a run folder that holds best.pt, or a checkpoint file.")
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=True)["model"]
+    except Exception as err:
+        raise UsageError(f"--init-encoder: {file} is not a readable checkpoint ({type(err).__name__}); give a run's "
+                         "best.pt or checkpoint.pt.") from err
+    state = {name.removeprefix("encoder."): value for name, value in saved.items() if name.startswith("encoder.")}
+    built = Conv4(model_cfg.image_shape[0], model_cfg.encoder_channels).state_dict()
+    if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in built.items()}:
+        raise UsageError(f"--init-encoder: {file} holds no Conv4 encoder for {model_cfg.image_shape[0]}-channel images with "
+                         f"{model_cfg.encoder_channels} channels per block; give a run of the same task and --encoder-channels.")
+    return state
 
 
 def check_same_config(saved: dict, current: dict, path: str) -> None:
@@ -533,11 +556,16 @@ def eager_step_on_side_stream(train_step, batch, stream):
     return result
 
 
-def build_training(run: RunConfig, task, device):
-    """The model, its optimizer and its training step; graphed: the step is to be recorded as a CUDA graph."""
+def build_training(run: RunConfig, task, device, encoder=None):
+    """The model, its optimizer and its training step; graphed: the step is to be recorded as a CUDA graph.
+    encoder: read_encoder()'s weights for the image encoder, loaded over its initialisation (the rest of
+    the model is initialised as without it)."""
     tc = run.train
     torch.manual_seed(tc.seed)
-    model = PlasticGPT(run.model).to(device)
+    model = PlasticGPT(run.model)
+    if encoder is not None:
+        model.encoder.load_state_dict(encoder)
+    model = model.to(device)
     graphed = tc.cuda_graph and device.type == "cuda" and not tc.compile
     optimizer = make_optimizer(model, tc, graphed)
     forward = torch.compile(model) if tc.compile else model
@@ -606,11 +634,12 @@ def train(cfg: RunConfig) -> dict:
     if tc.resume:
         state = load_checkpoint(checkpoint_path)
         check_same_config(state["config"], config, checkpoint_path)
+    encoder = read_encoder(tc.init_encoder, model_cfg) if tc.init_encoder and state is None else None
     check_memory(cfg, task, device)
     make_run_dir(tc, run_dir)
     write_json(os.path.join(run_dir, "config.json"), config)
 
-    model, optimizer, train_step, graphed = build_training(cfg, task, device)
+    model, optimizer, train_step, graphed = build_training(cfg, task, device, encoder)
     generator = torch.Generator(device=device).manual_seed(tc.seed)  # the training sequences
     side_stream = torch.cuda.Stream(device) if graphed else None  # for the eager steps before the recording
     step, best, train_time = 0, dict(value=None, step=0), 0.0
