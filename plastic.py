@@ -262,7 +262,7 @@ class CausalSelfAttention(nn.Module):
         B, C = x.shape
         q, k, v = self.qkv(x).view(B, 3, self.n_head, C // self.n_head).unbind(1)  # (B, nh, hs) each
         cache.append(k, v)
-        keys, values = cache.view(self.window)  # (B, nh, L, hs), L = tokens attended to
+        keys, values = cache.keys, cache.values  # (B, nh, L, hs), L = tokens attended to
         scores = (keys @ q.unsqueeze(-1)).squeeze(-1) / math.sqrt(q.size(-1))  # (B, nh, L)
         weights = F.dropout(scores.softmax(dim=-1), self.dropout, self.training)
         y = (weights.unsqueeze(-2) @ values).squeeze(-2)  # (B, nh, hs)
@@ -270,23 +270,27 @@ class CausalSelfAttention(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, one (B, nh, hs) pair per token. Stacked anew at each
-    step (rather than written in place into a preallocated buffer) so autograd can reuse earlier ones.
+    """Keys and values of the tokens attended to so far, (B, nh, L, hs) each: all tokens, or the last W
+    with a window. Each step concatenates the new token's to the running tensors (rather than writing
+    into a preallocated buffer, so autograd can reuse the earlier ones): a constant number of operations
+    per token, forward and backward, where stacking a list of every cached token anew costs one per token.
     detach=True (evaluation) cuts earlier tokens' graphs, but keeps the current token's: under the
     gradient rule dL_t/dF_t flows through token t's own key and value in the blocks above."""
 
-    def __init__(self, detach):
-        self.keys, self.values, self.detach = [], [], detach
+    def __init__(self, detach, window=None):
+        self.keys = self.values = None  # (B, nh, L, hs)
+        self.detach, self.window = detach, window
 
-    def append(self, k, v):
-        if self.detach and self.keys:
-            self.keys[-1], self.values[-1] = self.keys[-1].detach(), self.values[-1].detach()
-        self.keys.append(k)
-        self.values.append(v)
-
-    def view(self, window):
-        first = 0 if window is None else max(0, len(self.keys) - window)
-        return torch.stack(self.keys[first:], dim=2), torch.stack(self.values[first:], dim=2)  # (B, nh, L, hs)
+    def append(self, k, v):  # k, v (B, nh, hs): the current token's
+        k, v = k.unsqueeze(2), v.unsqueeze(2)  # (B, nh, 1, hs)
+        if self.keys is not None and self.window != 1:
+            keys, values = self.keys, self.values
+            if self.window is not None:  # the window's last W - 1 earlier tokens, then this one
+                keys, values = keys[:, :, 1 - self.window:], values[:, :, 1 - self.window:]
+            if self.detach:
+                keys, values = keys.detach(), values.detach()
+            k, v = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
+        self.keys, self.values = k, v
 
 
 class Block(nn.Module):
@@ -430,7 +434,7 @@ class PlasticGPT(nn.Module):
         h = self._run_blocks(h, 0, self.first_looped)
         looped = self.blocks[self.first_looped:]
         keep_graph = torch.is_grad_enabled()  # False in evaluation under torch.no_grad()
-        caches = [KVCache(detach=not keep_graph) for _ in looped]
+        caches = [KVCache(detach=not keep_graph, window=cfg.attn_window) for _ in looped]
         if cfg.fast_form == "dense":
             fast = [h.new_zeros(B, layer.in_features, layer.out_features) for layer in self.plastic_layers]
         else:

@@ -533,29 +533,6 @@ def test_evaluate_scores_the_requested_episodes_reproducibly():
     assert trace["eta"].shape == (task.seq_len,), "the trace is one mean per token position"
 
 
-@pytest.mark.train
-def test_bench_times_the_timed_steps_of_every_rule(tmp_path, monkeypatch, capsys):
-    """With a clock that advances 5 ms per training step, every rule reads 5 ms/step and 4 sequences / 5 ms:
-    bench() times exactly `timed_steps` steps, after its warm-up steps."""
-    now, build_training = [0.0], train.build_training
-
-    def steps_of_5_ms(run, task, device):
-        model, optimizer, train_step, graphed = build_training(run, task, device)
-
-        def step(batch):
-            now[0] += 0.005
-            return train_step(batch)
-        return model, optimizer, step, graphed
-    monkeypatch.setattr(train, "build_training", steps_of_5_ms)
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
-    rows = train.bench(tiny(tmp_path, batch_size=4), timed_steps=3)
-    assert [r["rule"] for r in rows] == list(train.RULES), "one row per rule: none, hebbian, gradient"
-    for r in rows:
-        assert r["ms_per_step"] == pytest.approx(5.0), f"{r['rule']}: 3 timed steps of 5 ms should read 5 ms/step, got {r['ms_per_step']}"
-        assert r["per_second"] == pytest.approx(4 / 0.005), f"{r['rule']}: 4 sequences per 5 ms are 800/s, got {r['per_second']}"
-    assert "ms/step" in capsys.readouterr().out, "bench prints its table"
-
-
 def image_model_and_task(rule):
     """A tiny model with the Conv4 encoder (batch norm) and a 3-way 1-shot task on synthetic images."""
     task = synthetic_few_shot(TaskConfig("omniglot", **TINY_TASKS["omniglot"]))

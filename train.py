@@ -783,52 +783,6 @@ def compare(cfg: RunConfig) -> dict:
     return dict(runs=results, table=table)
 
 
-def bench(cfg: RunConfig, timed_steps: int = 20) -> list[dict]:
-    """--bench: time training steps (forward, backward, clipping, AdamW; sampling excluded) of each rule
-    with the same settings, after warm-up, and print one table: ms/step, sequences/s, peak GPU memory."""
-    task = load_task(cfg.task)
-    rows = []
-    for rule in RULES:
-        run = resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rule=rule)), task)
-        tc, device = run.train, pick_device(run.train.device)
-        set_cpu_threads(tc, device)
-        if device.type == "cuda":  # peak memory of everything this rule allocates, the graph's pool included
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        model, optimizer, train_step, graphed = build_training(run, task, device)
-        generator = torch.Generator(device=device).manual_seed(tc.seed)
-        batches = [task.sample(tc.batch_size, "train", device, generator) for _ in range(4)]
-        if graphed:
-            side_stream = torch.cuda.Stream(device)
-            for batch in batches[:GRAPH_WARMUP]:
-                eager_step_on_side_stream(train_step, batch, side_stream)
-            train_step = record_cuda_graph(train_step, batches[0])
-        for batch in batches[:2]:  # warm-up (eager) or the first replays
-            train_step(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        for i in range(timed_steps):
-            loss, _ = train_step(batches[i % len(batches)])
-        loss.item()  # waits for the last step
-        ms = 1000 * (time.perf_counter() - started) / timed_steps
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        rows.append(dict(rule=rule, params=model.num_params(), ms_per_step=ms, per_second=1000 * tc.batch_size / ms,
-                         peak_gib=peak, device=device_name(device), cuda_graph=graphed, fast_form=run.model.fast_form,
-                         task=task.name, batch_size=tc.batch_size, tokens=task.seq_len))
-        del model, optimizer, train_step
-    m = rows[0]
-    print(f"bench: {m['task']}, batch {m['batch_size']}, {m['tokens']} tokens, d_model {cfg.model.d_model}, "
-          f"{cfg.model.n_layer} layers, {m['fast_form']} fast weights, CUDA graph {'on' if m['cuda_graph'] else 'off'}, "
-          f"{m['device']}; {timed_steps} timed steps after warm-up")
-    print(f"{'rule':<9} {'params':>10} {'ms/step':>9} {'sequences/s':>12} {'peak GiB':>9} {'x none':>7}")
-    for r in rows:
-        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-        print(f"{r['rule']:<9} {r['params']:>10,} {r['ms_per_step']:>9.1f} {r['per_second']:>12,.0f} {peak:>9} "
-              f"{r['ms_per_step'] / rows[0]['ms_per_step']:>7.1f}")
-    return rows
-
-
 # ----------------------------------------------------------------------------------------------
 # The command line, built from the three dataclasses: one flag per field, help from its comment.
 
@@ -941,7 +895,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = config_from_args(build_parser().parse_args(argv))
-        bench(cfg) if cfg.train.bench else train(cfg)
+        if cfg.train.bench:
+            from bench import bench  # bench.py builds on this file, so it is imported only when asked for
+            bench(cfg)
+        else:
+            train(cfg)
     except UsageError as err:
         print(f"train.py: {err}", file=sys.stderr)
         return 2

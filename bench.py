@@ -1,0 +1,107 @@
+"""
+Speed: milliseconds per training step of each rule, peak GPU memory, and the aten operations a step launches.
+
+    python train.py --bench --task omniglot                                   # 10 tokens
+    python train.py --bench --task copy --seq-len 20 --delay 40 --d-model 128 --n-layer 4   # 80 tokens
+
+Every rule runs with the same settings and the training step of train.py (forward, backward, gradient
+clipping, AdamW; sampling excluded), a CUDA graph on CUDA as in training, timed after warm-up. The
+operations are counted on one eager forward and backward pass (no optimizer) under a dispatch mode that
+sees every aten operation, those of autograd's backward included. They depend on the model and the number
+of tokens, not on the batch size or the device: a CPU counts what a GPU launches. On a GPU a step is
+launch-bound while it is short (a few microseconds per operation), so the count is what the plastic
+rules' token loop has to bring down.
+"""
+
+import dataclasses
+import time
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from train import (GRAPH_WARMUP, RULES, RunConfig, build_training, device_name, eager_step_on_side_stream,
+                   load_task, pick_device, record_cuda_graph, resolve, set_cpu_threads)
+
+
+class OpCounter(TorchDispatchMode):
+    """Inside `with OpCounter() as ops:` every aten operation dispatched (forward and backward) is counted:
+    ops.counts maps an operation's name (e.g. "mm") to its calls, ops.total is their sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self):
+        return sum(self.counts.values())
+
+
+def count_ops(model, task, batch) -> Counter:
+    """The aten operations of one forward pass, its loss and its backward pass, as training runs them.
+    The gradients it leaves are cleared."""
+    with OpCounter() as ops:
+        out, _ = model(batch.x, batch.images, fast_norm=False)
+        task.loss(out.float(), batch).backward()
+    model.zero_grad(set_to_none=True)
+    return ops.counts
+
+
+def time_steps(train_step, batches, device, timed_steps: int) -> float:
+    """ms per step of `timed_steps` steps after two warm-up steps, waiting for the device at both ends."""
+    for batch in batches[:2]:  # warm-up (eager) or the first replays of a CUDA graph
+        train_step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for i in range(timed_steps):
+        loss, _ = train_step(batches[i % len(batches)])
+    loss.item()  # waits for the last step
+    return 1000 * (time.perf_counter() - started) / timed_steps
+
+
+def bench(cfg: RunConfig, timed_steps: int = 20) -> list[dict]:
+    """--bench: each rule's ms/step, sequences/s, peak GPU memory and aten operations per token; one table."""
+    task = load_task(cfg.task)
+    rows = []
+    for rule in RULES:
+        run = resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rule=rule)), task)
+        tc, device = run.train, pick_device(run.train.device)
+        set_cpu_threads(tc, device)
+        if device.type == "cuda":  # peak memory of everything this rule allocates, the graph's pool included
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        model, optimizer, train_step, graphed = build_training(run, task, device)
+        generator = torch.Generator(device=device).manual_seed(tc.seed)
+        batches = [task.sample(tc.batch_size, "train", device, generator) for _ in range(4)]
+        ops = count_ops(model, task, batches[0])
+        if graphed:
+            side_stream = torch.cuda.Stream(device)
+            for batch in batches[:GRAPH_WARMUP]:
+                eager_step_on_side_stream(train_step, batch, side_stream)
+            train_step = record_cuda_graph(train_step, batches[0])
+        ms = time_steps(train_step, batches, device, timed_steps)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        rows.append(dict(rule=rule, params=model.num_params(), ms_per_step=ms, per_second=1000 * tc.batch_size / ms,
+                         peak_gib=peak, ops=sum(ops.values()), ops_per_token=sum(ops.values()) / task.seq_len,
+                         top_ops=dict(ops.most_common(5)), device=device_name(device), cuda_graph=graphed,
+                         fast_form=run.model.fast_form, task=task.name, batch_size=tc.batch_size, tokens=task.seq_len))
+        del model, optimizer, train_step
+    print_table(rows, cfg, timed_steps)
+    return rows
+
+
+def print_table(rows: list[dict], cfg: RunConfig, timed_steps: int) -> None:
+    m = rows[0]
+    print(f"bench: {m['task']}, batch {m['batch_size']}, {m['tokens']} tokens, d_model {cfg.model.d_model}, "
+          f"{cfg.model.n_layer} layers, {m['fast_form']} fast weights, CUDA graph {'on' if m['cuda_graph'] else 'off'}, "
+          f"{m['device']}; {timed_steps} timed steps after warm-up; operations: one forward and backward pass")
+    print(f"{'rule':<9} {'params':>10} {'ms/step':>9} {'sequences/s':>12} {'peak GiB':>9} {'x none':>7} {'ops':>9} {'ops/token':>10}")
+    for r in rows:
+        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        print(f"{r['rule']:<9} {r['params']:>10,} {r['ms_per_step']:>9.1f} {r['per_second']:>12,.0f} {peak:>9} "
+              f"{r['ms_per_step'] / rows[0]['ms_per_step']:>7.1f} {r['ops']:>9,} {r['ops_per_token']:>10,.0f}")

@@ -1,0 +1,77 @@
+"""Tests of bench.py: the timing of the training steps and the count of the aten operations they launch.
+
+    pytest test_bench.py            # a few seconds on a 2-core CPU
+"""
+
+import types
+
+import pytest
+import torch
+
+import bench
+import train
+from plastic import Config, PlasticGPT
+from test_train import tiny
+
+
+@pytest.mark.train
+def test_bench_times_the_timed_steps_of_every_rule(tmp_path, monkeypatch, capsys):
+    """With a clock that advances 5 ms per training step, every rule reads 5 ms/step and 4 sequences / 5 ms:
+    bench() times exactly `timed_steps` steps, after its warm-up steps."""
+    now, build_training = [0.0], train.build_training
+
+    def steps_of_5_ms(run, task, device):
+        model, optimizer, train_step, graphed = build_training(run, task, device)
+
+        def step(batch):
+            now[0] += 0.005
+            return train_step(batch)
+        return model, optimizer, step, graphed
+    monkeypatch.setattr(bench, "build_training", steps_of_5_ms)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    rows = bench.bench(tiny(tmp_path, batch_size=4), timed_steps=3)
+    assert [r["rule"] for r in rows] == list(train.RULES), "one row per rule: none, hebbian, gradient"
+    for r in rows:
+        assert r["ms_per_step"] == pytest.approx(5.0), f"{r['rule']}: 3 timed steps of 5 ms should read 5 ms/step, got {r['ms_per_step']}"
+        assert r["per_second"] == pytest.approx(4 / 0.005), f"{r['rule']}: 4 sequences per 5 ms are 800/s, got {r['per_second']}"
+        assert r["ops_per_token"] == pytest.approx(r["ops"] / r["tokens"]) and r["ops"] > 0, f"{r['rule']}: no operations counted"
+    out = capsys.readouterr().out
+    assert "ms/step" in out and "ops/token" in out, "bench prints its table with times and operation counts"
+
+
+@pytest.mark.train
+def test_op_counter_counts_every_forward_and_backward_operation():
+    """y = sum(a @ b * c): forward mm, mul, sum (3); backward, by autograd's formulas, one operation per
+    input gradient of each (sum: expand; mul: two muls; mm: two mms with their transposes) and what
+    accumulates them. The reference is the same count taken operation by operation in a loop."""
+    a, b, c = (torch.randn(3, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    with bench.OpCounter() as forward_only:
+        y = (a @ b * c).sum()
+    assert dict(forward_only.counts) == {"mm": 1, "mul": 1, "sum": 1}, f"forward: {dict(forward_only.counts)}"
+    with bench.OpCounter() as both:
+        y = (a @ b * c).sum()
+        y.backward()
+    assert both.counts["mm"] == 3, f"one mm forward and one per input of a @ b backward, got {both.counts['mm']}"
+    assert both.counts["mul"] >= 3, f"one mul forward and one per input of the product backward, got {both.counts['mul']}"
+
+
+@pytest.mark.train
+def test_op_counts_do_not_depend_on_the_batch_size_and_grow_linearly_with_tokens(tmp_path):
+    """What the bench claims: a CPU counts what a GPU launches, whatever the batch (above 1: a batch of one
+    skips a few operations). And each token adds the same number of operations: the token loop costs the
+    same at every token, so the total is linear in the sequence length (a per-token cost that grew with t,
+    as stacking the whole KV cache anew at every token did, shows as a second difference)."""
+    counts = {}
+    for rule in train.RULES:
+        for T in (4, 8, 12):
+            for B in (2, 5):
+                torch.manual_seed(0)
+                model = PlasticGPT(Config(d_in=2, d_out=2, max_len=16, rule=rule, n_layer=2, n_head=2, d_model=16))
+                x = torch.randn(B, T, 2)
+                task = types.SimpleNamespace(loss=lambda out, batch: out.pow(2).mean())
+                counts[rule, T, B] = sum(bench.count_ops(model, task, types.SimpleNamespace(x=x, images=None)).values())
+                assert all(p.grad is None for p in model.parameters()), "count_ops should clear the gradients it made"
+        for T in (4, 8, 12):
+            assert counts[rule, T, 2] == counts[rule, T, 5], f"{rule}, {T} tokens: batch 2 and 5 count {counts[rule, T, 2]} and {counts[rule, T, 5]}"
+        first, second = counts[rule, 8, 2] - counts[rule, 4, 2], counts[rule, 12, 2] - counts[rule, 8, 2]
+        assert first == second, f"{rule}: tokens 5-8 add {first} operations, tokens 9-12 add {second}: the cost per token grows with t"
