@@ -306,11 +306,15 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, h):  # (B, T, C), static weights
-        h = h + self.drop(self.attn(self.ln_1(h)))
+        h = self.attend(h)
         return h + self.drop(self.mlp(self.ln_2(h))[0])
 
-    def step(self, h, cache, fast=(None, None)):  # h (B, C): one token
-        h = h + self.drop(self.attn.step(self.ln_1(h), cache))
+    def attend(self, h):  # (B, T, C): the attention half, every token at once
+        return h + self.drop(self.attn(self.ln_1(h)))
+
+    def step(self, h, cache, fast=(None, None)):  # h (B, C): one token; cache None: h has attended already
+        if cache is not None:
+            h = h + self.drop(self.attn.step(self.ln_1(h), cache))
         out, records = self.mlp(self.ln_2(h), fast)
         return h + self.drop(out), records
 
@@ -428,13 +432,16 @@ class PlasticGPT(nn.Module):
 
     def _forward_token_by_token(self, h, eta, with_fast_norm):
         """The fast weights make the network recurrent: blocks below the first plastic block run in
-        parallel, the rest (for the static model: every block) one token at a time with a KV cache."""
+        parallel, and so does that block's attention, whose input no fast weight has touched yet; the
+        rest (for the static model: every block but the first's attention) one token at a time with a
+        KV cache."""
         cfg, rule = self.config, self.config.rule
         B, T, _ = h.shape
         h = self._run_blocks(h, 0, self.first_looped)
         looped = self.blocks[self.first_looped:]
+        h = looped[0].attend(h)  # (B, T, C)
         keep_graph = torch.is_grad_enabled()  # False in evaluation under torch.no_grad()
-        caches = [KVCache(detach=not keep_graph, window=cfg.attn_window) for _ in looped]
+        caches = [None] + [KVCache(detach=not keep_graph, window=cfg.attn_window) for _ in looped[1:]]
         if cfg.fast_form == "dense":
             fast = [h.new_zeros(B, layer.in_features, layer.out_features) for layer in self.plastic_layers]
         else:
