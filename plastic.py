@@ -154,6 +154,15 @@ def fast_weight_update(fast, pre, post, coef, step, decay):
     return (1 - decay) * fast + coef * (step[:, None, None] * pre.unsqueeze(2) * post.unsqueeze(1))
 
 
+def decayed_scale(scale, step, decay):
+    """The coefficients of F_{t+1}'s rank-1 terms (FactoredFastWeight): c_{s,t+1} = (1 - lambda_t) c_{s,t}
+    for the earlier terms, c_{t,t+1} = eta_t for the new one. eta_t and lambda_t are per sequence, so every
+    layer has the same coefficients: they are computed once per token. scale (B, S); step eta_t (B,);
+    decay lambda_t (B,) or a float -> (B, S+1)."""
+    decay = decay.unsqueeze(1) if torch.is_tensor(decay) else decay
+    return torch.cat([(1 - decay) * scale, step.unsqueeze(1)], dim=1)
+
+
 class FactoredFastWeight:
     """The same F_t kept as its history of rank-1 terms instead of a (B, in, out) matrix:
     F_t = sum_{s<t} c_{s,t} A ⊙ (pre_s ⊗ post_s), c_{s,t} = eta_s prod_{s<r<t} (1 - lambda_r).
@@ -171,10 +180,9 @@ class FactoredFastWeight:
         read = (x.unsqueeze(1) * self.pre) @ coef  # (B, S, out)
         return (read * self.post * self.scale.unsqueeze(-1)).sum(dim=1)
 
-    def update(self, pre, post, step, decay):
-        """F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ (pre_t ⊗ post_t), as a new term and rescaled old ones."""
-        decay = decay.unsqueeze(1) if torch.is_tensor(decay) else decay
-        scale = torch.cat([(1 - decay) * self.scale, step.unsqueeze(1)], dim=1)  # (B, S+1)
+    def update(self, pre, post, scale):
+        """F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ (pre_t ⊗ post_t): the new term appended, every term
+        with its coefficient in scale = decayed_scale(self.scale, eta_t, lambda_t) (B, S+1)."""
         return FactoredFastWeight(torch.cat([self.pre, pre.unsqueeze(1)], dim=1),
                                   torch.cat([self.post, post.unsqueeze(1)], dim=1), scale)
 
@@ -484,7 +492,8 @@ class PlasticGPT(nn.Module):
             fast = [fast_weight_update(f, pre, post, layer.coef, step, decay)
                     for f, (pre, post), layer in zip(fast, factors, self.plastic_layers)]
         else:
-            fast = [f.update(pre, post, step, decay) for f, (pre, post) in zip(fast, factors)]
+            scale = decayed_scale(fast[0].scale, step, decay)  # (B, S+1), every layer's
+            fast = [f.update(pre, post, scale) for f, (pre, post) in zip(fast, factors)]
         if not keep_graph:  # evaluation: no graph may chain from token to token
             fast = [f.detach() for f in fast]
         stats = dict(eta=rate.detach(), step=step.detach(), update_norm=norm.detach())
