@@ -135,9 +135,14 @@ def gradient_factors(records, loss, create_graph):
 
 
 def update_norm(factors):
-    """||G_t||: one norm over all plastic layers, per sequence, with ||pre ⊗ post|| = ||pre|| ||post||."""
-    per_layer = torch.stack([torch.linalg.vector_norm(pre, dim=-1) * torch.linalg.vector_norm(post, dim=-1)
-                             for pre, post in factors], dim=-1)  # (B, layers)
+    """||G_t||: one norm over all plastic layers, per sequence, with ||pre ⊗ post|| = ||pre|| ||post||.
+    Each vector's norm is taken once: under the Hebbian rule a block's hidden activity is the first
+    layer's post and the second layer's pre."""
+    norms = {}  # id of a vector -> its norm (B,)
+    for vector in (v for factor in factors for v in factor):
+        if id(vector) not in norms:
+            norms[id(vector)] = torch.linalg.vector_norm(vector, dim=-1)
+    per_layer = torch.stack([norms[id(pre)] * norms[id(post)] for pre, post in factors], dim=-1)  # (B, layers)
     return torch.linalg.vector_norm(per_layer, dim=-1)  # (B,)
 
 
