@@ -136,12 +136,13 @@ def gradient_factors(records, loss, create_graph):
 
 def update_norm(factors):
     """||G_t||: one norm over all plastic layers, per sequence, with ||pre ⊗ post|| = ||pre|| ||post||.
-    Each vector's norm is taken once: under the Hebbian rule a block's hidden activity is the first
-    layer's post and the second layer's pre."""
+    Each vector's norm is taken once (under the Hebbian rule a block's hidden activity is the first
+    layer's post and the second layer's pre), and vectors of one width together, as one stacked norm."""
+    vectors = list({id(v): v for factor in factors for v in factor}.values())  # each once, (B, width)
     norms = {}  # id of a vector -> its norm (B,)
-    for vector in (v for factor in factors for v in factor):
-        if id(vector) not in norms:
-            norms[id(vector)] = torch.linalg.vector_norm(vector, dim=-1)
+    for width in sorted({v.size(-1) for v in vectors}):
+        same = [v for v in vectors if v.size(-1) == width]
+        norms |= zip(map(id, same), torch.linalg.vector_norm(torch.stack(same), dim=-1).unbind())  # (k, B)
     per_layer = torch.stack([norms[id(pre)] * norms[id(post)] for pre, post in factors], dim=-1)  # (B, layers)
     return torch.linalg.vector_norm(per_layer, dim=-1)  # (B,)
 

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from plastic import CausalSelfAttention, Config, PlasticGPT, PlasticLinear
+from plastic import CausalSelfAttention, Config, PlasticGPT, PlasticLinear, update_norm
 
 RULES = ("none", "hebbian", "gradient")
 PLASTIC_RULES = ("hebbian", "gradient")
@@ -446,6 +446,20 @@ def test_gradient_rule_evaluates_without_a_graph(fast_form):
     assert torch.all(info_no_graph["fast_norm"] > 0), "the gradient rule must still update its fast weights under no_grad"
     err = (with_graph - without_graph).abs().max().item()
     assert err < 1e-12, f"the gradient rule computes something else under no_grad (difference {err:.2e})"
+
+
+@pytest.mark.hebbian
+@pytest.mark.gradient
+def test_update_norm_is_the_norm_of_every_outer_product_together():
+    """||G_t|| over layers of two widths, one vector shared by two layers (as a Hebbian block's hidden
+    activity is) and a repeated pair, against the norm of the explicit outer products, per sequence."""
+    g = torch.Generator().manual_seed(0)
+    x, hidden, out, delta = (torch.randn(3, n, dtype=torch.float64, generator=g) for n in (4, 16, 4, 16))
+    factors = [(x, hidden), (hidden, out), (out, delta), (x, hidden)]
+    expected = sum(torch.einsum("bi,bj->bij", pre, post).pow(2).sum(dim=(1, 2)) for pre, post in factors).sqrt()
+    got = update_norm(factors)
+    assert got.shape == (3,), f"one norm per sequence, got shape {tuple(got.shape)}"
+    assert torch.allclose(got, expected, rtol=1e-12), f"update_norm {got.tolist()} != explicit {expected.tolist()}"
 
 
 @pytest.mark.hebbian
