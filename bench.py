@@ -7,10 +7,10 @@ Speed: milliseconds per training step of each rule, peak GPU memory, and the ate
 Every rule runs with the same settings and the training step of train.py (forward, backward, gradient
 clipping, AdamW; sampling excluded), a CUDA graph on CUDA as in training, timed after warm-up. The
 operations are counted on one eager forward and backward pass (no optimizer) under a dispatch mode that
-sees every aten operation, those of autograd's backward included. They depend on the model and the number
-of tokens, not on the batch size or the device: a CPU counts what a GPU launches. On a GPU a step is
-launch-bound while it is short (a few microseconds per operation), so the count is what the plastic
-rules' token loop has to bring down.
+sees every aten operation, those of autograd's backward included. They depend on the model and the
+number of tokens, not on the batch size, and hardly on the device (an H100 counted 10 more than a CPU
+at 80 tokens): a CPU counts what a GPU launches. On a GPU a step is launch-bound while it is short (a
+few microseconds per operation), so the count is what the plastic rules' token loop has to bring down.
 """
 
 import dataclasses
