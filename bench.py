@@ -96,7 +96,7 @@ def bench(cfg: RunConfig, timed_steps: int = 20) -> list[dict]:
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         rows.append(dict(rule=rule, params=model.num_params(), ms_per_step=ms, per_second=1000 * tc.batch_size / ms,
                          peak_gib=peak, ops=ops.total, ops_per_token=ops.total / task.seq_len, computing_ops=ops.computing,
-                         top_ops=dict(ops.counts.most_common(5)), device=device_name(device), cuda_graph=graphed,
+                         device=device_name(device), cuda_graph=graphed,
                          fast_form=run.model.fast_form, task=task.name, batch_size=tc.batch_size, tokens=task.seq_len))
         del model, optimizer, train_step
     print_table(rows, cfg, timed_steps)

@@ -50,14 +50,15 @@ RULES = ("none", "hebbian", "gradient")
 # 4,000 steps: Hebbian 97.9%, 96.9% with attention window 1); the other step counts have not been
 # checked. Learning rate 1e-3 everywhere: 3e-4 took CIFAR-FS at attention window 1 from 1 to 3 of 3
 # Hebbian seeds, but was slightly lower with full attention on Omniglot (97.4 against 97.9) and far
-# slower on copy (0.181 against 0.020 after 2,000 steps); README, item 6. Copy's decay of 0.01: with attention window 1 the Hebbian model reached test MSE 0.103
-# after 2,000 steps against 0.161 with 0.1, and 0.0002 after 4,000 (README, "What makes the fast
-# weights work"); the other tasks keep 0.1, where it was measured (Omniglot). Synthetic tasks: a smaller
-# model, measured on a CPU (rule none, batch 64, tested on 512 sequences): at the default 2,000 steps
-# d_model 64 with 2 blocks reached test MSE 0.038 on cue_reward and 0.19 on regression, the few-shot
-# size (d_model 128, 4 blocks: 8x the parameters, 4.5x the time per step) 0.043 and 0.35. After 300
-# steps the larger one was still ahead (copy 9e-5 against 3e-4), and d_model 32 far behind (copy
-# 0.013; Hebbian copy 0.21 against 0.0003 with d_model 64).
+# slower on copy (0.181 against 0.020 after 2,000 steps); README, item 6. Copy's decay of 0.01: with
+# attention window 1 the Hebbian model reached test MSE 0.103 after 2,000 steps against 0.161 with
+# 0.1, and 0.0002 after 4,000 (README, "What makes the fast weights work"); the other tasks keep 0.1,
+# where it was measured (Omniglot). Synthetic tasks: a smaller model, measured on a CPU (rule none,
+# batch 64, tested on 512 sequences): at the default 2,000 steps d_model 64 with 2 blocks reached test
+# MSE 0.038 on cue_reward and 0.19 on regression, the few-shot size (d_model 128, 4 blocks: 8x the
+# parameters, 4.5x the time per step) 0.043 and 0.35. After 300 steps the larger one was still ahead
+# (copy 9e-5 against 3e-4), and d_model 32 far behind (copy 0.013; Hebbian copy 0.21 against 0.0003
+# with d_model 64).
 TASK_DEFAULTS = {
     "copy": dict(steps=2000, batch_size=64, lr=1e-3, d_model=64, n_layer=2, decay=0.01),
     "regression": dict(steps=2000, batch_size=64, lr=1e-3, d_model=64, n_layer=2, decay=0.1),
@@ -96,7 +97,7 @@ class TrainConfig:
     resume: bool = False  # continue the run in its folder from checkpoint.pt
     overwrite: bool = False  # replace the run in its folder (without it or --resume, an existing run is refused)
     cuda_graph: bool = True  # on CUDA: record one training step as a CUDA graph and replay it (far fewer launches); ignored on the CPU
-    bench: bool = False  # time training steps of each rule (none, hebbian, gradient) instead of training; print a table
+    bench: bool = False  # time training steps of each rule (none, hebbian, gradient) and count their operations instead of training; print a table (bench.py)
     compile: bool = False  # torch.compile the model; the plastic rules' token loop compiles slowly (minutes)
     amp: bool = False  # bfloat16 autocast (CUDA only; ignored on the CPU)
     init_encoder: str | None = None  # image tasks: a run folder (its best.pt) or checkpoint whose Conv4 encoder starts this model; the rest starts fresh
