@@ -14,6 +14,7 @@ every rule).
 """
 
 import os
+import weakref
 
 import torch
 
@@ -23,18 +24,24 @@ REMEDY = "lower --batch-size, or make the sequences (--way, --shot, --query, --s
 
 
 def saved_bytes(model, batch) -> int:
-    """Bytes of the tensors autograd saves for the backward pass of the model's forward pass on
-    `batch`, each storage counted once (the loss adds next to nothing)."""
-    storages = {}
+    """Bytes of the tensors autograd keeps for the backward pass of the model's forward pass on `batch`,
+    each storage counted once (the loss adds next to nothing). Only what is still kept when the forward
+    pass ends counts (the gradient rule's inner backward pass saves tensors for graphs it then drops), and
+    the parameters do not (step_bytes counts them, once for any batch)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []  # weak references to every tensor saved
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        saved.append(weakref.ref(tensor))
         return tensor
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(batch.x, batch.images, fast_norm=False)
-    return sum(storages.values())
+        out = model(batch.x, batch.images, fast_norm=False)
+        alive = [tensor for tensor in (ref() for ref in saved) if tensor is not None]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}
+        kept = sum(nbytes for address, nbytes in storages.items() if address not in parameters)
+    del out
+    return kept
 
 
 def step_bytes(model_config, task, batch_size: int, device: torch.device) -> int:

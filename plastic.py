@@ -130,7 +130,11 @@ def inner_loss(head_output, weight):
 def gradient_factors(records, loss, create_graph):
     """Gradient rule (Duan et al.): G_t = dL_t/dF for this token alone. With y = x (W + F) + b,
     dL_t/dF = pre_t ⊗ dL_t/dy_t: autograd gives dL_t/dy_t, the outer product the rest."""
-    deltas = torch.autograd.grad(loss, [y for _, y, _ in records], create_graph=create_graph)
+    FactoredRead.only_dx = True  # dL_t/dy_t reaches the layers above through their inputs, never their history
+    try:
+        deltas = torch.autograd.grad(loss, [y for _, y, _ in records], create_graph=create_graph)
+    finally:
+        FactoredRead.only_dx = False
     return [(pre, delta) for (pre, _, _), delta in zip(records, deltas)]
 
 
@@ -169,35 +173,109 @@ def decayed_scale(scale, step, decay):
     return torch.cat([(1 - decay) * scale, step.unsqueeze(1)], dim=1)
 
 
+def factored_read(x, pre, post, scale, coef):
+    """x F_t = sum_s c_s post_s ⊙ ((x ⊙ pre_s) A), the plain form. x (B, in); pre (B, S, in); post (B, S, out);
+    scale c (B, S); coef A (in, out) -> (B, out). Under autograd it keeps (B, S, in) and (B, S, out) tensors
+    for the backward pass at every token: memory that grows as T^2 (FactoredRead keeps none)."""
+    return ((x.unsqueeze(1) * pre) @ coef * post * scale.unsqueeze(-1)).sum(dim=1)
+
+
+class FactoredRead(torch.autograd.Function):
+    """factored_read(x, pre[:, :S], post[:, :S], scale, coef) with S = scale.size(1), where pre (B, T, in) and
+    post (B, T, out) are history buffers (AppendRow): it keeps only its inputs, views of the buffers, and
+    its backward pass recomputes the rest, so a sequence's memory grows as T, not T^2. With v_s = (g ⊙ post_s) A^T
+    and u_s = x ⊙ pre_s, the derivatives of out = factored_read(...) for an upstream gradient g (B, out):
+        dx = sum_s c_s pre_s ⊙ v_s        (the same read, pre and post swapped, A transposed)
+        dpre_s = c_s x ⊙ v_s,  dpost_s = c_s g ⊙ (u_s A),  dc_s = <g ⊙ post_s, u_s A>,  dA = sum_bs c_s u_s^T (g ⊙ post_s)
+    Under create_graph (the gradient rule differentiates its own update) dx is computed by this Function
+    too, so the second-order pass stays as lean; the other derivatives are then plain autograd operations.
+    only_dx (set while the gradient rule takes dL_t/dy_t, which earlier tokens' history does not lead to):
+    the backward pass computes dx alone."""
+
+    only_dx = False
+
+    @staticmethod
+    def forward(ctx, x, pre, post, scale, coef):
+        ctx.save_for_backward(x, pre, post, scale, coef)
+        S = scale.size(1)
+        return factored_read(x, pre[:, :S], post[:, :S], scale, coef)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (B, out)
+        x, pre, post, scale, coef = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: dx differentiable, with this Function's memory
+            dx = FactoredRead.apply(grad, post, pre, scale, coef.t())
+            if FactoredRead.only_dx:
+                return dx, None, None, None, None
+        S, T = scale.size(1), pre.size(1)
+        P, Q, c = pre[:, :S], post[:, :S], scale.unsqueeze(-1)  # (B, S, in), (B, S, out), (B, S, 1)
+        gq = grad.unsqueeze(1) * Q  # (B, S, out)  g ⊙ post_s
+        v = gq @ coef.t()  # (B, S, in)
+        w = v * P  # (B, S, in)  pre_s ⊙ v_s
+        if not torch.is_grad_enabled():
+            dx = torch.bmm(scale.unsqueeze(1), w).squeeze(1)  # (B, in)
+            if FactoredRead.only_dx:
+                return dx, None, None, None, None
+        dscale = torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)  # (B, S): <u_s A, g ⊙ post_s> = <x ⊙ pre_s, v_s>
+        cu = c * (x.unsqueeze(1) * P)  # (B, S, in)  c_s u_s
+        dcoef = cu.flatten(0, 1).t() @ gq.flatten(0, 1)  # (in, out)
+        dpre = F.pad(c * v * x.unsqueeze(1), (0, 0, 0, T - S))  # (B, T, in): rows >= S were not read
+        dpost = F.pad(grad.unsqueeze(1) * (cu @ coef), (0, 0, 0, T - S))  # (B, T, out)
+        return dx, dpre, dpost, dscale, dcoef
+
+
+class AppendRow(torch.autograd.Function):
+    """rows.select(dim, t) = row, in place, returned as a new tensor on the same memory: a history buffer
+    that grows token by token without a copy per token. Rows before t are never written again, so what an
+    earlier token's operation kept for its backward pass (a view of rows before its own t) still holds
+    what it read. The returned tensor has a version counter of its own (it is `rows.data`), so autograd
+    does not take the later writes for changes to what was kept. Backward: the buffer's gradient passes
+    through, and its row t is the row's (a view, so the two share memory; autograd sums into a gradient
+    in place only where nothing else refers to its memory)."""
+
+    @staticmethod
+    def forward(ctx, rows, row, dim, t):
+        ctx.dim, ctx.t = dim, t
+        out = rows.data  # the same memory, a version counter of its own
+        out.select(dim, t).copy_(row)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.select(ctx.dim, ctx.t), None, None  # a view: autograd then never adds into grad in place
+
+
 class FactoredFastWeight:
     """The same F_t kept as its history of rank-1 terms instead of a (B, in, out) matrix:
     F_t = sum_{s<t} c_{s,t} A ⊙ (pre_s ⊗ post_s), c_{s,t} = eta_s prod_{s<r<t} (1 - lambda_r).
-    Memory grows with t * (in + out) instead of in * out; reading it costs a matrix product."""
+    pre_s and post_s are rows of (B, T, in) and (B, T, out) buffers written once each (AppendRow); the
+    coefficients scale (B, S) of the S terms so far. Memory grows with T * (in + out) instead of in * out;
+    reading it costs a matrix product (FactoredRead)."""
 
     def __init__(self, pre, post, scale):
-        self.pre, self.post, self.scale = pre, post, scale  # (B, S, in), (B, S, out), (B, S)
+        self.pre, self.post, self.scale = pre, post, scale  # (B, T, in), (B, T, out), (B, S)
 
     @staticmethod
-    def empty(B, d_in, d_out, like):
-        return FactoredFastWeight(like.new_zeros(B, 0, d_in), like.new_zeros(B, 0, d_out), like.new_zeros(B, 0))
+    def empty(B, T, d_in, d_out, like):
+        return FactoredFastWeight(like.new_zeros(B, T, d_in), like.new_zeros(B, T, d_out), like.new_zeros(B, 0))
 
     def matmul(self, x, coef):
         """x F_t = sum_s c_s post_s ⊙ ((x ⊙ pre_s) A): x (B, in) -> (B, out)."""
-        read = (x.unsqueeze(1) * self.pre) @ coef  # (B, S, out)
-        return (read * self.post * self.scale.unsqueeze(-1)).sum(dim=1)
+        return FactoredRead.apply(x, self.pre, self.post, self.scale, coef)
 
     def update(self, pre, post, scale):
-        """F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ (pre_t ⊗ post_t): the new term appended, every term
+        """F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ (pre_t ⊗ post_t): the new term written as row t, every term
         with its coefficient in scale = decayed_scale(self.scale, eta_t, lambda_t) (B, S+1)."""
-        return FactoredFastWeight(torch.cat([self.pre, pre.unsqueeze(1)], dim=1),
-                                  torch.cat([self.post, post.unsqueeze(1)], dim=1), scale)
+        t = self.scale.size(1)
+        return FactoredFastWeight(AppendRow.apply(self.pre, pre, 1, t), AppendRow.apply(self.post, post, 1, t), scale)
 
     def detach(self):
         return FactoredFastWeight(self.pre.detach(), self.post.detach(), self.scale.detach())
 
     def dense(self, coef):
         """The (B, in, out) matrix, for analysis and tests."""
-        return coef * torch.einsum("bs,bsi,bsj->bij", self.scale, self.pre, self.post)
+        S = self.scale.size(1)
+        return coef * torch.einsum("bs,bsi,bsj->bij", self.scale, self.pre[:, :S], self.post[:, :S])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,27 +362,28 @@ class CausalSelfAttention(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the tokens attended to so far, (B, nh, L, hs) each: all tokens, or the last W
-    with a window. Each step concatenates the new token's to the running tensors (rather than writing
-    into a preallocated buffer, so autograd can reuse the earlier ones): a constant number of operations
-    per token, forward and backward, where stacking a list of every cached token anew costs one per token.
+    """Keys and values of the tokens attended to so far, (B, nh, L, hs) each: all tokens, or the last W with
+    a window. They are views of two (B, nh, T, hs) buffers that each token writes its own row into
+    (AppendRow), so what autograd keeps for the backward pass is the buffers, once, not a copy of the
+    cache per token: memory linear in T, and a constant number of operations per token.
     detach=True (evaluation) cuts earlier tokens' graphs, but keeps the current token's: under the
     gradient rule dL_t/dF_t flows through token t's own key and value in the blocks above."""
 
-    def __init__(self, detach, window=None):
-        self.keys = self.values = None  # (B, nh, L, hs)
-        self.detach, self.window = detach, window
+    def __init__(self, length, detach, window=None):
+        self.length, self.detach, self.window = length, detach, window  # length T: the buffers' rows
+        self.t, self.key_rows, self.value_rows = 0, None, None  # tokens written; buffers (B, nh, T, hs)
+        self.keys = self.values = None  # (B, nh, L, hs): what token t attends to
 
     def append(self, k, v):  # k, v (B, nh, hs): the current token's
-        k, v = k.unsqueeze(2), v.unsqueeze(2)  # (B, nh, 1, hs)
-        if self.keys is not None and self.window != 1:
-            keys, values = self.keys, self.values
-            if self.window is not None:  # the window's last W - 1 earlier tokens, then this one
-                keys, values = keys[:, :, 1 - self.window:], values[:, :, 1 - self.window:]
-            if self.detach:
-                keys, values = keys.detach(), values.detach()
-            k, v = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
-        self.keys, self.values = k, v
+        if self.key_rows is None:
+            self.key_rows, self.value_rows = (z.new_zeros(*z.shape[:2], self.length, z.size(-1)) for z in (k, v))
+        rows = (self.key_rows, self.value_rows)
+        if self.detach:
+            rows = (z.detach() for z in rows)
+        self.key_rows, self.value_rows = (AppendRow.apply(z, new, 2, self.t) for z, new in zip(rows, (k, v)))
+        self.t += 1
+        first = 0 if self.window is None else max(0, self.t - self.window)
+        self.keys, self.values = self.key_rows[:, :, first:self.t], self.value_rows[:, :, first:self.t]
 
 
 class Block(nn.Module):
@@ -455,11 +534,11 @@ class PlasticGPT(nn.Module):
         looped = self.blocks[self.first_looped:]
         h = looped[0].attend(h)  # (B, T, C)
         keep_graph = torch.is_grad_enabled()  # False in evaluation under torch.no_grad()
-        caches = [None] + [KVCache(detach=not keep_graph, window=cfg.attn_window) for _ in looped[1:]]
+        caches = [None] + [KVCache(T, detach=not keep_graph, window=cfg.attn_window) for _ in looped[1:]]
         if cfg.fast_form == "dense":
             fast = [h.new_zeros(B, layer.in_features, layer.out_features) for layer in self.plastic_layers]
         else:
-            fast = [FactoredFastWeight.empty(B, layer.in_features, layer.out_features, h) for layer in self.plastic_layers]
+            fast = [FactoredFastWeight.empty(B, T, layer.in_features, layer.out_features, h) for layer in self.plastic_layers]
         outputs, trace = [], []
         for t in range(T):
             # the gradient rule needs autograd for its own update, also when evaluating without a graph
