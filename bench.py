@@ -20,7 +20,7 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from train import (GRAPH_WARMUP, RULES, RunConfig, build_training, device_name, eager_step_on_side_stream,
+from train import (GRAPH_WARMUP, RULES, RunConfig, build_training, device_name, eager_step_on_side_stream, evaluate,
                    load_task, pick_device, record_cuda_graph, resolve, set_cpu_threads)
 
 
@@ -72,8 +72,24 @@ def time_steps(train_step, batches, device, timed_steps: int) -> float:
     return 1000 * (time.perf_counter() - started) / timed_steps
 
 
+def time_final_test(model, task, tc, device) -> float:
+    """Seconds of a run's final test as train.final_test runs it (without writing its files): tc.test_episodes
+    episodes with the fast-weight trace, then for a plastic rule the knock-out on the same episodes without it."""
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    synchronize()
+    started = time.perf_counter()
+    evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, amp=tc.amp)
+    if tc.rule != "none":
+        evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, eta=0.0, amp=tc.amp, fast_norm=False)
+    synchronize()
+    return time.perf_counter() - started
+
+
 def bench(cfg: RunConfig, timed_steps: int = 20) -> list[dict]:
-    """--bench: each rule's ms/step, sequences/s, peak GPU memory and aten operations per token; one table."""
+    """--bench: each rule's ms/step, sequences/s, peak GPU memory, the final test's seconds and aten operations
+    per token; one table."""
     task = load_task(cfg.task)
     rows = []
     for rule in RULES:
@@ -94,8 +110,9 @@ def bench(cfg: RunConfig, timed_steps: int = 20) -> list[dict]:
             train_step = record_cuda_graph(train_step, batches[0])
         ms = time_steps(train_step, batches, device, timed_steps)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        test_s = time_final_test(model, task, tc, device)
         rows.append(dict(rule=rule, params=model.num_params(), ms_per_step=ms, per_second=1000 * tc.batch_size / ms,
-                         peak_gib=peak, ops=ops.total, ops_per_token=ops.total / task.seq_len, computing_ops=ops.computing,
+                         peak_gib=peak, test_s=test_s, test_episodes=tc.test_episodes, ops=ops.total, ops_per_token=ops.total / task.seq_len, computing_ops=ops.computing,
                          device=device_name(device), cuda_graph=graphed,
                          fast_form=run.model.fast_form, task=task.name, batch_size=tc.batch_size, tokens=task.seq_len))
         del model, optimizer, train_step
@@ -107,12 +124,14 @@ def print_table(rows: list[dict], cfg: RunConfig, timed_steps: int) -> None:
     m = rows[0]
     print(f"bench: {m['task']}, batch {m['batch_size']}, {m['tokens']} tokens, d_model {cfg.model.d_model}, "
           f"{cfg.model.n_layer} layers, {m['fast_form']} fast weights, CUDA graph {'on' if m['cuda_graph'] else 'off'}, "
-          f"{m['device']}; {timed_steps} timed steps after warm-up; aten operations of one forward and backward "
+          f"{m['device']}; {timed_steps} timed steps after warm-up; the final test ({m['test_episodes']:,} episodes "
+          f"and the knock-out) in seconds, beside 1,000 training steps; aten operations of one forward and backward "
           f"pass, all and without views")
-    print(f"{'rule':<9} {'params':>10} {'ms/step':>9} {'sequences/s':>12} {'peak GiB':>9} {'x none':>7} {'ops':>9} "
-          f"{'ops/token':>10} {'no views':>9}")
+    print(f"{'rule':<9} {'params':>10} {'ms/step':>9} {'sequences/s':>12} {'peak GiB':>9} {'x none':>7} {'test s':>7} "
+          f"{'1k steps s':>11} {'ops':>9} {'ops/token':>10} {'no views':>9}")
     for r in rows:
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
         print(f"{r['rule']:<9} {r['params']:>10,} {r['ms_per_step']:>9.1f} {r['per_second']:>12,.0f} {peak:>9} "
-              f"{r['ms_per_step'] / rows[0]['ms_per_step']:>7.1f} {r['ops']:>9,} {r['ops_per_token']:>10,.0f} "
+              f"{r['ms_per_step'] / rows[0]['ms_per_step']:>7.1f} {r['test_s']:>7.1f} {r['ms_per_step']:>11.1f} "
+              f"{r['ops']:>9,} {r['ops_per_token']:>10,.0f} "
               f"{r['computing_ops']:>9,}")

@@ -198,7 +198,8 @@ class FactoredRead(torch.autograd.Function):
     def forward(ctx, x, pre, post, scale, coef):
         ctx.save_for_backward(x, pre, post, scale, coef)
         S = scale.size(1)
-        return factored_read(x, pre[:, :S], post[:, :S], scale, coef)
+        read = (x.unsqueeze(1) * pre[:, :S]) @ coef  # (B, S, out)  (x ⊙ pre_s) A
+        return torch.bmm(scale.unsqueeze(1), read * post[:, :S]).squeeze(1)  # factored_read's sum, as one product
 
     @staticmethod
     def backward(ctx, grad):  # grad (B, out)

@@ -16,8 +16,9 @@ from test_train import tiny
 
 @pytest.mark.train
 def test_bench_times_the_timed_steps_of_every_rule(tmp_path, monkeypatch, capsys):
-    """With a clock that advances 5 ms per training step, every rule reads 5 ms/step and 4 sequences / 5 ms:
-    bench() times exactly `timed_steps` steps, after its warm-up steps."""
+    """With a clock that advances 5 ms per training step and 1 s per evaluation, every rule reads 5 ms/step and
+    4 sequences / 5 ms: bench() times exactly `timed_steps` steps, after its warm-up steps; and the final test
+    as a run's: the test, then the knock-out for a plastic rule."""
     now, build_training = [0.0], train.build_training
 
     def steps_of_5_ms(run, task, device):
@@ -27,7 +28,10 @@ def test_bench_times_the_timed_steps_of_every_rule(tmp_path, monkeypatch, capsys
             now[0] += 0.005
             return train_step(batch)
         return model, optimizer, step, graphed
+    def evaluations_of_1_s(*args, **kwargs):
+        now[0] += 1.0
     monkeypatch.setattr(bench, "build_training", steps_of_5_ms)
+    monkeypatch.setattr(bench, "evaluate", evaluations_of_1_s)
     monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     rows = bench.bench(tiny(tmp_path, batch_size=4), timed_steps=3)
     assert [r["rule"] for r in rows] == list(train.RULES), "one row per rule: none, hebbian, gradient"
@@ -35,6 +39,8 @@ def test_bench_times_the_timed_steps_of_every_rule(tmp_path, monkeypatch, capsys
         assert r["ms_per_step"] == pytest.approx(5.0), f"{r['rule']}: 3 timed steps of 5 ms should read 5 ms/step, got {r['ms_per_step']}"
         assert r["per_second"] == pytest.approx(4 / 0.005), f"{r['rule']}: 4 sequences per 5 ms are 800/s, got {r['per_second']}"
         assert r["ops_per_token"] == pytest.approx(r["ops"] / r["tokens"]) and r["ops"] > 0, f"{r['rule']}: no operations counted"
+        evaluations = 1 if r["rule"] == "none" else 2  # the test, and a plastic rule's knock-out
+        assert r["test_s"] == pytest.approx(evaluations), f"{r['rule']}: the final test is {evaluations} evaluations of 1 s, got {r['test_s']}"
     out = capsys.readouterr().out
     assert "ms/step" in out and "ops/token" in out, "bench prints its table with times and operation counts"
 
