@@ -127,14 +127,21 @@ def inner_loss(head_output, weight):
     return (head_output * weight).pow(2).mean(dim=-1).sum()
 
 
+class InnerGradient:
+    """active while the gradient rule takes dL_t/dy_t (gradient_factors). That derivative reaches the layers
+    above only through their inputs at token t (not through their weights, nor through earlier tokens'
+    history), so FactoredRead and TokenLinear then compute their input's gradient alone."""
+    active = False
+
+
 def gradient_factors(records, loss, create_graph):
     """Gradient rule (Duan et al.): G_t = dL_t/dF for this token alone. With y = x (W + F) + b,
     dL_t/dF = pre_t ⊗ dL_t/dy_t: autograd gives dL_t/dy_t, the outer product the rest."""
-    FactoredRead.only_dx = True  # dL_t/dy_t reaches the layers above through their inputs, never their history
+    InnerGradient.active = True
     try:
         deltas = torch.autograd.grad(loss, [y for _, y, _ in records], create_graph=create_graph)
     finally:
-        FactoredRead.only_dx = False
+        InnerGradient.active = False
     return [(pre, delta) for (pre, _, _), delta in zip(records, deltas)]
 
 
@@ -189,10 +196,7 @@ class FactoredRead(torch.autograd.Function):
         dpre_s = c_s x ⊙ v_s,  dpost_s = c_s g ⊙ (u_s A),  dc_s = <g ⊙ post_s, u_s A>,  dA = sum_bs c_s u_s^T (g ⊙ post_s)
     Under create_graph (the gradient rule differentiates its own update) dx is computed by this Function
     too, so the second-order pass stays as lean; the other derivatives are then plain autograd operations.
-    only_dx (set while the gradient rule takes dL_t/dy_t, which earlier tokens' history does not lead to):
-    the backward pass computes dx alone."""
-
-    only_dx = False
+    While InnerGradient.active the backward pass computes dx alone."""
 
     @staticmethod
     def forward(ctx, x, pre, post, scale, coef):
@@ -206,7 +210,7 @@ class FactoredRead(torch.autograd.Function):
         x, pre, post, scale, coef = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: dx differentiable, with this Function's memory
             dx = FactoredRead.apply(grad, post, pre, scale, coef.t())
-            if FactoredRead.only_dx:
+            if InnerGradient.active:
                 return dx, None, None, None, None
         S, T = scale.size(1), pre.size(1)
         P, Q, c = pre[:, :S], post[:, :S], scale.unsqueeze(-1)  # (B, S, in), (B, S, out), (B, S, 1)
@@ -215,7 +219,7 @@ class FactoredRead(torch.autograd.Function):
         w = v * P  # (B, S, in)  pre_s ⊙ v_s
         if not torch.is_grad_enabled():
             dx = torch.bmm(scale.unsqueeze(1), w).squeeze(1)  # (B, in)
-            if FactoredRead.only_dx:
+            if InnerGradient.active:
                 return dx, None, None, None, None
         dscale = torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)  # (B, S): <u_s A, g ⊙ post_s> = <x ⊙ pre_s, v_s>
         cu = c * (x.unsqueeze(1) * P)  # (B, S, in)  c_s u_s
@@ -244,6 +248,68 @@ class AppendRow(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, grad.select(ctx.dim, ctx.t), None, None  # a view: autograd then never adds into grad in place
+
+
+class TokenLinear(torch.autograd.Function):
+    """y = x W + b for one token of the loop; W (in, out), b (out,) the slow weights, used at every token.
+    Autograd would compute dW = x^T g and db = sum g at every token and add them up (a product, a sum and
+    two additions per layer per token). Here the backward pass keeps (x, g) on the layer's tape instead,
+    and WeightTape, whose output every token used, runs after all of them and takes dW = X^T G over all
+    tokens at once. Under create_graph all three gradients come as autograd's, differentiable; while
+    InnerGradient.active only dx."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, tape):
+        ctx.save_for_backward(x, weight)
+        ctx.tape = tape
+        return torch.addmm(bias, x, weight)  # (B, out)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (B, out)
+        x, weight = ctx.saved_tensors
+        dx = grad @ weight.t()  # (B, in)
+        if InnerGradient.active:
+            return dx, None, None, None
+        if torch.is_grad_enabled():
+            return dx, x.t() @ grad, grad.sum(0), None
+        ctx.tape.append((x, grad))
+        return dx, None, None, None
+
+
+class WeightTape(torch.autograd.Function):
+    """(W, b) -> the same (W, b), for TokenLinear at every token, with the tape those tokens keep (x, g) on.
+    Every token takes its output, so its backward pass runs after theirs: dW = X^T G and db = sum G over
+    the tape, added to the gradients it receives (from create_graph's second-order terms; zeros otherwise)."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, tape):
+        ctx.tape = tape
+        return weight.view_as(weight), bias.view_as(bias)
+
+    @staticmethod
+    def backward(ctx, dweight, dbias):
+        if ctx.tape:
+            x, g = (torch.cat(z) for z in zip(*ctx.tape))  # (tokens B, in), (tokens B, out)
+            dweight, dbias = torch.addmm(dweight, x.t(), g), dbias + g.sum(0)
+            ctx.tape.clear()
+        return dweight, dbias, None
+
+
+class TokenLinears:
+    """The slow linear layers that the token loop applies at every token, each behind a WeightTape:
+    linears(layer, x) is layer(x) for one token x (B, in), by TokenLinear. For nn.Linear (weight (out, in))
+    and PlasticLinear (weight (in, out)) alike."""
+
+    def __init__(self, layers):
+        self.taped = {}
+        for layer in layers:
+            weight = layer.weight.t() if isinstance(layer, nn.Linear) else layer.weight  # (in, out)
+            tape = []
+            self.taped[layer] = (*WeightTape.apply(weight, layer.bias, tape), tape)
+
+    def __call__(self, layer, x):
+        weight, bias, tape = self.taped[layer]
+        return TokenLinear.apply(x, weight, bias, tape)
 
 
 class FactoredFastWeight:
@@ -297,8 +363,8 @@ class PlasticLinear(nn.Module):
             low, high = COEF_INITS[coef_init]
             self.coef = nn.Parameter(torch.empty(d_in, d_out).uniform_(low, high))
 
-    def forward(self, x, fast=None):
-        y = x @ self.weight + self.bias  # (..., out)
+    def forward(self, x, fast=None, linears=None):  # linears: TokenLinears, in the token loop
+        y = x @ self.weight + self.bias if linears is None else linears(self, x)  # (..., out)
         if isinstance(fast, FactoredFastWeight):
             y = y + fast.matmul(x, self.coef)
         elif fast is not None:  # x (B, in) for one token, fast (B, in, out)
@@ -318,10 +384,10 @@ class MLP(nn.Module):
         self.gelu = nn.GELU()
         self.proj = PlasticLinear(4 * C, C, plastic, coef_init)
 
-    def forward(self, x, fast=(None, None)):
-        pre_activation = self.fc(x, fast[0])  # (..., 4C)
+    def forward(self, x, fast=(None, None), linears=None):
+        pre_activation = self.fc(x, fast[0], linears)  # (..., 4C)
         hidden = self.gelu(pre_activation)
-        out = self.proj(hidden, fast[1])  # (..., C); the second layer has no nonlinearity of its own
+        out = self.proj(hidden, fast[1], linears)  # (..., C); the second layer has no nonlinearity of its own
         return out, [(x, pre_activation, hidden), (hidden, out, out)]
 
 
@@ -350,16 +416,17 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
 
-    def step(self, x, cache):
-        """x (B, C) is token t; cache holds the keys and values of tokens < t and receives token t's."""
+    def step(self, x, cache, linears):
+        """x (B, C) is token t; cache holds the keys and values of tokens < t and receives token t's.
+        linears: TokenLinears, which applies qkv and proj to one token."""
         B, C = x.shape
-        q, k, v = self.qkv(x).view(B, 3, self.n_head, C // self.n_head).unbind(1)  # (B, nh, hs) each
+        q, k, v = linears(self.qkv, x).view(B, 3, self.n_head, C // self.n_head).unbind(1)  # (B, nh, hs) each
         cache.append(k, v)
         keys, values = cache.keys, cache.values  # (B, nh, L, hs), L = tokens attended to
         scores = (keys @ q.unsqueeze(-1)).squeeze(-1) / math.sqrt(q.size(-1))  # (B, nh, L)
         weights = F.dropout(scores.softmax(dim=-1), self.dropout, self.training)
         y = (weights.unsqueeze(-2) @ values).squeeze(-2)  # (B, nh, hs)
-        return self.proj(y.reshape(B, C))
+        return linears(self.proj, y.reshape(B, C))
 
 
 class KVCache:
@@ -406,10 +473,10 @@ class Block(nn.Module):
     def attend(self, h):  # (B, T, C): the attention half, every token at once
         return h + self.drop(self.attn(self.ln_1(h)))
 
-    def step(self, h, cache, fast=(None, None)):  # h (B, C): one token; cache None: h has attended already
+    def step(self, h, cache, linears, fast=(None, None)):  # h (B, C): one token; cache None: h has attended already
         if cache is not None:
-            h = h + self.drop(self.attn.step(self.ln_1(h), cache))
-        out, records = self.mlp(self.ln_2(h), fast)
+            h = h + self.drop(self.attn.step(self.ln_1(h), cache, linears))
+        out, records = self.mlp(self.ln_2(h), fast, linears)
         return h + self.drop(out), records
 
 
@@ -536,6 +603,8 @@ class PlasticGPT(nn.Module):
         h = looped[0].attend(h)  # (B, T, C)
         keep_graph = torch.is_grad_enabled()  # False in evaluation under torch.no_grad()
         caches = [None] + [KVCache(T, detach=not keep_graph, window=cfg.attn_window) for _ in looped[1:]]
+        linears = TokenLinears([self.head] + [layer for i, block in enumerate(looped) for layer in
+                                              ((block.attn.qkv, block.attn.proj) if i > 0 else ()) + (block.mlp.fc, block.mlp.proj)])
         if cfg.fast_form == "dense":
             fast = [h.new_zeros(B, layer.in_features, layer.out_features) for layer in self.plastic_layers]
         else:
@@ -546,9 +615,9 @@ class PlasticGPT(nn.Module):
             with torch.enable_grad() if rule == "gradient" else nullcontext():
                 x_t, records, layer = h[:, t], [], iter(fast)
                 for block, cache in zip(looped, caches):
-                    x_t, block_records = block.step(x_t, cache, (next(layer), next(layer)) if block.plastic else (None, None))
+                    x_t, block_records = block.step(x_t, cache, linears, (next(layer), next(layer)) if block.plastic else (None, None))
                     records += block_records if block.plastic else []
-                head_output = self.head(self.ln_f(x_t))  # (B, units)
+                head_output = linears(self.head, self.ln_f(x_t))  # (B, units)
                 if rule != "none":
                     fast, stats = self._update_fast_weights(fast, records, head_output, eta, keep_graph, with_fast_norm)
                     trace.append(stats)

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from plastic import (AppendRow, CausalSelfAttention, Config, FactoredRead, PlasticGPT, PlasticLinear, factored_read,
-                     update_norm)
+from plastic import (AppendRow, CausalSelfAttention, Config, FactoredRead, PlasticGPT, PlasticLinear, TokenLinears,
+                     factored_read, update_norm)
 
 RULES = ("none", "hebbian", "gradient")
 PLASTIC_RULES = ("hebbian", "gradient")
@@ -262,9 +262,9 @@ def test_static_step_by_step_runs_the_blocks_above_the_first_through_the_kv_cach
     calls = []
     step, parallel = CausalSelfAttention.step, CausalSelfAttention.forward
 
-    def counted_step(self, x, cache):
+    def counted_step(self, x, cache, linears):
         calls.append("step")
-        return step(self, x, cache)
+        return step(self, x, cache, linears)
 
     def counted_parallel(self, x):
         calls.append("parallel")
@@ -280,7 +280,8 @@ def test_static_step_by_step_runs_the_blocks_above_the_first_through_the_kv_cach
 
 @pytest.mark.attention
 def test_step_by_step_equals_parallel():
-    """For rule 'none', the token loop with a KV cache computes exactly what the parallel pass does."""
+    """For rule 'none', the token loop with a KV cache computes exactly what the parallel pass does, and so do
+    the gradients (in the loop, the slow weights' come from TokenLinear's tapes, all tokens at once)."""
     for window in (None, 1, 2, 3):
         model = tiny_model("none", attn_window=window)
         x = random_tokens(T=12)
@@ -288,6 +289,9 @@ def test_step_by_step_equals_parallel():
         looped, _ = model(x, step_by_step=True)
         err = (parallel - looped).abs().max().item()
         assert err < 1e-12, f"step-by-step differs from parallel by {err:.2e} (attn_window={window})"
+        grads = [torch.autograd.grad(out.pow(2).sum(), list(model.parameters())) for out in (parallel, looped)]
+        for (name, _), a, b in zip(model.named_parameters(), *grads):
+            assert torch.allclose(a, b, atol=1e-12), f"gradient of {name}: step-by-step differs from parallel (attn_window={window})"
 
 
 @pytest.mark.attention
@@ -373,8 +377,8 @@ def test_hebbian_update_matches_outer_product_formula(max_norm, modulation, fast
     eta, decay, T, B = 0.5, 0.3, 3, 2
     model = tiny_model("hebbian", n_layer=1, eta=eta, decay=decay, max_norm=max_norm, modulation=modulation, fast_form=fast_form)
     mlp = model.blocks[0].mlp
-    fc_calls, gelu_calls, proj_calls, head_calls = [], [], [], []
-    for module, store in ((mlp.fc, fc_calls), (mlp.gelu, gelu_calls), (mlp.proj, proj_calls), (model.head, head_calls)):
+    fc_calls, gelu_calls, proj_calls, ln_f_calls = [], [], [], []  # ln_f: the head's input
+    for module, store in ((mlp.fc, fc_calls), (mlp.gelu, gelu_calls), (mlp.proj, proj_calls), (model.ln_f, ln_f_calls)):
         record_calls(module, store)
     out, info = model(random_tokens(B=B, T=T))
     A1, A2 = mlp.fc.coef.detach(), mlp.proj.coef.detach()
@@ -384,7 +388,7 @@ def test_hebbian_update_matches_outer_product_formula(max_norm, modulation, fast
             pre1, post1 = fc_calls[t][0][0][b].detach(), gelu_calls[t][1][b].detach()
             pre2, post2 = post1, proj_calls[t][1][b].detach()
             G1, G2 = torch.outer(pre1, post1), torch.outer(pre2, post2)
-            gate = 2 * torch.sigmoid(head_calls[t][1][b, -1].detach()) if modulation else 1.0
+            gate = 2 * torch.sigmoid(model.head(ln_f_calls[t][1][b])[-1].detach()) if modulation else 1.0
             rate, lam = eta * gate, decay * gate
             norm = torch.sqrt((G1 ** 2).sum() + (G2 ** 2).sum())
             step = rate * min(1.0, max_norm / norm.item())
@@ -418,12 +422,12 @@ def test_gradient_update_matches_autograd(max_norm, fast_form):
         fast = [torch.zeros_like(layer.weight) for layer in layers]
         for t in range(T):
             fast = [f.detach().requires_grad_() for f in fast]  # F_t, a leaf
-            head_calls = []
-            hook = record_calls(model.head, head_calls)
+            ln_f_calls = []  # the head's input
+            hook = record_calls(model.ln_f, ln_f_calls)
             weights = {name_of[id(layer.weight)]: layer.weight + f for layer, f in zip(layers, fast)}
             torch.func.functional_call(model, weights, (x[b:b + 1, :t + 1],), dict(eta=0.0))
             hook.remove()
-            o = head_calls[-1][1][0]  # (units,) token t's full head output
+            o = model.head(ln_f_calls[-1][1][0])  # (units,) token t's full head output
             err = (out[b, t] - o[:out.size(-1)]).abs().max().item()
             assert err < 1e-12, f"the output at t={t} differs by {err:.2e} from the one computed with F_t (sequence {b})"
             G = torch.autograd.grad(((o * model.inner_loss_weight) ** 2).mean(), fast)
@@ -564,6 +568,39 @@ def test_factored_read_only_dx_gives_dx_alone_and_the_same():
         assert torch.allclose(full, alone, atol=1e-12), f"only_dx changed dx (create_graph={create_graph})"
 
 
+@pytest.mark.model
+def test_token_linears_give_autograds_gradients_to_the_second_derivative():
+    """A three-token recurrence through an nn.Linear and a PlasticLinear applied by TokenLinears (dW taped and
+    taken once, after the last token) gives the gradients of the same recurrence through the layers
+    themselves; and under create_graph, the gradients of the input's gradient too."""
+    torch.manual_seed(0)
+    linear, plastic = torch.nn.Linear(4, 3).double(), PlasticLinear(3, 4, plastic=False).double()
+    torch.nn.init.normal_(plastic.weight)
+    x0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    params = [linear.weight, linear.bias, plastic.weight, plastic.bias]
+
+    def run(apply):
+        h = x0
+        for _ in range(3):
+            h = torch.tanh(plastic(torch.tanh(apply(linear, h)), linears=apply if apply is not plain else None))
+        return h.pow(2).sum()
+
+    def plain(layer, x):
+        return layer(x)
+    for create_graph in (False, True):
+        got, want = (torch.autograd.grad(run(apply), [x0] + params, create_graph=create_graph)
+                     for apply in (TokenLinears([linear, plastic]), plain))
+        for name, a, b in zip(("x", "W", "b", "W'", "b'"), got, want):
+            assert torch.allclose(a, b, atol=1e-12), f"d/d{name} differs from autograd's (create_graph={create_graph})"
+        if create_graph:
+            second = [torch.autograd.grad(grads[0].pow(2).sum(), params) for grads in (got, want)]
+            for name, a, b in zip(("W", "b", "W'", "b'"), *second):
+                assert torch.allclose(a, b, atol=1e-12), f"d/d{name} of dx differs from autograd's"
+
+
+@pytest.mark.attention
+@pytest.mark.hebbian
+@pytest.mark.gradient
 def test_append_row_writes_in_place_and_routes_each_rows_gradient_to_its_row():
     """A buffer grown row by row with AppendRow, each step reading (and autograd keeping) a view of the rows so
     far, gives autograd's gradients of the same computation on stacked rows; every step shares one memory."""
