@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from plastic import (AppendRow, CausalSelfAttention, Config, FactoredRead, PlasticGPT, PlasticLinear, TokenLinears,
-                     factored_read, update_norm)
+from plastic import (AppendRow, CausalSelfAttention, Config, FactoredRead, InnerGradient, PlasticGPT, PlasticLinear,
+                     TokenLinears, factored_read, update_norm)
 
 RULES = ("none", "hebbian", "gradient")
 PLASTIC_RULES = ("hebbian", "gradient")
@@ -554,18 +554,28 @@ def test_factored_read_equals_the_plain_form_to_the_second_derivative():
 
 
 @pytest.mark.gradient
-def test_factored_read_only_dx_gives_dx_alone_and_the_same():
-    """While the gradient rule takes dL_t/dy_t, FactoredRead.only_dx skips the history's gradients: dx is as
-    without it, with and without create_graph."""
-    inputs = read_inputs()
+def test_inner_gradient_gives_the_inputs_gradient_alone_and_the_same():
+    """While the gradient rule takes dL_t/dy_t (InnerGradient.active), FactoredRead and TokenLinear compute their
+    input's gradient alone: the same dx as without it, with and without create_graph, no gradient for the
+    other inputs, and nothing kept on a weight's tape."""
+    linear = torch.nn.Linear(6, 4).double()  # on the read's output (B, 6)
     for create_graph in (False, True):
-        full = torch.autograd.grad(FactoredRead.apply(*inputs).sum(), inputs, create_graph=create_graph)[0]
-        FactoredRead.only_dx = True
-        try:
-            alone = torch.autograd.grad(FactoredRead.apply(*inputs).sum(), inputs[0], create_graph=create_graph)[0]
-        finally:
-            FactoredRead.only_dx = False
-        assert torch.allclose(full, alone, atol=1e-12), f"only_dx changed dx (create_graph={create_graph})"
+        linears = TokenLinears([linear])
+        inputs = read_inputs()
+
+        def dx(active):
+            InnerGradient.active = active
+            try:
+                out = linears(linear, FactoredRead.apply(*inputs)).sum()
+                return torch.autograd.grad(out, inputs, create_graph=create_graph, allow_unused=True)
+            finally:
+                InnerGradient.active = False
+        tape = linears.taped[linear][2]
+        alone = dx(True)
+        assert not tape, f"TokenLinear kept {len(tape)} entries on the tape for an inner gradient"
+        full = dx(False)
+        assert torch.allclose(full[0], alone[0], atol=1e-12), f"InnerGradient changed dx (create_graph={create_graph})"
+        assert all(g is None for g in alone[1:]), "InnerGradient should leave the history, scale and A without gradient"
 
 
 @pytest.mark.model
