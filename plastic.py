@@ -190,10 +190,12 @@ def factored_read(x, pre, post, scale, coef):
 class FactoredRead(torch.autograd.Function):
     """factored_read(x, pre[:, :S], post[:, :S], scale, coef) with S = scale.size(1), where pre (B, T, in) and
     post (B, T, out) are history buffers (AppendRow): it keeps only its inputs, views of the buffers, and
-    its backward pass recomputes the rest, so a sequence's memory grows as T, not T^2. With v_s = (g ⊙ post_s) A^T
-    and u_s = x ⊙ pre_s, the derivatives of out = factored_read(...) for an upstream gradient g (B, out):
+    its backward pass recomputes the rest, so a sequence's memory grows as T, not T^2. With
+    v_s = (g ⊙ post_s) A^T and u_s = x ⊙ pre_s, the derivatives of out = factored_read(...) for an upstream
+    gradient g (B, out):
         dx = sum_s c_s pre_s ⊙ v_s        (the same read, pre and post swapped, A transposed)
-        dpre_s = c_s x ⊙ v_s,  dpost_s = c_s g ⊙ (u_s A),  dc_s = <g ⊙ post_s, u_s A>,  dA = sum_bs c_s u_s^T (g ⊙ post_s)
+        dpre_s = c_s x ⊙ v_s,  dpost_s = c_s g ⊙ (u_s A),  dc_s = <g ⊙ post_s, u_s A> = <u_s, v_s>,
+        dA = sum_{b,s} c_s u_s^T (g ⊙ post_s)
     Under create_graph (the gradient rule differentiates its own update) dx is computed by this Function
     too, so the second-order pass stays as lean; the other derivatives are then plain autograd operations.
     While InnerGradient.active the backward pass computes dx alone."""
@@ -603,8 +605,9 @@ class PlasticGPT(nn.Module):
         h = looped[0].attend(h)  # (B, T, C)
         keep_graph = torch.is_grad_enabled()  # False in evaluation under torch.no_grad()
         caches = [None] + [KVCache(T, detach=not keep_graph, window=cfg.attn_window) for _ in looped[1:]]
-        linears = TokenLinears([self.head] + [layer for i, block in enumerate(looped) for layer in
-                                              ((block.attn.qkv, block.attn.proj) if i > 0 else ()) + (block.mlp.fc, block.mlp.proj)])
+        per_token = [(b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj) if cache is not None else (b.mlp.fc, b.mlp.proj)
+                     for b, cache in zip(looped, caches)]  # the first looped block has attended already
+        linears = TokenLinears([self.head] + [layer for layers in per_token for layer in layers])
         if cfg.fast_form == "dense":
             fast = [h.new_zeros(B, layer.in_features, layer.out_features) for layer in self.plastic_layers]
         else:
