@@ -134,6 +134,7 @@ class InnerGradient:
     active = False
 
 
+@torch.compiler.disable  # runs as written under torch.compile, so that InnerGradient is set while autograd runs
 def gradient_factors(records, loss, create_graph):
     """Gradient rule (Duan et al.): G_t = dL_t/dF for this token alone. With y = x (W + F) + b,
     dL_t/dF = pre_t ⊗ dL_t/dy_t: autograd gives dL_t/dy_t, the outer product the rest."""
@@ -238,7 +239,10 @@ class AppendRow(torch.autograd.Function):
     what it read. The returned tensor has a version counter of its own (it is `rows.data`), so autograd
     does not take the later writes for changes to what was kept. Backward: the buffer's gradient passes
     through, and its row t is the row's (a view, so the two share memory; autograd sums into a gradient
-    in place only where nothing else refers to its memory)."""
+    in place only where nothing else refers to its memory).
+    torch.compile would trace this Function, FactoredRead and TokenLinear into graphs that lose what
+    they rely on (the shared memory, the tape), and so compute wrong gradients: the methods that call
+    them are marked torch.compiler.disable, so that they run as written between compiled parts."""
 
     @staticmethod
     def forward(ctx, rows, row, dim, t):
@@ -302,6 +306,7 @@ class TokenLinears:
     linears(layer, x) is layer(x) for one token x (B, in), by TokenLinear. For nn.Linear (weight (out, in))
     and PlasticLinear (weight (in, out)) alike."""
 
+    @torch.compiler.disable  # see AppendRow
     def __init__(self, layers):
         self.taped = {}
         for layer in layers:
@@ -309,6 +314,7 @@ class TokenLinears:
             tape = []
             self.taped[layer] = (*WeightTape.apply(weight, layer.bias, tape), tape)
 
+    @torch.compiler.disable  # see AppendRow
     def __call__(self, layer, x):
         weight, bias, tape = self.taped[layer]
         return TokenLinear.apply(x, weight, bias, tape)
@@ -328,10 +334,12 @@ class FactoredFastWeight:
     def empty(B, T, d_in, d_out, like):
         return FactoredFastWeight(like.new_zeros(B, T, d_in), like.new_zeros(B, T, d_out), like.new_zeros(B, 0))
 
+    @torch.compiler.disable  # see AppendRow
     def matmul(self, x, coef):
         """x F_t = sum_s c_s post_s ⊙ ((x ⊙ pre_s) A): x (B, in) -> (B, out)."""
         return FactoredRead.apply(x, self.pre, self.post, self.scale, coef)
 
+    @torch.compiler.disable  # see AppendRow
     def update(self, pre, post, scale):
         """F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ (pre_t ⊗ post_t): the new term written as row t, every term
         with its coefficient in scale = decayed_scale(self.scale, eta_t, lambda_t) (B, S+1)."""
@@ -444,6 +452,7 @@ class KVCache:
         self.t, self.key_rows, self.value_rows = 0, None, None  # tokens written; buffers (B, nh, T, hs)
         self.keys = self.values = None  # (B, nh, L, hs): what token t attends to
 
+    @torch.compiler.disable  # see AppendRow
     def append(self, k, v):  # k, v (B, nh, hs): the current token's
         if self.key_rows is None:
             self.key_rows, self.value_rows = (z.new_zeros(*z.shape[:2], self.length, z.size(-1)) for z in (k, v))

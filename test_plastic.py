@@ -610,6 +610,22 @@ def test_token_linears_give_autograds_gradients_to_the_second_derivative():
                 assert torch.allclose(a, b, atol=1e-12), f"d/d{name} of dx differs from autograd's"
 
 
+@pytest.mark.model
+@pytest.mark.parametrize("rule", PLASTIC_RULES)
+def test_torch_compile_computes_the_eager_models_outputs_and_gradients(rule):
+    """--compile: under torch.compile (its graph capture, with the eager backend, which is fast) the token loop
+    computes the same outputs and gradients. AppendRow, FactoredRead and TokenLinear rely on shared memory,
+    a tape and InnerGradient, which a traced graph loses; their callers run outside the graph."""
+    model = tiny_model(rule)  # two blocks: the second attends through the KV cache
+    x = random_tokens(T=3)
+    torch._dynamo.reset()
+    results = [model(x, fast_norm=False)[0] for model in (model, torch.compile(model, backend="eager"))]
+    grads = [torch.autograd.grad(out.pow(2).sum(), list(model.parameters())) for out in results]
+    assert torch.equal(*results), f"{rule}: compiled outputs differ from eager ones"
+    for (name, _), a, b in zip(model.named_parameters(), *grads):
+        assert torch.allclose(a, b, atol=1e-12), f"{rule}: the compiled model's gradient of {name} differs from eager"
+
+
 @pytest.mark.attention
 @pytest.mark.hebbian
 @pytest.mark.gradient

@@ -451,6 +451,9 @@ def test_cli_rejects_bad_arguments_with_exit_code_2(capsys, argv, message):
     ("--task copy --device cuda:7", "CUDA is not available"),
     ("--task copy --device gpu", "unknown device 'gpu'"),
     ("--task copy --plastic-blocks 5", "plastic_blocks"),
+    ("--task copy --rule gradient --compile", "--compile cannot run the gradient rule"),
+    ("--task copy --rule all --compile", "--compile cannot run the gradient rule"),
+    ("--task copy --bench --compile", "--compile cannot run the gradient rule"),
 ])
 def test_cli_bad_options_exit_2_with_one_sentence(tmp_path, capsys, offline, argv, message):
     if "cuda" in argv and torch.cuda.is_available():

@@ -98,7 +98,7 @@ class TrainConfig:
     overwrite: bool = False  # replace the run in its folder (without it or --resume, an existing run is refused)
     cuda_graph: bool = True  # on CUDA: record one training step as a CUDA graph and replay it (far fewer launches); ignored on the CPU
     bench: bool = False  # time training steps of each rule (none, hebbian, gradient) and count their operations instead of training; print a table (bench.py)
-    compile: bool = False  # torch.compile the model; the plastic rules' token loop compiles slowly (minutes)
+    compile: bool = False  # torch.compile the model (rules none and hebbian; the gradient rule's second order does not compile); the token loop compiles slowly (minutes)
     amp: bool = False  # bfloat16 autocast (CUDA only; ignored on the CPU)
     init_encoder: str | None = None  # image tasks: a run folder (its best.pt) or checkpoint whose Conv4 encoder starts this model; the rest starts fresh
 
@@ -883,6 +883,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             sections[section] = cls(**given)
         except ValueError as err:
             raise UsageError(str(err)) from err
+    tc = sections["train"]
+    if tc.compile and (tc.rule in ("gradient", "all") or tc.bench):
+        raise UsageError("--compile cannot run the gradient rule (torch.compile cannot differentiate through the rule's "
+                         "own gradient, a second-order derivative): use it with --rule hebbian or none, without --bench.")
     return RunConfig(**sections)
 
 
