@@ -619,7 +619,7 @@ def test_torch_compile_computes_the_eager_models_outputs_and_gradients(rule):
     model = tiny_model(rule)  # two blocks: the second attends through the KV cache
     x = random_tokens(T=3)
     torch._dynamo.reset()
-    results = [model(x, fast_norm=False)[0] for model in (model, torch.compile(model, backend="eager"))]
+    results = [run(x, fast_norm=False)[0] for run in (model, torch.compile(model, backend="eager"))]
     grads = [torch.autograd.grad(out.pow(2).sum(), list(model.parameters())) for out in results]
     assert torch.equal(*results), f"{rule}: compiled outputs differ from eager ones"
     for (name, _), a, b in zip(model.named_parameters(), *grads):
