@@ -20,8 +20,8 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from train import (GRAPH_WARMUP, RULES, RunConfig, build_training, device_name, eager_step_on_side_stream, evaluate,
-                   load_task, pick_device, record_cuda_graph, resolve, set_cpu_threads)
+from train import (GRAPH_WARMUP, RULES, RunConfig, build_training, device_name, eager_step_on_side_stream,
+                   final_evaluations, load_task, pick_device, record_cuda_graph, resolve, set_cpu_threads)
 
 
 class OpCounter(TorchDispatchMode):
@@ -73,16 +73,13 @@ def time_steps(train_step, batches, device, timed_steps: int) -> float:
 
 
 def time_final_test(model, task, tc, device) -> float:
-    """Seconds of a run's final test as train.final_test runs it (without writing its files): tc.test_episodes
-    episodes with the fast-weight trace, then for a plastic rule the knock-out on the same episodes without it."""
+    """Seconds of a run's final test, train.final_evaluations (without final_test's printing and files)."""
     def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     synchronize()
     started = time.perf_counter()
-    evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, amp=tc.amp)
-    if tc.rule != "none":
-        evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, eta=0.0, amp=tc.amp, fast_norm=False)
+    final_evaluations(model, task, tc, device)
     synchronize()
     return time.perf_counter() - started
 

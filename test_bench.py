@@ -30,8 +30,9 @@ def test_bench_times_the_timed_steps_of_every_rule(tmp_path, monkeypatch, capsys
         return model, optimizer, step, graphed
     def evaluations_of_1_s(*args, **kwargs):
         now[0] += 1.0
+        return torch.zeros(1), {}  # per-episode metric, trace
     monkeypatch.setattr(bench, "build_training", steps_of_5_ms)
-    monkeypatch.setattr(bench, "evaluate", evaluations_of_1_s)
+    monkeypatch.setattr(train, "evaluate", evaluations_of_1_s)  # what train.final_evaluations calls
     monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     rows = bench.bench(tiny(tmp_path, batch_size=4), timed_steps=3)
     assert [r["rule"] for r in rows] == list(train.RULES), "one row per rule: none, hebbian, gradient"

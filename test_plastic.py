@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import memory
 from plastic import (AppendRow, CausalSelfAttention, Config, FactoredRead, InnerGradient, PlasticGPT, PlasticLinear,
                      TokenLinears, factored_read, update_norm)
 
@@ -652,7 +653,6 @@ def test_append_row_writes_in_place_and_routes_each_rows_gradient_to_its_row():
 def test_memory_kept_for_backward_grows_linearly_with_the_sequence(rule):
     """What autograd keeps of a forward pass (memory.saved_bytes) grows by the same amount from 16 to 32 tokens
     as from 32 to 48, within 5%: no per-token copy of the history or the KV cache (that grew as T^2)."""
-    import memory
     model = tiny_model(rule, d_model=32, max_len=48)
     kept = [memory.saved_bytes(model, SimpleNamespace(x=random_tokens(B=2, T=T), images=None)) for T in (16, 32, 48)]
     first, second = kept[1] - kept[0], kept[2] - kept[1]

@@ -473,17 +473,26 @@ def format_time(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
-def final_test(model, task, tc: TrainConfig, device, run_dir: str) -> dict:
-    """The final test on fresh episodes (held-out classes for few-shot tasks); for the plastic rules
-    also the knock-out, the same episodes with eta = 0, and the modulation trace."""
+def final_evaluations(model, task, tc: TrainConfig, device):
+    """The final test's evaluations: tc.test_episodes fresh episodes (held-out classes for few-shot tasks)
+    with the fast-weight trace, and for the plastic rules the knock-out, the same episodes with eta = 0.
+    Returns the per-episode metric, the trace, and the knock-out's metric (None for the static model)."""
     values, trace = evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, amp=tc.amp)
+    knocked = None
+    if model.config.rule != "none":
+        knocked, _ = evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, eta=0.0,
+                              amp=tc.amp, fast_norm=False)
+    return values, trace, knocked
+
+
+def final_test(model, task, tc: TrainConfig, device, run_dir: str) -> dict:
+    """The final test (final_evaluations), printed, with the modulation trace written for the plastic rules."""
+    values, trace, knocked = final_evaluations(model, task, tc, device)
     results = dict(zip(("test_mean", "test_ci95"), mean_ci95(values)), test_episodes=tc.test_episodes,
                    knockout_mean=None, knockout_ci95=None)
     unit = sequence_unit(task)
     line = f"test {task.metric_name} {results['test_mean']:.4g} ± {results['test_ci95']:.2g} over {tc.test_episodes} {unit}"
-    if model.config.rule != "none":
-        knocked, _ = evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, eta=0.0,
-                              amp=tc.amp, fast_norm=False)
+    if knocked is not None:
         results.update(zip(("knockout_mean", "knockout_ci95"), mean_ci95(knocked)))
         line += f" | knock-out (eta=0) {results['knockout_mean']:.4g} ± {results['knockout_ci95']:.2g}"
         write_modulation_trace(run_dir, trace, model.config.rule)
