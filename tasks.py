@@ -33,6 +33,7 @@ from torch import Tensor
 
 TASKS = ("copy", "regression", "cue_reward", "omniglot", "cifar_fs")
 SPLITS = ("train", "val", "test")
+OMNIGLOT_SPLITS = ("vinyals", "lake")
 
 
 @dataclass
@@ -59,6 +60,8 @@ class TaskConfig:
     shot: int = 1                   # labelled support images per class (K)
     query: int = 1                  # unlabelled query images per class (Q)
     rotations: bool = True          # omniglot: rotations by 90/180/270 add training classes
+    omniglot_split: str = "vinyals" # omniglot classes: "vinyals" (1,028 / 172 / 423 characters of both archives: the split every paper and torchmeta report on) or "lake" (train on the background alphabets, test on the 20 evaluation alphabets: harder)
+    augment: bool = True            # cifar_fs: random crop (zero padding 4) and horizontal flip of every training image, as Duan et al. train; never in validation or test
     data_dir: str | None = None     # folder with omniglot/ and cifar100/; None: $PLASTIC_DATA or ./data
 
     def __post_init__(self):
@@ -78,6 +81,8 @@ class TaskConfig:
             raise ValueError(f"unknown regression mode {self.mode!r}; choose linear or mlp.")
         if self.way < 2:
             raise ValueError(f"way = {self.way} must be at least 2 (one class is no classification).")
+        if self.omniglot_split not in OMNIGLOT_SPLITS:
+            raise ValueError(f"unknown Omniglot split {self.omniglot_split!r}; choose one of {', '.join(OMNIGLOT_SPLITS)}.")
 
 
 @dataclass
@@ -268,6 +273,9 @@ class FewShot(Task):
         4   another 'ka'       [0, 0, 0]  1        True
         5   another 'ga'       [0, 0, 0]  2        True
 
+    CIFAR-FS training images are augmented (cfg.augment): each is a random crop of itself zero-padded by 4
+    pixels, mirrored with probability 1/2 (random_crop_and_flip). Validation and test images never are.
+
     `splits` maps train/val/test to uint8 arrays (classes, images per class, C, H, W); each is moved
     to a device the first time that device is asked for and kept there, so sampling is a few
     batched tensor operations with no per-image Python.
@@ -290,6 +298,7 @@ class FewShot(Task):
         self.image_shape = tuple(splits["train"].shape[2:])
         self.d_in = self.d_out = N
         self.seq_len = N * (K + Q)
+        self.augment = cfg.augment and cfg.name == "cifar_fs"        # training images only (sample)
         self.mean = torch.tensor(mean).view(-1, 1, 1)                # (C, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)                  # (C, 1, 1)
         self.on_device = {}                                          # (split, device) -> uint8 tensor
@@ -322,12 +331,40 @@ class FewShot(Task):
         target = torch.cat([support_label, query_label], 1)          # (B, T) int64
         pick = torch.cat([support_pick, query_pick], 1)              # (B, T) which image of its class
         images = data[classes.gather(1, target), pick]               # (B, T, C, H, W) uint8
+        if self.augment and split == "train":
+            images = random_crop_and_flip(images.flatten(0, 1), AUGMENT_PADDING, generator).view(images.shape)
         images = (images.float() / 255 - self.mean.to(device)) / self.std.to(device)
         x = F.one_hot(target, N).float()                             # (B, T, N)
         x[:, N * K:] = 0                                             # query labels are not shown
         mask = torch.zeros(B, self.seq_len, dtype=torch.bool, device=device)
         mask[:, N * K:] = True
         return Batch(x, images, target, mask)
+
+
+AUGMENT_PADDING = 4                 # cifar_fs training images: crops of the image zero-padded by 4 pixels
+
+
+def crop_and_flip(images, top, left, flip, padding):
+    """Each image zero-padded by `padding` pixels on every side, cropped back to its size at (top, left) of
+    the padded image, and mirrored left to right where `flip`: torchvision's RandomCrop(size, padding) and
+    RandomHorizontalFlip, with their random draws given. images (N, C, H, W); top, left (N,) int64 in
+    [0, 2 padding] (padding, padding: no shift); flip (N,) bool -> (N, C, H, W)."""
+    N, C, H, W = images.shape
+    arange = dict(device=images.device)
+    padded = F.pad(images, (padding,) * 4)                                       # (N, C, H + 2p, W + 2p)
+    rows = top[:, None] + torch.arange(H, **arange)                              # (N, H) rows of the crop
+    cols = left[:, None] + torch.arange(W, **arange)                             # (N, W) its columns
+    cols = torch.where(flip[:, None], cols.flip(1), cols)                        # mirrored: right to left
+    return padded[torch.arange(N, **arange).view(N, 1, 1, 1), torch.arange(C, **arange).view(1, C, 1, 1),
+                  rows.view(N, 1, H, 1), cols.view(N, 1, 1, W)]                  # (N, C, H, W)
+
+
+def random_crop_and_flip(images, padding, generator=None):
+    """crop_and_flip with every image's shift uniform in [-padding, padding] pixels each way and a flip with
+    probability 1/2, drawn on the images' device: data augmentation without torchvision. images (N, C, H, W)."""
+    N, rng = images.size(0), dict(device=images.device, generator=generator)
+    top, left = torch.randint(0, 2 * padding + 1, (2, N), **rng)
+    return crop_and_flip(images, top, left, torch.rand(N, **rng) < 0.5, padding)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,8 +377,10 @@ OMNIGLOT_FILES = {  # archive -> (official url, published md5, alphabets, charac
 }
 OMNIGLOT_DRAWINGS = 20              # drawings of every character
 OMNIGLOT_SIZE = 28                  # the 105x105 drawings are resized to this
-OMNIGLOT_VAL_CHARACTERS = 100       # background characters held out for validation
+OMNIGLOT_VAL_CHARACTERS = 100       # Lake's split: background characters held out for validation
 OMNIGLOT_VAL_SEED = 0               # fixes which ones, for every run
+OMNIGLOT_VINYALS_TEST = 423         # Vinyals's split: the last characters of the evaluation archive test
+OMNIGLOT_VINYALS_VAL_ALPHABETS = ("Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)")  # and validate
 CIFAR_FILES = {  # archive -> (official url, published md5)
     "cifar-100-python.tar.gz": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                                 "eb9058c3a382ffc7106e4002c42a8d85"),
@@ -547,21 +586,35 @@ def load_cifar100(data_dir=None) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 # Class splits and the one way to build any task.
 
-def omniglot_splits(data, rotations=True):
-    """Train: background characters (and their rotations); val: a fixed seeded set of background
-    characters; test: every evaluation character. Arrays (classes, 20, 1, 28, 28) and class names."""
-    background, names = data["background"], data["background_names"]
-    if OMNIGLOT_VAL_CHARACTERS >= len(background):
-        raise ValueError(f"only {len(background)} background characters, but {OMNIGLOT_VAL_CHARACTERS} are "
-                         f"held out for validation; use the official images_background.zip.")
-    held_out = np.random.default_rng(OMNIGLOT_VAL_SEED).permutation(len(background))
-    val, train = np.sort(held_out[:OMNIGLOT_VAL_CHARACTERS]), np.sort(held_out[OMNIGLOT_VAL_CHARACTERS:])
-    splits = {"train": background[train], "val": background[val], "test": data["evaluation"]}
-    class_names = {"train": list(names[train]), "val": list(names[val]), "test": list(data["evaluation_names"])}
+def omniglot_splits(data, rotations=True, split="vinyals"):
+    """Arrays (classes, 20, 1, 28, 28) and class names ('Alphabet/characterNN') of train, val and test.
+    "vinyals" (Vinyals et al. 2016, the literature's split): the 1,623 characters of both archives in archive
+    order; the last 423 test, the characters of five background alphabets validation (172), the other 1,028
+    train. "lake" (Lake et al. 2015): background characters train (a fixed seeded set of them validation),
+    every evaluation character tests, so every test alphabet is new. Rotations by 90/180/270 degrees make
+    new classes of the training characters only."""
+    images = np.concatenate([data["background"], data["evaluation"]])   # (characters, 20, 28, 28), archive order
+    names = np.concatenate([data["background_names"], data["evaluation_names"]])
+    background = np.arange(len(images)) < len(data["background"])
+    if split == "vinyals":
+        if OMNIGLOT_VINYALS_TEST > len(data["evaluation"]):
+            raise ValueError(f"only {len(data['evaluation'])} evaluation characters, but Vinyals's split tests on the "
+                             f"last {OMNIGLOT_VINYALS_TEST}; use the official images_evaluation.zip.")
+        test = np.arange(len(images)) >= len(images) - OMNIGLOT_VINYALS_TEST
+        val = background & np.isin([name.split("/")[0] for name in names], OMNIGLOT_VINYALS_VAL_ALPHABETS)
+    else:
+        if OMNIGLOT_VAL_CHARACTERS >= background.sum():
+            raise ValueError(f"only {background.sum()} background characters, but {OMNIGLOT_VAL_CHARACTERS} are "
+                             f"held out for validation; use the official images_background.zip.")
+        held_out = np.random.default_rng(OMNIGLOT_VAL_SEED).permutation(background.sum())[:OMNIGLOT_VAL_CHARACTERS]
+        test, val = ~background, np.isin(np.arange(len(images)), held_out)
+    chosen = {"train": ~(test | val), "val": val, "test": test}
+    splits = {part: images[which] for part, which in chosen.items()}
+    class_names = {part: list(names[which]) for part, which in chosen.items()}
     if rotations:                                                    # a rotated character is a new class
         splits["train"] = np.concatenate([np.rot90(splits["train"], k, axes=(2, 3)) for k in range(4)])
         class_names["train"] = [f"{name} rotated {90 * k}" for k in range(4) for name in class_names["train"]]
-    return {split: images[:, :, None] for split, images in splits.items()}, class_names   # add C = 1
+    return {part: images[:, :, None] for part, images in splits.items()}, class_names   # add C = 1
 
 
 def cifar_fs_splits(data):
@@ -579,7 +632,7 @@ def make_task_from_config(cfg: TaskConfig) -> Task:
     if cfg.name == "cue_reward":
         return CueReward(cfg)
     if cfg.name == "omniglot":                                       # images in [0, 1], strokes bright
-        splits, class_names = omniglot_splits(load_omniglot(cfg.data_dir), cfg.rotations)
+        splits, class_names = omniglot_splits(load_omniglot(cfg.data_dir), cfg.rotations, cfg.omniglot_split)
         return FewShot(cfg, splits, class_names, mean=(0.0,), std=(1.0,))
     splits, class_names = cifar_fs_splits(load_cifar100(cfg.data_dir))
     return FewShot(cfg, splits, class_names, mean=CIFAR_MEAN, std=CIFAR_STD)

@@ -293,25 +293,101 @@ def test_impossible_episodes_name_the_fix():
         make_task("copy").sample(2, "validation")
 
 
+def reference_crop_and_flip(image, top, left, flip, padding):
+    """One (C, H, W) image by hand: zero-pad, slice, mirror."""
+    C, H, W = image.shape
+    padded = np.zeros((C, H + 2 * padding, W + 2 * padding), image.dtype)
+    padded[:, padding:padding + H, padding:padding + W] = image
+    crop = padded[:, top:top + H, left:left + W]
+    return crop[:, :, ::-1] if flip else crop
+
+
 @pytest.mark.tasks
-def test_omniglot_splits_are_disjoint_and_rotations_are_new_classes():
+def test_crop_and_flip_equals_padding_slicing_and_mirroring_by_hand():
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, (40, 3, 6, 5), dtype=np.uint8)   # no zero pixel: padding shows as 0
+    top, left = rng.integers(0, 2 * 2 + 1, (2, 40))
+    flip = rng.random(40) < 0.5
+    found = tasks.crop_and_flip(torch.from_numpy(images), torch.from_numpy(top), torch.from_numpy(left),
+                                torch.from_numpy(flip), padding=2).numpy()
+    for i in range(40):
+        want = reference_crop_and_flip(images[i], top[i], left[i], flip[i], 2)
+        assert np.array_equal(found[i], want), f"image {i} (top {top[i]}, left {left[i]}, flip {flip[i]}) differs"
+    centre = torch.full((40,), 2)
+    mirrored = tasks.crop_and_flip(torch.from_numpy(images), centre, centre, torch.ones(40, dtype=torch.bool), 2)
+    assert torch.equal(mirrored, torch.from_numpy(images).flip(-1)), "a flipped, unshifted image is its mirror"
+    same = tasks.crop_and_flip(torch.from_numpy(images), centre, centre, torch.zeros(40, dtype=torch.bool), 2)
+    assert torch.equal(same, torch.from_numpy(images)), "unshifted and unflipped, an image stays itself"
+
+
+@pytest.mark.tasks
+def test_augmentation_changes_only_training_episodes_by_a_crop_and_flip():
+    """A CIFAR-FS-like task with and without augmentation, sampled from the same seed: validation and test
+    episodes are identical; every training image is one of the 9 x 9 shifts of its original, mirrored or not,
+    and both the shifts and the flips occur."""
+    rng = np.random.default_rng(0)
+    splits = {split: rng.integers(1, 256, (6, 4, 3, 8, 8), dtype=np.uint8) for split in SPLITS}
+    names = {split: [f"{split}{i}" for i in range(6)] for split in SPLITS}
+    plain, augmented = (FewShot(TaskConfig(name="cifar_fs", augment=augment), splits, names, (0.0,) * 3, (1.0,) * 3)
+                        for augment in (False, True))
+    assert augmented.augment and not plain.augment and not FewShot(
+        TaskConfig(name="omniglot"), splits, names, (0.0,) * 3, (1.0,) * 3).augment, "only cifar_fs is augmented"
+    for split in SPLITS:
+        a, b = (task.sample(16, split, generator=torch.Generator().manual_seed(1)) for task in (plain, augmented))
+        assert a.images.shape == b.images.shape == (16, 10, 3, 8, 8), f"{split}: augmentation keeps the shapes"
+        assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("x", "target", "mask")), \
+            f"{split}: augmentation must not change the episode, only its images"
+        if split != "train":
+            assert torch.equal(a.images, b.images), f"{split} images must never be augmented"
+            continue
+        originals = (a.images.flatten(0, 1) * 255).round().to(torch.uint8)   # mean 0, std 1: pixel / 255
+        found = (b.images.flatten(0, 1) * 255).round().to(torch.uint8)
+        kinds = set()
+        for original, image in zip(originals.numpy(), found.numpy()):
+            matches = [(top, left, flip) for top in range(9) for left in range(9) for flip in (False, True)
+                       if np.array_equal(image, reference_crop_and_flip(original, top, left, flip, 4))]
+            assert matches, "an augmented training image must be a shifted (and maybe mirrored) crop of its original"
+            kinds |= {((top, left) != (4, 4), flip) for top, left, flip in matches}
+        assert {flip for _, flip in kinds} == {False, True} and any(shifted for shifted, _ in kinds), \
+            "160 training images must include mirrored, unmirrored and shifted ones"
+
+
+@pytest.mark.tasks
+@pytest.mark.parametrize("split, sizes", [("lake", (30, 100, 7)), ("vinyals", (114, 20, 3))])
+def test_omniglot_splits_are_disjoint_and_rotations_are_new_classes(split, sizes, monkeypatch):
+    """13 background alphabets A0-A12 of 10 characters, 7 evaluation characters. Lake's split: 100 background
+    characters validate, the other 30 train, the evaluation ones test. Vinyals's rule, here with 3 test
+    characters and alphabets A1, A2 validating: the last 3 test, A1 and A2 validate, the other 114 train."""
+    monkeypatch.setattr(tasks, "OMNIGLOT_VINYALS_TEST", 3)
+    monkeypatch.setattr(tasks, "OMNIGLOT_VINYALS_VAL_ALPHABETS", ("A1", "A2"))
     rng = np.random.default_rng(0)
     data = {"background": rng.integers(0, 256, (130, 20, 28, 28), dtype=np.uint8),
-            "background_names": np.array([f"A{i // 10}/character{i:02d}" for i in range(130)]),
+            "background_names": np.array([f"A{i // 10}/character{i % 10 + 1:02d}" for i in range(130)]),
             "evaluation": rng.integers(0, 256, (7, 20, 28, 28), dtype=np.uint8),
-            "evaluation_names": np.array([f"E/character{i:02d}" for i in range(7)])}
-    splits, names = tasks.omniglot_splits(data, rotations=True)
-    assert {s: len(v) for s, v in splits.items()} == {"train": 120, "val": 100, "test": 7}, \
-        "expected 30 x 4 rotations / 100 / 7 classes"
+            "evaluation_names": np.array([f"E/character{i + 1:02d}" for i in range(7)])}
+    splits, names = tasks.omniglot_splits(data, rotations=True, split=split)
+    train, val, test = sizes
+    assert {s: len(v) for s, v in splits.items()} == {"train": 4 * train, "val": val, "test": test}, \
+        f"expected {train} x 4 rotations / {val} / {test} classes"
     assert splits["train"].shape[1:] == (20, 1, 28, 28), "split arrays are (classes, images, C, H, W)"
     characters = {s: {n.split(" rotated")[0] for n in v} for s, v in names.items()}
     assert not characters["train"] & characters["val"], "a validation character is also a training character"
     assert not (characters["train"] | characters["val"]) & characters["test"], "test characters must be unseen"
+    assert sum(map(len, characters.values())) == 137, "every character belongs to one split"
+    assert not any("rotated" in n for n in names["val"] + names["test"]), "only training characters are rotated"
     index = names["train"].index(names["train"][0].replace("rotated 0", "rotated 90"))
     assert np.array_equal(splits["train"][index], np.rot90(splits["train"][0], 1, axes=(2, 3))), \
         "a rotated class must hold the rotated drawings of its character"
-    assert names == tasks.omniglot_splits(data)[1], "the validation characters are fixed by a seed"
-    assert len(tasks.omniglot_splits(data, rotations=False)[0]["train"]) == 30, "without rotations: the 30 left"
+    all_names = list(data["background_names"]) + list(data["evaluation_names"])
+    images = {name: drawings for name, drawings in zip(all_names, np.concatenate([data["background"], data["evaluation"]]))}
+    assert all(np.array_equal(splits["test"][i, :, 0], images[n]) for i, n in enumerate(names["test"])), \
+        "each test class must hold its own character's drawings"
+    if split == "vinyals":
+        assert names["test"] == ["E/character05", "E/character06", "E/character07"], "the last characters test"
+        assert characters["val"] == {n for n in all_names if n.split("/")[0] in ("A1", "A2")}, "A1 and A2 validate"
+    assert names == tasks.omniglot_splits(data, split=split)[1], "the split is the same in every run"
+    assert len(tasks.omniglot_splits(data, rotations=False, split=split)[0]["train"]) == train, \
+        f"without rotations: the {train} training characters"
 
 
 @pytest.mark.tasks
@@ -362,6 +438,8 @@ def tiny_omniglot(tmp_path, monkeypatch):
     monkeypatch.setattr(tasks, "OMNIGLOT_FILES", files)
     monkeypatch.setattr(tasks, "OMNIGLOT_DRAWINGS", 3)
     monkeypatch.setattr(tasks, "OMNIGLOT_VAL_CHARACTERS", 2)
+    monkeypatch.setattr(tasks, "OMNIGLOT_VINYALS_TEST", 2)  # Vinyals's split: Alpha validates, Beta trains, Gamma tests
+    monkeypatch.setattr(tasks, "OMNIGLOT_VINYALS_VAL_ALPHABETS", ("Alpha",))
     return tmp_path
 
 
@@ -466,15 +544,20 @@ def test_a_hand_placed_archive_with_another_md5_is_reported_calmly(tiny_omniglot
 
 @pytest.mark.data
 def test_omniglot_task_end_to_end_on_tiny_archives(tiny_omniglot):
-    task = make_task("omniglot", data_dir=str(tiny_omniglot), way=2, shot=1, query=2)
+    vinyals = make_task("omniglot", data_dir=str(tiny_omniglot), way=2)
+    assert {s: len(v) for s, v in vinyals.class_names.items()} == {"train": 4, "val": 3, "test": 2}, \
+        "Vinyals's split (the default): expected 1 x 4 rotations / 3 / 2 classes"
+    task = make_task("omniglot", data_dir=str(tiny_omniglot), way=2, shot=1, query=2, omniglot_split="lake")
     assert {s: len(v) for s, v in task.class_names.items()} == {"train": 8, "val": 2, "test": 2}, \
-        "expected 2 x 4 rotations / 2 / 2 classes"
+        "Lake's split: expected 2 x 4 rotations / 2 / 2 classes"
     batch = task.sample(3, "test")
     assert batch.images.shape == (3, 6, 1, 28, 28) and task.image_shape == (1, 28, 28), \
         "omniglot images are (1, 28, 28)"
     assert 0 <= batch.images.min() and batch.images.max() <= 1, "omniglot images lie in [0, 1]"
     with pytest.raises(ValueError, match="exceeds the 2 classes of the omniglot val split"):
-        make_task("omniglot", data_dir=str(tiny_omniglot), way=3)
+        make_task("omniglot", data_dir=str(tiny_omniglot), way=3, omniglot_split="lake")
+    with pytest.raises(ValueError, match="unknown Omniglot split 'vinyal'; choose one of vinyals, lake"):
+        make_task("omniglot", data_dir=str(tiny_omniglot), omniglot_split="vinyal")
 
 
 @pytest.mark.data
@@ -597,6 +680,7 @@ needs_omniglot = pytest.mark.skipif(not all(p.exists() for p in OMNIGLOT_REAL),
 needs_cifar = pytest.mark.skipif(not CIFAR_REAL.exists(), reason=f"{CIFAR_REAL} absent (set PLASTIC_DATA)")
 SMALL1 = REAL_DATA / "omniglot" / "images_background_small1.zip"
 SPLIT_JSON = REAL_DATA / "cifar_fs_split.json"
+VINYALS_JSON = REAL_DATA / "omniglot" / "vinyals_split.json"
 
 
 @pytest.fixture(scope="module")
@@ -621,14 +705,34 @@ def test_real_omniglot_counts_and_split(real_omniglot):
     assert alphabets == [30, 20], f"expected 30 background and 20 evaluation alphabets, found {alphabets}"
     assert np.median(data["evaluation"]) == 0 and data["evaluation"].max() == 255, \
         "strokes must be bright on a dark background"
-    sizes = {s: len(v) for s, v in real_omniglot.class_names.items()}
-    assert sizes == {"train": 864 * 4, "val": 100, "test": 659}, f"split sizes {sizes}"
-    characters = {s: {n.split(" rotated")[0] for n in v} for s, v in real_omniglot.class_names.items()}
-    assert not characters["train"] & characters["val"], "validation characters must not be trained on"
-    assert not (characters["train"] | characters["val"]) & characters["test"], "test characters must be unseen"
+    for task, sizes in ((real_omniglot, (1028, 172, 423)), (make_task("omniglot", data_dir=str(REAL_DATA), omniglot_split="lake"), (864, 100, 659))):
+        found = {s: len(v) for s, v in task.class_names.items()}
+        assert found == dict(zip(SPLITS, (4 * sizes[0], *sizes[1:]))), \
+            f"{task.cfg.omniglot_split}: split sizes {found}, expected {sizes} characters (training ones x 4 rotations)"
+        characters = {s: {n.split(" rotated")[0] for n in v} for s, v in task.class_names.items()}
+        assert not characters["train"] & characters["val"], "validation characters must not be trained on"
+        assert not (characters["train"] | characters["val"]) & characters["test"], "test characters must be unseen"
+        assert not any("rotated" in n for n in task.class_names["val"] + task.class_names["test"]), \
+            "only training characters are rotated"
     for split in SPLITS:
         batch = real_omniglot.sample(8, split, generator=torch.Generator().manual_seed(0))
         assert batch.images.shape == (8, 10, 1, 28, 28), f"{split}: 5-way 1-shot episodes of (1, 28, 28) images"
+
+
+@pytest.mark.realdata
+@needs_omniglot
+@pytest.mark.skipif(not VINYALS_JSON.exists(), reason=f"{VINYALS_JSON} absent (set PLASTIC_DATA)")
+def test_vinyals_split_equals_the_published_lists(real_omniglot):
+    """The default split, derived by its rule in tasks.omniglot_splits, against the published lists
+    (vinyals_split.json, which equals torchmeta's): the same characters in every split."""
+    published = json.loads(VINYALS_JSON.read_text())
+    for split in SPLITS:
+        listed = {f"{alphabet}/{character}" for archive in published[split].values()
+                  for alphabet, characters in archive.items() for character in characters}
+        found = {n.removesuffix(" rotated 0") for n in real_omniglot.class_names[split] if " rotated" not in n
+                 or n.endswith(" rotated 0")}
+        assert found == listed, (f"{split}: {len(found - listed)} characters not in the published split, "
+                                 f"{len(listed - found)} of it missing, e.g. {sorted(found ^ listed)[:3]}")
 
 
 @pytest.mark.realdata
@@ -654,9 +758,11 @@ def test_real_cifar_fs_counts_and_split(real_cifar_fs):
 
 @pytest.mark.realdata
 @needs_cifar
-def test_real_cifar_fs_images_are_normalised_per_channel(real_cifar_fs):
+def test_real_cifar_fs_images_are_normalised_per_channel(real_cifar_fs, monkeypatch):
     """Every channel of the images a task yields has mean ~0 and std ~1: 2,560 training images (the 64
-    training classes differ from the whole dataset, whose statistics the task uses, by under 0.03 std)."""
+    training classes differ from the whole dataset, whose statistics the task uses, by under 0.03 std),
+    without the augmentation's zero padding."""
+    monkeypatch.setattr(real_cifar_fs, "augment", False)
     images = real_cifar_fs.sample(256, "train", generator=torch.Generator().manual_seed(0)).images
     per_channel = images.transpose(0, 2).flatten(1)                # (C, pixels of every image)
     mean, std = per_channel.mean(1), per_channel.std(1)

@@ -10,6 +10,7 @@ synthetic image set built here (tasks.FewShot over random arrays), so no test ne
 or the network.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -234,6 +235,25 @@ def test_resume_without_a_checkpoint_or_with_other_options_is_refused(tmp_path):
     train.train(tiny(tmp_path, steps=2))
     with pytest.raises(train.UsageError, match="d_model"):
         train.train(tiny(tmp_path, resume=True, model=dict(d_model=32)))
+
+
+@pytest.mark.train
+def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was_trained():
+    """Runs saved before --split and --augment trained on Lake's split without augmentation: they resume with
+    those options, and are refused with the new defaults, naming the option; an option of another task is no
+    reason to refuse."""
+    def configs(name, **task):
+        current = dataclasses.asdict(RunConfig(task=TaskConfig(name=name, **task)))
+        saved = json.loads(json.dumps(current))
+        del saved["task"]["omniglot_split"], saved["task"]["augment"]
+        return saved, current
+    train.check_same_config(*configs("omniglot", omniglot_split="lake"), "old")
+    with pytest.raises(train.UsageError, match="task omniglot_split='lake', not 'vinyals'"):
+        train.check_same_config(*configs("omniglot"), "old")
+    train.check_same_config(*configs("cifar_fs", augment=False), "old")
+    with pytest.raises(train.UsageError, match="task augment=False, not True"):
+        train.check_same_config(*configs("cifar_fs"), "old")
+    train.check_same_config(*configs("copy"), "old")
 
 
 @pytest.mark.train

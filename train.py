@@ -40,7 +40,7 @@ import torch
 
 import memory
 from plastic import COEF_INITS, INITS, Config, Conv4, PlasticGPT
-from tasks import TASKS, TaskConfig, make_task_from_config
+from tasks import OMNIGLOT_SPLITS, TASKS, TaskConfig, make_task_from_config
 
 RULES = ("none", "hebbian", "gradient")
 
@@ -336,13 +336,20 @@ def read_encoder(path: str, model_cfg: Config) -> dict:
     return state
 
 
+# Task options added later, the task they act on, and what a run saved before them did: Lake's split, no augmentation.
+OPTIONS_ADDED = dict(omniglot_split=("omniglot", "lake"), augment=("cifar_fs", False))
+
+
 def check_same_config(saved: dict, current: dict, path: str) -> None:
     """A resumed run must use the model and task it was started with."""
     for section in ("model", "task"):
-        changed = [k for k in current[section] if k != "data_dir" and saved[section].get(k) != current[section][k]]
+        saved_section = dict(saved[section])
+        for k, (task, before) in OPTIONS_ADDED.items() if section == "task" else ():
+            saved_section.setdefault(k, before if task == current["task"]["name"] else current["task"][k])
+        changed = [k for k in current[section] if k != "data_dir" and saved_section.get(k) != current[section][k]]
         if changed:
             k = changed[0]
-            raise UsageError(f"{path} was trained with {section} {k}={saved[section].get(k)!r}, not "
+            raise UsageError(f"{path} was trained with {section} {k}={saved_section.get(k)!r}, not "
                              f"{current[section][k]!r}; resume with the run's own options.")
 
 
@@ -797,9 +804,9 @@ def compare(cfg: RunConfig) -> dict:
 # The command line, built from the three dataclasses: one flag per field, help from its comment.
 
 SKIPPED = dict(model={"d_in", "d_out", "max_len", "image_shape", "rule"}, task=set(), train=set())
-FLAG_NAMES = dict(task={"name": "task"})  # --task rather than --name
+FLAG_NAMES = dict(task={"name": "task", "omniglot_split": "split"})  # --task rather than --name, --split for Omniglot's
 CHOICES = dict(train={"rule": RULES + ("all",)}, model={"fast_form": ("factored", "dense"),
-               "coef_init": tuple(COEF_INITS), "init": INITS}, task={"name": TASKS, "mode": ("linear", "mlp")})
+               "coef_init": tuple(COEF_INITS), "init": INITS}, task={"name": TASKS, "mode": ("linear", "mlp"), "omniglot_split": OMNIGLOT_SPLITS})
 SECTIONS = (("train", TrainConfig), ("model", Config), ("task", TaskConfig))  # the fields of RunConfig
 
 
