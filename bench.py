@@ -1,7 +1,7 @@
 """
 Speed: milliseconds per training step of each rule, peak GPU memory, and the aten operations a step launches.
 
-    python train.py --bench --task omniglot                                   # 10 tokens
+    python train.py --bench --task omniglot --batch-size 64                   # 10 tokens
     python train.py --bench --task copy --seq-len 20 --delay 40 --d-model 128 --n-layer 4   # 80 tokens
 
 Every rule runs with the same settings and the training step of train.py (forward, backward, gradient

@@ -61,7 +61,7 @@ class TaskConfig:
     query: int = 1                  # unlabelled query images per class (Q)
     rotations: bool = True          # omniglot: rotations by 90/180/270 add training classes
     omniglot_split: str = "vinyals" # omniglot classes: "vinyals" (1,028 / 172 / 423 characters of both archives: the split every paper and torchmeta report on) or "lake" (train on the background alphabets, test on the 20 evaluation alphabets: harder)
-    augment: bool = True            # cifar_fs: random crop (zero padding 4) and horizontal flip of every training image, as Duan et al. train; never in validation or test
+    augment: bool = True            # training images shifted at random (and CIFAR-FS's also mirrored): AUGMENTATION; never in validation or test
     data_dir: str | None = None     # folder with omniglot/ and cifar100/; None: $PLASTIC_DATA or ./data
 
     def __post_init__(self):
@@ -273,8 +273,8 @@ class FewShot(Task):
         4   another 'ka'       [0, 0, 0]  1        True
         5   another 'ga'       [0, 0, 0]  2        True
 
-    CIFAR-FS training images are augmented (cfg.augment): each is a random crop of itself zero-padded by 4
-    pixels, mirrored with probability 1/2 (random_crop_and_flip). Validation and test images never are.
+    Training images are augmented (cfg.augment): each is a random crop of itself zero-padded by a few
+    pixels, and CIFAR-FS's are mirrored with probability 1/2 (AUGMENTATION). Validation and test images never are.
 
     `splits` maps train/val/test to uint8 arrays (classes, images per class, C, H, W); each is moved
     to a device the first time that device is asked for and kept there, so sampling is a few
@@ -298,7 +298,7 @@ class FewShot(Task):
         self.image_shape = tuple(splits["train"].shape[2:])
         self.d_in = self.d_out = N
         self.seq_len = N * (K + Q)
-        self.augment = cfg.augment and cfg.name == "cifar_fs"        # training images only (sample)
+        self.augmentation = AUGMENTATION[cfg.name] if cfg.augment else None   # (padding, flip), training images only
         self.mean = torch.tensor(mean).view(-1, 1, 1)                # (C, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)                  # (C, 1, 1)
         self.on_device = {}                                          # (split, device) -> uint8 tensor
@@ -331,8 +331,8 @@ class FewShot(Task):
         target = torch.cat([support_label, query_label], 1)          # (B, T) int64
         pick = torch.cat([support_pick, query_pick], 1)              # (B, T) which image of its class
         images = data[classes.gather(1, target), pick]               # (B, T, C, H, W) uint8
-        if self.augment and split == "train":
-            images = random_crop_and_flip(images.flatten(0, 1), AUGMENT_PADDING, generator).view(images.shape)
+        if self.augmentation is not None and split == "train":
+            images = random_crop_and_flip(images.flatten(0, 1), *self.augmentation, generator).view(images.shape)
         images = (images.float() / 255 - self.mean.to(device)) / self.std.to(device)
         x = F.one_hot(target, N).float()                             # (B, T, N)
         x[:, N * K:] = 0                                             # query labels are not shown
@@ -341,7 +341,12 @@ class FewShot(Task):
         return Batch(x, images, target, mask)
 
 
-AUGMENT_PADDING = 4                 # cifar_fs training images: crops of the image zero-padded by 4 pixels
+# Training images: (padding, flip) of random_crop_and_flip. CIFAR-FS as CIFAR is usually trained (and as Duan et al.
+# train, who also jitter colours): a crop of the image zero-padded by 4 pixels, mirrored half the time. Omniglot: shifts by up to 2 pixels
+# and no mirror (a mirrored character can be another one); on an H200, 8,000 steps at batch 256 on Vinyals's split
+# (README, "Few-shot on the literature's splits"), they took the test accuracy from 98.42 to 98.70 (Hebbian) and
+# from 98.60 to 98.86 (static): each within its 95% interval (+-0.35), both the same way.
+AUGMENTATION = {"omniglot": (2, False), "cifar_fs": (4, True)}
 
 
 def crop_and_flip(images, top, left, flip, padding):
@@ -359,12 +364,13 @@ def crop_and_flip(images, top, left, flip, padding):
                   rows.view(N, 1, H, 1), cols.view(N, 1, 1, W)]                  # (N, C, H, W)
 
 
-def random_crop_and_flip(images, padding, generator=None):
-    """crop_and_flip with every image's shift uniform in [-padding, padding] pixels each way and a flip with
-    probability 1/2, drawn on the images' device: data augmentation without torchvision. images (N, C, H, W)."""
+def random_crop_and_flip(images, padding, flip=True, generator=None):
+    """crop_and_flip with every image's shift uniform in [-padding, padding] pixels each way and, if flip, a
+    mirror with probability 1/2, drawn on the images' device: data augmentation without torchvision.
+    images (N, C, H, W)."""
     N, rng = images.size(0), dict(device=images.device, generator=generator)
     top, left = torch.randint(0, 2 * padding + 1, (2, N), **rng)
-    return crop_and_flip(images, top, left, torch.rand(N, **rng) < 0.5, padding)
+    return crop_and_flip(images, top, left, (torch.rand(N, **rng) < 0.5) & flip, padding)
 
 
 # ----------------------------------------------------------------------------------------------

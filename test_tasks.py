@@ -45,14 +45,15 @@ def no_network(monkeypatch):
 
 def coded_task(way=3, shot=2, query=2, classes=(7, 5, 4), per_class=6, mean=(0.0,), std=(1.0,)):
     """A few-shot task on 2x2 images that spell out who they are: pixel (0, 0) is the class
-    (100 * split number + class index), pixel (0, 1) the image's number within its class."""
+    (100 * split number + class index), pixel (0, 1) the image's number within its class; not augmented,
+    so that the pixels stay where they are."""
     splits, names = {}, {}
     for number, (split, n) in enumerate(zip(SPLITS, classes)):
         images = np.zeros((n, per_class, 1, 2, 2), np.uint8)     # (classes, per_class, C, H, W)
         images[:, :, 0, 0, 0] = 100 * number + np.arange(n)[:, None]
         images[:, :, 0, 0, 1] = np.arange(per_class)
         splits[split], names[split] = images, [f"{split}{i}" for i in range(n)]
-    cfg = TaskConfig(name="omniglot", way=way, shot=shot, query=query)
+    cfg = TaskConfig(name="omniglot", way=way, shot=shot, query=query, augment=False)
     return FewShot(cfg, splits, names, mean, std)
 
 
@@ -321,17 +322,17 @@ def test_crop_and_flip_equals_padding_slicing_and_mirroring_by_hand():
 
 
 @pytest.mark.tasks
-def test_augmentation_changes_only_training_episodes_by_a_crop_and_flip():
-    """A CIFAR-FS-like task with and without augmentation, sampled from the same seed: validation and test
-    episodes are identical; every training image is one of the 9 x 9 shifts of its original, mirrored or not,
-    and both the shifts and the flips occur."""
+@pytest.mark.parametrize("name, padding, flips", [("cifar_fs", 4, True), ("omniglot", 2, False)])
+def test_augmentation_changes_only_training_episodes_by_a_crop_and_flip(name, padding, flips):
+    """A few-shot task with and without augmentation, sampled from the same seed: validation and test episodes
+    are identical; every training image is one of the shifts by up to `padding` pixels of its original,
+    mirrored or not (CIFAR-FS) or never mirrored (Omniglot), and shifts and mirrors both occur."""
     rng = np.random.default_rng(0)
     splits = {split: rng.integers(1, 256, (6, 4, 3, 8, 8), dtype=np.uint8) for split in SPLITS}
     names = {split: [f"{split}{i}" for i in range(6)] for split in SPLITS}
-    plain, augmented = (FewShot(TaskConfig(name="cifar_fs", augment=augment), splits, names, (0.0,) * 3, (1.0,) * 3)
+    plain, augmented = (FewShot(TaskConfig(name=name, augment=augment), splits, names, (0.0,) * 3, (1.0,) * 3)
                         for augment in (False, True))
-    assert augmented.augment and not plain.augment and not FewShot(
-        TaskConfig(name="omniglot"), splits, names, (0.0,) * 3, (1.0,) * 3).augment, "only cifar_fs is augmented"
+    assert augmented.augmentation == (padding, flips) and plain.augmentation is None, "--no-augment turns it off"
     for split in SPLITS:
         a, b = (task.sample(16, split, generator=torch.Generator().manual_seed(1)) for task in (plain, augmented))
         assert a.images.shape == b.images.shape == (16, 10, 3, 8, 8), f"{split}: augmentation keeps the shapes"
@@ -344,12 +345,14 @@ def test_augmentation_changes_only_training_episodes_by_a_crop_and_flip():
         found = (b.images.flatten(0, 1) * 255).round().to(torch.uint8)
         kinds = set()
         for original, image in zip(originals.numpy(), found.numpy()):
-            matches = [(top, left, flip) for top in range(9) for left in range(9) for flip in (False, True)
-                       if np.array_equal(image, reference_crop_and_flip(original, top, left, flip, 4))]
-            assert matches, "an augmented training image must be a shifted (and maybe mirrored) crop of its original"
-            kinds |= {((top, left) != (4, 4), flip) for top, left, flip in matches}
-        assert {flip for _, flip in kinds} == {False, True} and any(shifted for shifted, _ in kinds), \
-            "160 training images must include mirrored, unmirrored and shifted ones"
+            shifts = range(2 * padding + 1)
+            matches = [(top, left, flip) for top in shifts for left in shifts for flip in (False, True)
+                       if np.array_equal(image, reference_crop_and_flip(original, top, left, flip, padding))]
+            assert matches, f"an augmented training image must be a crop of its original, shifted by up to {padding}"
+            kinds |= {((top, left) != (padding, padding), flip) for top, left, flip in matches}
+        assert any(shifted for shifted, _ in kinds), "160 training images must include shifted ones"
+        assert {flip for _, flip in kinds} == ({False, True} if flips else {False}), \
+            "CIFAR-FS images are mirrored half the time, Omniglot's never"
 
 
 @pytest.mark.tasks
@@ -762,7 +765,7 @@ def test_real_cifar_fs_images_are_normalised_per_channel(real_cifar_fs, monkeypa
     """Every channel of the images a task yields has mean ~0 and std ~1: 2,560 training images (the 64
     training classes differ from the whole dataset, whose statistics the task uses, by under 0.03 std),
     without the augmentation's zero padding."""
-    monkeypatch.setattr(real_cifar_fs, "augment", False)
+    monkeypatch.setattr(real_cifar_fs, "augmentation", None)
     images = real_cifar_fs.sample(256, "train", generator=torch.Generator().manual_seed(0)).images
     per_channel = images.transpose(0, 2).flatten(1)                # (C, pixels of every image)
     mean, std = per_channel.mean(1), per_channel.std(1)

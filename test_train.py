@@ -247,9 +247,11 @@ def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was
         saved = json.loads(json.dumps(current))
         del saved["task"]["omniglot_split"], saved["task"]["augment"]
         return saved, current
-    train.check_same_config(*configs("omniglot", omniglot_split="lake"), "old")
+    train.check_same_config(*configs("omniglot", omniglot_split="lake", augment=False), "old")
     with pytest.raises(train.UsageError, match="task omniglot_split='lake', not 'vinyals'"):
-        train.check_same_config(*configs("omniglot"), "old")
+        train.check_same_config(*configs("omniglot", augment=False), "old")
+    with pytest.raises(train.UsageError, match="task augment=False, not True"):
+        train.check_same_config(*configs("omniglot", omniglot_split="lake"), "old")
     train.check_same_config(*configs("cifar_fs", augment=False), "old")
     with pytest.raises(train.UsageError, match="task augment=False, not True"):
         train.check_same_config(*configs("cifar_fs"), "old")
@@ -647,7 +649,8 @@ def test_smoke_runs_take_smaller_batches_and_fewer_episodes_and_say_so():
 @pytest.mark.cli
 def test_cli_task_defaults_and_choices_are_in_help_and_fill_the_model():
     help_text = " ".join(train.build_parser().format_help().split())
-    for shown in ("2000 for copy, regression, cue_reward; 4000 for omniglot, cifar_fs", "64 for every task",
+    for shown in ("2000 for copy, regression, cue_reward; 8000 for omniglot; 4000 for cifar_fs",
+                  "64 for copy, regression, cue_reward, cifar_fs; 256 for omniglot", "{vinyals,lake}",
                   "64 for copy, regression, cue_reward; 128 for omniglot, cifar_fs",
                   "0.01 for copy; 0.1 for regression, cue_reward, omniglot, cifar_fs",
                   "{factored,dense}", "{positive,negative,symmetric}", "{torch,gpt2}", "{linear,mlp}"):
