@@ -535,6 +535,8 @@ def test_mean_ci95_is_the_normal_interval_of_the_mean():
     want = 1.96 * np.std(values.numpy(), ddof=1) / np.sqrt(5)
     assert abs(mean - 0.54) < 1e-12, f"mean should be 0.54, got {mean}"
     assert abs(ci - want) < 1e-12, f"95% CI half-width should be 1.96 * sample std / sqrt(n) = {want:.6f}, got {ci:.6f}"
+    same = torch.full((100,), 0.2)  # float32, as episodes score: 100 x 0.2 has no spread at all
+    assert train.mean_ci95(same)[1] == 0.0, f"identical values have a CI of exactly 0, got {train.mean_ci95(same)[1]}"
 
 
 @pytest.mark.train
