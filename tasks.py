@@ -341,11 +341,12 @@ class FewShot(Task):
         return Batch(x, images, target, mask)
 
 
-# Training images: (padding, flip) of random_crop_and_flip. CIFAR-FS as CIFAR is usually trained (and as Duan et al.
-# train, who also jitter colours): a crop of the image zero-padded by 4 pixels, mirrored half the time. Omniglot: shifts by up to 2 pixels
-# and no mirror (a mirrored character can be another one); on an H200, 8,000 steps at batch 256 on Vinyals's split
-# (README, "Few-shot on the literature's splits"), they took the test accuracy from 98.42 to 98.70 and 98.56 in
-# two runs (Hebbian) and from 98.60 to 98.86 (static): each within its 95% interval (+-0.35), all the same way.
+# Training images: (padding, flip) of random_crop_and_flip. CIFAR-FS as CIFAR is usually trained (and as
+# Duan et al. train, who also jitter colours): a crop of the image zero-padded by 4 pixels, mirrored half
+# the time. Omniglot: shifts by up to 2 pixels and no mirror (a mirrored character can be another one);
+# on an H200, 8,000 steps at batch 256 on Vinyals's split (README, "Few-shot on the literature's splits"),
+# they took the test accuracy from 98.42 to 98.70 and 98.56 in two runs (Hebbian) and from 98.60 to 98.86
+# (static): each within its 95% interval (+-0.35), all the same way.
 AUGMENTATION = {"omniglot": (2, False), "cifar_fs": (4, True)}
 
 
@@ -385,8 +386,9 @@ OMNIGLOT_DRAWINGS = 20              # drawings of every character
 OMNIGLOT_SIZE = 28                  # the 105x105 drawings are resized to this
 OMNIGLOT_VAL_CHARACTERS = 100       # Lake's split: background characters held out for validation
 OMNIGLOT_VAL_SEED = 0               # fixes which ones, for every run
-OMNIGLOT_VINYALS_TEST = 423         # Vinyals's split: the last characters of the evaluation archive test
-OMNIGLOT_VINYALS_VAL_ALPHABETS = ("Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)")  # and validate
+OMNIGLOT_VINYALS_TEST = 423         # Vinyals's split: the last characters of the evaluation archive test,
+OMNIGLOT_VINYALS_VAL_ALPHABETS = (  # and the characters of these background alphabets validate
+    "Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)")
 CIFAR_FILES = {  # archive -> (official url, published md5)
     "cifar-100-python.tar.gz": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                                 "eb9058c3a382ffc7106e4002c42a8d85"),

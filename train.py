@@ -49,10 +49,10 @@ RULES = ("none", "hebbian", "gradient")
 # as given). An option given explicitly wins. Omniglot: 8,000 steps of 256 episodes, on Vinyals's split
 # with shifted training images, trained in 4.0 min (4.5 for the whole command) on an H200 and reached
 # 98.56 +- 0.35% and 98.70 +- 0.35% in two runs (Hebbian; the static model 98.86 +- 0.30%, the gradient
-# rule 98.50 +- 0.36% after 4,000 steps without shifts): README, "Few-shot on the literature's splits". Batch 256 rather than
-# 64: the token loop is bound by kernel launches, so 4x the episodes cost 1.7x the time per step
-# (Hebbian on an H100: 32.4 ms against 18.7, README "Speed"). Validation still rose by 0.1 point per
-# 1,000 steps at the end of most runs (not of the default one, flat from step 6,000).
+# rule 98.50 +- 0.36% after 4,000 steps without shifts): README, "Few-shot on the literature's splits".
+# Batch 256 rather than 64: the token loop is bound by kernel launches, so 4x the episodes cost 1.7x
+# the time per step (Hebbian on an H100: 32.4 ms against 18.7, README "Speed"). Validation still rose
+# by 0.1 point per 1,000 steps at the end of most runs (not of the default one, flat from step 6,000).
 # CIFAR-FS: 4,000 steps at batch 64 have not been checked against other settings. Learning rate 1e-3
 # everywhere: 3e-4 took CIFAR-FS at attention window 1 from 1 to 3 of 3 Hebbian seeds, but was slightly
 # lower with full attention on Omniglot (97.4 against 97.9, Lake's split) and far slower on copy (0.181
@@ -341,20 +341,21 @@ def read_encoder(path: str, model_cfg: Config) -> dict:
     return state
 
 
-# Task options added later, the task they act on, and what a run saved before them did: Lake's split, no augmentation.
+# Task options added later: the tasks they act on, and what a run saved before them did (Lake's split,
+# no augmentation). For any other task the option changes nothing, so a saved run matches any value.
 OPTIONS_ADDED = dict(omniglot_split=(("omniglot",), "lake"), augment=(("omniglot", "cifar_fs"), False))
 
 
 def check_same_config(saved: dict, current: dict, path: str) -> None:
     """A resumed run must use the model and task it was started with."""
+    saved = {section: dict(saved[section]) for section in ("model", "task")}
+    for k, (applies, before) in OPTIONS_ADDED.items():
+        saved["task"].setdefault(k, before if current["task"]["name"] in applies else current["task"][k])
     for section in ("model", "task"):
-        saved_section = dict(saved[section])
-        for k, (applies, before) in OPTIONS_ADDED.items() if section == "task" else ():
-            saved_section.setdefault(k, before if current["task"]["name"] in applies else current["task"][k])
-        changed = [k for k in current[section] if k != "data_dir" and saved_section.get(k) != current[section][k]]
+        changed = [k for k in current[section] if k != "data_dir" and saved[section].get(k) != current[section][k]]
         if changed:
             k = changed[0]
-            raise UsageError(f"{path} was trained with {section} {k}={saved_section.get(k)!r}, not "
+            raise UsageError(f"{path} was trained with {section} {k}={saved[section].get(k)!r}, not "
                              f"{current[section][k]!r}; resume with the run's own options.")
 
 
