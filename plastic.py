@@ -52,6 +52,7 @@ class Config:
     n_head: int = 4  # attention heads per block
     d_model: int = 128  # residual stream width C
     max_len: int = 128  # longest sequence (size of the learned position embedding)
+    positions: bool = True  # add a learned position embedding to each token; False: none (a few-shot episode's order carries nothing, its label inputs tell queries from support, and with --train-way a test query then sits at no position that training gave only to support)
     dropout: float = 0.0  # dropout on attention weights and residual branches
     rule: str = "hebbian"  # fast-weight rule: "none" | "hebbian" | "gradient"
     eta: float | None = None  # base plasticity rate (before modulation and the norm bound); None: the rule's own (hebbian 1, gradient 0.1)
@@ -528,7 +529,7 @@ class PlasticGPT(nn.Module):
             self.encoder = Conv4(config.image_shape[0], config.encoder_channels)
             d_token += Conv4.out_features(config.image_shape, config.encoder_channels)
         self.embed = nn.Linear(d_token, C)
-        self.pos = nn.Embedding(config.max_len, C)
+        self.pos = nn.Embedding(config.max_len, C) if config.positions else None
         self.blocks = nn.ModuleList(Block(config, config.is_plastic(i)) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(C)
         # head units: [task outputs | extra units (gradient rule only) | modulator m_t (plastic, modulated)]
@@ -553,7 +554,8 @@ class PlasticGPT(nn.Module):
                 bound = 1 / math.sqrt(layer.in_features)  # as nn.Linear initialises itself; W is (in, out) here
                 nn.init.uniform_(layer.weight, -bound, bound)
                 nn.init.uniform_(layer.bias, -bound, bound)
-            nn.init.normal_(self.pos.weight, std=0.02)
+            if self.pos is not None:
+                nn.init.normal_(self.pos.weight, std=0.02)
             return
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
@@ -585,7 +587,9 @@ class PlasticGPT(nn.Module):
             if self.config.image_norm:  # unnormalised they are ~10x (Omniglot) to ~20x (CIFAR) the label's length
                 features = F.layer_norm(features, features.shape[-1:]) / math.sqrt(features.size(-1))  # (B, T, features)
             x = torch.cat([features, x], dim=-1)
-        h = self.embed(x) + self.pos(torch.arange(T, device=x.device))  # (B, T, C)
+        h = self.embed(x)  # (B, T, C)
+        if self.pos is not None:
+            h = h + self.pos(torch.arange(T, device=x.device))
         if self.config.rule == "none" and not step_by_step:
             out = self.head(self.ln_f(self._run_blocks(h, 0, len(self.blocks))))
             return out, self._static_info(out)

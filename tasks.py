@@ -57,6 +57,7 @@ class TaskConfig:
     cue_noise: float = 0.1          # cue_reward: std of the Gaussian noise on every cue presentation
     # few-shot classification (omniglot, cifar_fs)
     way: int = 5                    # classes per episode (N)
+    train_way: int | None = None    # classes per training episode (at least way; more classes to tell apart, as Prototypical Networks train 60-way); validation and test stay way-way; None: way
     shot: int = 1                   # labelled support images per class (K)
     query: int = 1                  # unlabelled query images per class (Q)
     rotations: bool = True          # omniglot: rotations by 90/180/270 add training classes
@@ -81,6 +82,8 @@ class TaskConfig:
             raise ValueError(f"unknown regression mode {self.mode!r}; choose linear or mlp.")
         if self.way < 2:
             raise ValueError(f"way = {self.way} must be at least 2 (one class is no classification).")
+        if self.train_way is not None and self.train_way < self.way:
+            raise ValueError(f"train_way = {self.train_way} must be at least way = {self.way} (or none, the same).")
         if self.omniglot_split not in OMNIGLOT_SPLITS:
             raise ValueError(f"unknown Omniglot split {self.omniglot_split!r}; choose one of {', '.join(OMNIGLOT_SPLITS)}.")
 
@@ -273,6 +276,11 @@ class FewShot(Task):
         4   another 'ka'       [0, 0, 0]  1        True
         5   another 'ga'       [0, 0, 0]  2        True
 
+    With train_way W > N (cfg.train_way), training episodes are W-way and validation and test ones
+    N-way: the label inputs and the outputs are W wide, an N-way episode shows labels 0..N-1 only, and
+    its loss and accuracy choose among the labels its support shows (among_shown), as a nearest-prototype
+    classifier compares a query with the episode's own classes alone.
+
     Training images are augmented (cfg.augment): each is a random crop of itself zero-padded by a few
     pixels, and CIFAR-FS's are mirrored with probability 1/2 (AUGMENTATION). Validation and test images never are.
 
@@ -286,18 +294,20 @@ class FewShot(Task):
 
     def __init__(self, cfg, splits, class_names, mean, std):
         super().__init__(cfg)
-        N, K, Q = cfg.way, cfg.shot, cfg.query
+        K, Q = cfg.shot, cfg.query
+        self.ways = dict(train=cfg.train_way or cfg.way, val=cfg.way, test=cfg.way)   # N of each split's episodes
         for split, images in splits.items():
             if K + Q > images.shape[1]:
                 raise ValueError(f"shot + query = {K + Q} exceeds the {images.shape[1]} images per "
                                  f"{cfg.name} class; lower --shot or --query.")
-            if N > images.shape[0]:
-                raise ValueError(f"way = {N} exceeds the {images.shape[0]} classes of the {cfg.name} "
-                                 f"{split} split; lower --way.")
+            if self.ways[split] > images.shape[0]:
+                flag = "--train-way" if self.ways[split] > cfg.way else "--way"
+                raise ValueError(f"{flag[2:].replace('-', '_')} = {self.ways[split]} exceeds the {images.shape[0]} "
+                                 f"classes of the {cfg.name} {split} split; lower {flag}.")
         self.splits, self.class_names = splits, class_names
         self.image_shape = tuple(splits["train"].shape[2:])
-        self.d_in = self.d_out = N
-        self.seq_len = N * (K + Q)
+        self.d_in = self.d_out = self.ways["train"]                  # labels 0..W-1
+        self.seq_len = self.ways["train"] * (K + Q)                  # the longest episode: a training one
         self.augmentation = AUGMENTATION[cfg.name] if cfg.augment else None   # (padding, flip), training images only
         self.mean = torch.tensor(mean).view(-1, 1, 1)                # (C, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)                  # (C, 1, 1)
@@ -312,7 +322,7 @@ class FewShot(Task):
 
     def sample(self, batch_size, split="train", device="cpu", generator=None):
         check_request(batch_size, split)
-        B, N, K, Q = batch_size, self.cfg.way, self.cfg.shot, self.cfg.query
+        B, N, K, Q = batch_size, self.ways[split], self.cfg.shot, self.cfg.query
         data = self.split_images(split, device)                            # (classes, per_class, C, H, W) uint8
         rng = dict(device=device, generator=generator)
         # the largest N of iid uniform keys: N distinct indices, uniformly chosen, in random order
@@ -334,11 +344,24 @@ class FewShot(Task):
         if self.augmentation is not None and split == "train":
             images = random_crop_and_flip(images.flatten(0, 1), *self.augmentation, generator).view(images.shape)
         images = (images.float() / 255 - self.mean.to(device)) / self.std.to(device)
-        x = F.one_hot(target, N).float()                             # (B, T, N)
+        x = F.one_hot(target, self.d_in).float()                     # (B, T, W): N-way shows labels 0..N-1
         x[:, N * K:] = 0                                             # query labels are not shown
-        mask = torch.zeros(B, self.seq_len, dtype=torch.bool, device=device)
+        mask = torch.zeros(B, N * (K + Q), dtype=torch.bool, device=device)
         mask[:, N * K:] = True
         return Batch(x, images, target, mask)
+
+    @staticmethod
+    def among_shown(out, batch):
+        """out (B, T, W) with the logits of the labels no support token shows set to -inf, so that an
+        episode's loss and accuracy choose among its own classes; a no-op where all W are shown."""
+        shown = (batch.x * ~batch.mask[..., None]).amax(1) > 0       # (B, W) labels of the support
+        return out.float().masked_fill(~shown[:, None, :], float("-inf"))
+
+    def loss(self, out, batch):
+        return super().loss(self.among_shown(out, batch), batch)
+
+    def metric(self, out, batch):
+        return super().metric(self.among_shown(out, batch), batch)
 
 
 # Training images: (padding, flip) of random_crop_and_flip. CIFAR-FS as CIFAR is usually trained (and as

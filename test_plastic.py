@@ -121,6 +121,26 @@ def test_invalid_config_is_rejected(options, words):
 
 
 @pytest.mark.model
+@pytest.mark.parametrize("step_by_step", [False, True])
+def test_without_positions_queries_do_not_see_the_support_order(step_by_step):
+    """positions=False: the outputs of a one-block static model at the last 3 tokens (queries) are the same
+    whatever the order of the 5 before them (support), in the parallel pass and the token loop alike, and
+    the model has max_len x d_model fewer parameters; with the position embedding they change (it is what
+    sees the order). One block: in a second one each support token carries what came before it."""
+    x = random_tokens(B=2, T=8)
+    shuffled = torch.cat([x[:, [3, 0, 4, 2, 1]], x[:, 5:]], dim=1)
+    plain, with_pos = tiny_model("none", positions=False, n_layer=1), tiny_model("none", n_layer=1)
+    for model, order_free in ((plain, True), (with_pos, False)):
+        model.eval()
+        out, _ = model(x, step_by_step=step_by_step)
+        out_shuffled, _ = model(shuffled, step_by_step=step_by_step)
+        same = torch.allclose(out[:, 5:], out_shuffled[:, 5:], atol=1e-12)
+        assert same == order_free, f"positions={model.config.positions}: the queries' outputs should " \
+            f"{'not ' if order_free else ''}depend on the support order"
+    assert with_pos.num_params() - plain.num_params() == 128 * 16, "the position embedding is max_len x d_model"
+
+
+@pytest.mark.model
 def test_sequence_longer_than_max_len_is_rejected():
     model = tiny_model("hebbian", max_len=4)
     with pytest.raises(ValueError, match="max_len"):

@@ -43,7 +43,7 @@ def no_network(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # Samplers (marker: tasks)
 
-def coded_task(way=3, shot=2, query=2, classes=(7, 5, 4), per_class=6, mean=(0.0,), std=(1.0,)):
+def coded_task(way=3, shot=2, query=2, classes=(7, 5, 4), per_class=6, mean=(0.0,), std=(1.0,), train_way=None):
     """A few-shot task on 2x2 images that spell out who they are: pixel (0, 0) is the class
     (100 * split number + class index), pixel (0, 1) the image's number within its class; not augmented,
     so that the pixels stay where they are."""
@@ -53,7 +53,7 @@ def coded_task(way=3, shot=2, query=2, classes=(7, 5, 4), per_class=6, mean=(0.0
         images[:, :, 0, 0, 0] = 100 * number + np.arange(n)[:, None]
         images[:, :, 0, 0, 1] = np.arange(per_class)
         splits[split], names[split] = images, [f"{split}{i}" for i in range(n)]
-    cfg = TaskConfig(name="omniglot", way=way, shot=shot, query=query, augment=False)
+    cfg = TaskConfig(name="omniglot", way=way, shot=shot, query=query, augment=False, train_way=train_way)
     return FewShot(cfg, splits, names, mean, std)
 
 
@@ -277,6 +277,7 @@ def test_loss_and_metric_count_only_masked_positions():
     ("regression", {"noise": -0.1}, "noise"),
     ("cue_reward", {"trial_len": 1}, "trial_len"),
     ("omniglot", {"way": 1}, "way"),
+    ("omniglot", {"way": 5, "train_way": 4}, "train_way = 4 must be at least way = 5"),
 ])
 def test_bad_options_raise_one_clear_sentence(name, options, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -292,6 +293,41 @@ def test_impossible_episodes_name_the_fix():
         coded_task(way=6)
     with pytest.raises(ValueError, match="unknown split"):
         make_task("copy").sample(2, "validation")
+    with pytest.raises(ValueError, match="train_way = 8 exceeds the 7 classes of the omniglot train split; lower --train-way"):
+        coded_task(way=3, train_way=8)
+
+
+@pytest.mark.tasks
+def test_train_way_trains_on_more_classes_and_tests_choose_among_their_own():
+    """--train-way 5 with --way 3: training episodes are 5-way, validation and test ones 3-way with labels
+    0..2 in 5-wide label inputs, and their loss and accuracy ignore the two labels their support never shows
+    (against cross-entropy and argmax over the first 3 logits, by hand in float64)."""
+    task = coded_task(way=3, shot=2, query=1, train_way=5)
+    assert (task.d_in, task.d_out, task.seq_len) == (5, 5, 15), "the model is sized for the training episodes"
+    generator = torch.Generator().manual_seed(0)
+    train = task.sample(4, "train", generator=generator)
+    codes, _ = decode_codes(train)
+    assert train.x.shape == (4, 15, 5) and train.mask.shape == (4, 15), "a training episode is 5-way: 10 support, 5 queries"
+    assert all(len(set(c.tolist())) == 5 for c in codes), "a training episode draws 5 classes"
+    for split in ("val", "test"):
+        batch = task.sample(6, split, generator=generator)
+        codes, _ = decode_codes(batch)
+        assert batch.x.shape == (6, 9, 5) and batch.mask.shape == (6, 9), f"a {split} episode is 3-way, in 5-wide labels"
+        assert (batch.x[..., 3:] == 0).all() and (batch.target < 3).all(), f"a {split} episode uses labels 0..2 only"
+        assert all(len(set(c.tolist())) == 3 for c in codes), f"a {split} episode draws 3 classes"
+        logits = torch.randn(6, 9, 5, generator=generator)
+        logits[..., 3:] += 100.0                                 # the hidden labels would win every argmax
+        among = logits.double()[..., :3]
+        log_p = among - among.exp().sum(-1, keepdim=True).log()  # (B, T, 3)
+        nll = -log_p.gather(-1, batch.target[..., None])[..., 0]
+        assert torch.isclose(task.loss(logits, batch).double(), nll[batch.mask].mean(), atol=1e-6), \
+            f"{split}: the loss is not the cross-entropy among the episode's 3 labels"
+        right = (among.argmax(-1) == batch.target).double()
+        assert torch.allclose(task.metric(logits, batch).double(), (right * batch.mask).sum(1) / batch.mask.sum(1)), \
+            f"{split}: the accuracy does not choose among the episode's 3 labels"
+    logits = torch.randn(4, 15, 5, generator=generator)
+    plain = F.cross_entropy(logits[train.mask], train.target[train.mask])
+    assert torch.isclose(task.loss(logits, train), plain), "with every label shown the loss is plain cross-entropy"
 
 
 def reference_crop_and_flip(image, top, left, flip, padding):

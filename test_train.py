@@ -239,13 +239,15 @@ def test_resume_without_a_checkpoint_or_with_other_options_is_refused(tmp_path):
 
 @pytest.mark.train
 def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was_trained():
-    """Runs saved before --split and --augment trained on Lake's split without augmentation: they resume with
-    those options, and are refused with the new defaults, naming the option; an option of another task is no
+    """Runs saved before --split, --augment, --train-way and --positions trained on Lake's split without
+    augmentation, on as many classes as they tested, with position embeddings: they resume with those
+    options, and are refused with the new defaults, naming the option; an option of another task is no
     reason to refuse."""
-    def configs(name, **task):
-        current = dataclasses.asdict(RunConfig(task=TaskConfig(name=name, **task)))
+    def configs(name, positions=True, **task):
+        current = dataclasses.asdict(RunConfig(model=Config(positions=positions), task=TaskConfig(name=name, **task)))
         saved = json.loads(json.dumps(current))
-        del saved["task"]["omniglot_split"], saved["task"]["augment"]
+        del saved["task"]["omniglot_split"], saved["task"]["augment"], saved["task"]["train_way"]
+        del saved["model"]["positions"]
         return saved, current
     train.check_same_config(*configs("omniglot", omniglot_split="lake", augment=False), "old")
     with pytest.raises(train.UsageError, match="task omniglot_split='lake', not 'vinyals'"):
@@ -256,6 +258,10 @@ def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was
     with pytest.raises(train.UsageError, match="task augment=False, not True"):
         train.check_same_config(*configs("cifar_fs"), "old")
     train.check_same_config(*configs("copy"), "old")
+    with pytest.raises(train.UsageError, match="model positions=True, not False"):
+        train.check_same_config(*configs("copy", positions=False), "old")
+    with pytest.raises(train.UsageError, match="task train_way=None, not 10"):
+        train.check_same_config(*configs("cifar_fs", augment=False, train_way=10), "old")
 
 
 @pytest.mark.train

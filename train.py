@@ -341,16 +341,19 @@ def read_encoder(path: str, model_cfg: Config) -> dict:
     return state
 
 
-# Task options added later: the tasks they act on, and what a run saved before them did (Lake's split,
-# no augmentation). For any other task the option changes nothing, so a saved run matches any value.
-OPTIONS_ADDED = dict(omniglot_split=(("omniglot",), "lake"), augment=(("omniglot", "cifar_fs"), False))
+# Options added later, by (section, name): the tasks they act on, and what a run saved before them did
+# (Lake's split, no augmentation, as many classes in training as in test, position embeddings). For any
+# other task the option changes nothing, so a saved run matches any value.
+FEW_SHOT = ("omniglot", "cifar_fs")
+OPTIONS_ADDED = {("task", "omniglot_split"): (("omniglot",), "lake"), ("task", "augment"): (FEW_SHOT, False),
+                 ("task", "train_way"): (FEW_SHOT, None), ("model", "positions"): (TASKS, True)}
 
 
 def check_same_config(saved: dict, current: dict, path: str) -> None:
     """A resumed run must use the model and task it was started with."""
     saved = {section: dict(saved[section]) for section in ("model", "task")}
-    for k, (applies, before) in OPTIONS_ADDED.items():
-        saved["task"].setdefault(k, before if current["task"]["name"] in applies else current["task"][k])
+    for (section, k), (applies, before) in OPTIONS_ADDED.items():
+        saved[section].setdefault(k, before if current["task"]["name"] in applies else current[section][k])
     for section in ("model", "task"):
         changed = [k for k in current[section] if k != "data_dir" and saved[section].get(k) != current[section][k]]
         if changed:
