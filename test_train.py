@@ -657,8 +657,8 @@ def test_smoke_runs_take_smaller_batches_and_fewer_episodes_and_say_so():
 @pytest.mark.cli
 def test_cli_task_defaults_and_choices_are_in_help_and_fill_the_model():
     help_text = " ".join(train.build_parser().format_help().split())
-    for shown in ("2000 for copy, regression, cue_reward; 8000 for omniglot; 4000 for cifar_fs",
-                  "64 for copy, regression, cue_reward, cifar_fs; 256 for omniglot", "{vinyals,lake}",
+    for shown in ("2000 for copy, regression, cue_reward; 8000 for omniglot, cifar_fs",
+                  "64 for copy, regression, cue_reward; 256 for omniglot, cifar_fs", "{vinyals,lake}",
                   "64 for copy, regression, cue_reward; 128 for omniglot, cifar_fs",
                   "0.01 for copy; 0.1 for regression, cue_reward, omniglot, cifar_fs",
                   "{factored,dense}", "{positive,negative,symmetric}", "{torch,gpt2}", "{linear,mlp}"):
