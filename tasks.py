@@ -301,9 +301,9 @@ class FewShot(Task):
                 raise ValueError(f"shot + query = {K + Q} exceeds the {images.shape[1]} images per "
                                  f"{cfg.name} class; lower --shot or --query.")
             if self.ways[split] > images.shape[0]:
-                flag = "--train-way" if self.ways[split] > cfg.way else "--way"
-                raise ValueError(f"{flag[2:].replace('-', '_')} = {self.ways[split]} exceeds the {images.shape[0]} "
-                                 f"classes of the {cfg.name} {split} split; lower {flag}.")
+                option = "train_way" if split == "train" and cfg.train_way else "way"
+                raise ValueError(f"{option} = {self.ways[split]} exceeds the {images.shape[0]} classes of the "
+                                 f"{cfg.name} {split} split; lower --{option.replace('_', '-')}.")
         self.splits, self.class_names = splits, class_names
         self.image_shape = tuple(splits["train"].shape[2:])
         self.d_in = self.d_out = self.ways["train"]                  # labels 0..W-1
