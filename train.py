@@ -47,14 +47,14 @@ RULES = ("none", "hebbian", "gradient")
 # Defaults per task for the options left at None: TrainConfig's steps, batch_size and lr, and on the
 # command line also the model's d_model, n_layer and decay (from Python, Config's own values are used as
 # given). An option given explicitly wins. Omniglot: 8,000 steps of 256 episodes, on Vinyals's split with
-# shifted training images, trained in 4.0 min (4.5 for the whole command) on an H200 and reached 98.56 +-
-# 0.35% and 98.70 +- 0.35% in two runs (Hebbian; the static model 98.86 +- 0.30%, the gradient rule 98.50
-# +- 0.36% after 4,000 steps without shifts): README, "Few-shot on the literature's splits". Batch 256
-# rather than 64: the token loop is bound by kernel launches, so 4x the episodes cost 1.7x the time per
-# step (Hebbian on an H100: 32.4 ms against 18.7, README "Speed"). Validation still rose by 0.1 point per
-# 1,000 steps at the end of most runs (not of the default one, flat from step 6,000). Training on 10
-# classes per episode (--train-way 10 --no-positions) did not beat it (Hebbian 98.84, static 98.72) at
-# twice the time. CIFAR-FS, the same 8,000 x 256, with mirrored and shifted training images: Hebbian
+# shifted training images, trained in 4.0 min (4.5 for the whole command) on an H200 and reached
+# 98.56 +- 0.35% and 98.70 +- 0.35% in two runs (Hebbian; the static model 98.86 +- 0.30%, the gradient
+# rule 98.50 +- 0.36% after 4,000 steps without shifts): README, "Few-shot on the literature's splits".
+# Batch 256 rather than 64: the token loop is bound by kernel launches, so 4x the episodes cost 1.7x the
+# time per step (Hebbian on an H100: 32.4 ms against 18.7, README "Speed"). Validation still rose by 0.1
+# point per 1,000 steps at the end of most runs (not of the default one, flat from step 6,000). Training
+# on 10 classes per episode (--train-way 10 --no-positions) did not beat it (Hebbian 98.84, static 98.72)
+# at twice the time. CIFAR-FS, the same 8,000 x 256, with mirrored and shifted training images: Hebbian
 # 67.16 +- 1.48% (4.7 min for the whole command on an H200), static 65.90 +- 1.53%, against 60.72 and
 # 61.40 at 4,000 x 64 (1.5 and 0.7 min; the static model without augmentation 56.86). Learning rate 1e-3
 # everywhere: 3e-4 took CIFAR-FS at attention window 1 from 1 to 3 of 3 Hebbian seeds, but was slightly
