@@ -63,7 +63,6 @@ class TaskConfig:
     rotations: bool = True          # omniglot: rotations by 90/180/270 add training classes
     omniglot_split: str = "vinyals" # omniglot classes: "vinyals" (1,028 / 172 / 423 characters of both archives: the split every paper and torchmeta report on) or "lake" (train on the background alphabets, test on the 20 evaluation alphabets: harder)
     augment: bool = True            # training images shifted at random (and CIFAR-FS's also mirrored): AUGMENTATION; never in validation or test
-    distort: bool = False           # with augment: training images also rotated, scaled and sheared a little at random (DISTORTION, by bilinear resampling)
     data_dir: str | None = None     # folder with omniglot/ and cifar100/; None: $PLASTIC_DATA or ./data
 
     def __post_init__(self):
@@ -342,13 +341,9 @@ class FewShot(Task):
         target = torch.cat([support_label, query_label], 1)          # (B, T) int64
         pick = torch.cat([support_pick, query_pick], 1)              # (B, T) which image of its class
         images = data[classes.gather(1, target), pick]               # (B, T, C, H, W) uint8
-        images = images.float() / 255                                # (B, T, C, H, W) in [0, 1]
         if self.augmentation is not None and split == "train":
-            flat = random_crop_and_flip(images.flatten(0, 1), *self.augmentation, generator)
-            if self.cfg.distort:
-                flat = affine_warp(flat, random_distortion(flat.size(0), **DISTORTION, **rng))
-            images = flat.view(images.shape)
-        images = (images - self.mean.to(device)) / self.std.to(device)
+            images = random_crop_and_flip(images.flatten(0, 1), *self.augmentation, generator).view(images.shape)
+        images = (images.float() / 255 - self.mean.to(device)) / self.std.to(device)
         x = F.one_hot(target, self.d_in).float()                     # (B, T, W): N-way shows labels 0..N-1
         x[:, N * K:] = 0                                             # query labels are not shown
         mask = torch.zeros(B, N * (K + Q), dtype=torch.bool, device=device)
@@ -400,32 +395,6 @@ def random_crop_and_flip(images, padding, flip=True, generator=None):
     N, rng = images.size(0), dict(device=images.device, generator=generator)
     top, left = torch.randint(0, 2 * padding + 1, (2, N), **rng)
     return crop_and_flip(images, top, left, (torch.rand(N, **rng) < 0.5) & flip, padding)
-
-
-# Training images' distortion (cfg.distort), after the shift: rotations up to 10 degrees, each axis
-# scaled by up to 15% and sheared by up to 0.2, each drawn uniformly; the affine distortions by which
-# Koch et al. (2015) trained one-shot Omniglot, without their translation (the shift does it).
-DISTORTION = dict(rotate=10.0, scale=0.15, shear=0.2)
-
-
-def affine_warp(images, matrix):
-    """Each image resampled (bilinear, zero outside) at matrix @ (x, y, 1) for every output pixel's centre
-    (x, y), in coordinates running from -1 to 1 across the image (F.affine_grid's). images (N, C, H, W);
-    matrix (N, 2, 3) -> (N, C, H, W)."""
-    grid = F.affine_grid(matrix, list(images.shape), align_corners=False)          # (N, H, W, 2)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def random_distortion(n, rotate, scale, shear, device="cpu", generator=None):
-    """(n, 2, 3) affine matrices rotation @ shear @ scale (no translation): the angle uniform in
-    [-rotate, rotate] degrees, each axis's scale in [1 - scale, 1 + scale], the shear in [-shear, shear]."""
-    u = torch.rand(n, 4, device=device, generator=generator) * 2 - 1                  # (n, 4) in [-1, 1)
-    angle, sx, sy, k = u[:, 0] * rotate * torch.pi / 180, 1 + u[:, 1] * scale, 1 + u[:, 2] * scale, u[:, 3] * shear
-    cos, sin, zero, one = angle.cos(), angle.sin(), torch.zeros_like(k), torch.ones_like(k)
-    rotation = torch.stack([cos, -sin, sin, cos], 1).view(n, 2, 2)
-    shearing = torch.stack([one, k, zero, one], 1).view(n, 2, 2)
-    scaling = torch.stack([sx, zero, zero, sy], 1).view(n, 2, 2)
-    return F.pad(rotation @ shearing @ scaling, (0, 1))                                # (n, 2, 3)
 
 
 # ----------------------------------------------------------------------------------------------
