@@ -56,8 +56,9 @@ RULES = ("none", "hebbian", "gradient")
 # point per 1,000 steps at the end of most runs (not of the default one, flat from step 6,000). Training
 # on 10 classes per episode (--train-way 10 --no-positions) did not beat it (Hebbian 98.84, static 98.72)
 # at twice the time. CIFAR-FS, the same 8,000 x 256, with mirrored and shifted training images: Hebbian
-# 67.16 +- 1.48% (4.7 min for the whole command on an H200), static 65.90 +- 1.53%, against 60.72 and
-# 61.40 at 4,000 x 64 (1.5 and 0.7 min; the static model without augmentation 56.86). Learning rate 1e-3
+# 66.12 +- 3.09% over three seeds (4.6-4.7 min for the whole command on an H200), static 65.45 +- 1.63%;
+# on seed 0 67.16 and 65.90 against 60.72 and 61.40 at 4,000 x 64 (1.5 and 0.7 min; the static model
+# without augmentation 56.86). Learning rate 1e-3
 # everywhere: 3e-4 took CIFAR-FS at attention window 1 from 1 to 3 of 3 Hebbian seeds, but was slightly
 # lower with full attention on Omniglot (97.4 against 97.9, Lake's split) and far slower on copy (0.181
 # against 0.020 after 2,000 steps); README, item 6. Copy's decay of 0.01: with attention window 1 the
