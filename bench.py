@@ -53,7 +53,7 @@ def count_ops(model, task, batch) -> OpCounter:
     """The aten operations of one forward pass, its loss and its backward pass, as training runs them.
     The gradients it leaves are cleared."""
     with OpCounter() as ops:
-        out, _ = model(batch.x, batch.images, fast_norm=False)
+        out, _ = model(batch.x, batch.images, fast_norm=False, context=batch.context)
         task.loss(out.float(), batch).backward()
     model.zero_grad(set_to_none=True)
     return ops

@@ -38,7 +38,7 @@ def saved_bytes(model, batch) -> int:
         return tensor
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = model(batch.x, batch.images, fast_norm=False)
+        out = model(batch.x, batch.images, fast_norm=False, context=batch.context)
         alive = [tensor for tensor in (ref() for ref in saved) if tensor is not None]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}
         kept = sum(nbytes for address, nbytes in storages.items() if address not in parameters)

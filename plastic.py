@@ -19,6 +19,12 @@ the output for token t is produced, changes by one of three rules (README, "Read
 
 m_t is a "modulator" unit of the output head, A a learned per-connection coefficient per layer.
 Shapes: B batch, T tokens, C = d_model channels, nh heads, hs = C / nh; fast weights (B, in, out).
+
+    out, info = model(x, context=S)           # tokens S.. are queries: each reads tokens < S and itself
+
+With `context=S` the first S tokens are the context (a few-shot episode's support set) and every later
+token a query that attends to them and to itself only and writes no fast weight, so no query sees
+another: the queries are answered as if each were alone after the support set (attention_mask).
 """
 
 import math
@@ -402,8 +408,24 @@ class MLP(nn.Module):
         return out, [(x, pre_activation, hidden), (hidden, out, out)]
 
 
+def attention_mask(T, window, context, device):
+    """(T, T) bool, query x key: what each token may attend to; None for plain causal attention.
+    Causal, within the last `window` tokens (None: all), and with a context S: token t >= S (a query)
+    attends to tokens < S and to itself only, never to another query."""
+    if window is None and context is None:
+        return None
+    t = torch.arange(T, device=device)
+    allowed = t[None, :] <= t[:, None]
+    if window is not None:
+        allowed &= t[None, :] > t[:, None] - window
+    if context is not None:
+        allowed &= (t[None, :] < context) | (t[None, :] == t[:, None])
+    return allowed
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention, optionally limited to a window of the last W tokens.
+    """Multi-head causal self-attention, optionally limited to a window of the last W tokens, and with a
+    context S to queries that see the context and themselves alone (attention_mask).
     forward(): the whole sequence at once (fused kernel); step(): one token against a KV cache, with
     explicit softmax attention, which (unlike the fused kernels) has a second derivative."""
 
@@ -413,28 +435,31 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
         dropout = self.dropout if self.training else 0.0
-        if self.window is None:
+        allowed = attention_mask(T, self.window, context, x.device)  # (T, T) query x key, or None
+        if allowed is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
-            t = torch.arange(T, device=x.device)
-            allowed = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - self.window)  # (T, T) query x key
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
 
-    def step(self, x, cache, linears):
+    def step(self, x, cache, linears, blocked=None):
         """x (B, C) is token t; cache holds the keys and values of tokens < t and receives token t's.
-        linears: TokenLinears, which applies qkv and proj to one token."""
+        linears: TokenLinears, which applies qkv and proj to one token. blocked: None (every key in the
+        cache), or the negated attention_mask's row t up to t, (t + 1,) bool, of which the cache's keys are
+        the last L."""
         B, C = x.shape
         q, k, v = linears(self.qkv, x).view(B, 3, self.n_head, C // self.n_head).unbind(1)  # (B, nh, hs) each
         cache.append(k, v)
         keys, values = cache.keys, cache.values  # (B, nh, L, hs), L = tokens attended to
         scores = (keys @ q.unsqueeze(-1)).squeeze(-1) / math.sqrt(q.size(-1))  # (B, nh, L)
+        if blocked is not None:
+            scores = scores.masked_fill(blocked[-keys.size(2):], float("-inf"))
         weights = F.dropout(scores.softmax(dim=-1), self.dropout, self.training)
         y = (weights.unsqueeze(-2) @ values).squeeze(-2)  # (B, nh, hs)
         return linears(self.proj, y.reshape(B, C))
@@ -478,16 +503,16 @@ class Block(nn.Module):
         self.mlp = MLP(config, plastic)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, h):  # (B, T, C), static weights
-        h = self.attend(h)
+    def forward(self, h, context=None):  # (B, T, C), static weights
+        h = self.attend(h, context)
         return h + self.drop(self.mlp(self.ln_2(h))[0])
 
-    def attend(self, h):  # (B, T, C): the attention half, every token at once
-        return h + self.drop(self.attn(self.ln_1(h)))
+    def attend(self, h, context=None):  # (B, T, C): the attention half, every token at once
+        return h + self.drop(self.attn(self.ln_1(h), context))
 
-    def step(self, h, cache, linears, fast=(None, None)):  # h (B, C): one token; cache None: h has attended already
+    def step(self, h, cache, linears, fast=(None, None), blocked=None):  # h (B, C): one token; cache None: h has attended already
         if cache is not None:
-            h = h + self.drop(self.attn.step(self.ln_1(h), cache, linears))
+            h = h + self.drop(self.attn.step(self.ln_1(h), cache, linears, blocked))
         out, records = self.mlp(self.ln_2(h), fast, linears)
         return h + self.drop(out), records
 
@@ -568,8 +593,10 @@ class PlasticGPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def forward(self, x, images=None, eta=None, step_by_step=False, fast_norm=True):
+    def forward(self, x, images=None, eta=None, step_by_step=False, fast_norm=True, context=None):
         """x (B, T, d_in), images (B, T, C, H, W) or None. eta overrides the config's (0.0: knock-out).
+        context: None, or S: tokens S.. are queries that read tokens < S and themselves only and write no
+        fast weight (their trace shows the rate eta_t they produce, a step and an update of 0).
         Returns out (B, T, d_out) and info: "eta" (B, T) the modulated rate eta_t before the bound,
         "step" (B, T) the rate after it, "update_norm" (B, T) ||G_t||, "fast_norm" (B, T) ||F_{t+1}||
         over all layers, and "fast_weights" the final F_T of every plastic layer (empty for "none").
@@ -580,6 +607,8 @@ class PlasticGPT(nn.Module):
         B, T, _ = x.shape
         if T > self.config.max_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_len={self.config.max_len}; raise max_len.")
+        if context is not None and not 0 <= context <= T:
+            raise ValueError(f"context = {context} must be between 0 and the sequence's {T} tokens.")
         if (images is None) != (self.encoder is None):
             raise ValueError("pass images exactly when the model has an image encoder (config.image_shape).")
         if images is not None:
@@ -591,9 +620,9 @@ class PlasticGPT(nn.Module):
         if self.pos is not None:
             h = h + self.pos(torch.arange(T, device=x.device))
         if self.config.rule == "none" and not step_by_step:
-            out = self.head(self.ln_f(self._run_blocks(h, 0, len(self.blocks))))
+            out = self.head(self.ln_f(self._run_blocks(h, 0, len(self.blocks), context)))
             return out, self._static_info(out)
-        return self._forward_token_by_token(h, self.config.base_rate() if eta is None else eta, fast_norm)
+        return self._forward_token_by_token(h, self.config.base_rate() if eta is None else eta, fast_norm, context)
 
     @staticmethod
     def _static_info(out):
@@ -601,21 +630,24 @@ class PlasticGPT(nn.Module):
         zeros = out.new_zeros(out.shape[:2])
         return dict(eta=zeros, step=zeros, update_norm=zeros, fast_norm=zeros, fast_weights=[])
 
-    def _run_blocks(self, h, start, stop):
+    def _run_blocks(self, h, start, stop, context=None):
         for block in self.blocks[start:stop]:
-            h = block(h)
+            h = block(h, context)
         return h
 
-    def _forward_token_by_token(self, h, eta, with_fast_norm):
+    def _forward_token_by_token(self, h, eta, with_fast_norm, context=None):
         """The fast weights make the network recurrent: blocks below the first plastic block run in
         parallel, and so does that block's attention, whose input no fast weight has touched yet; the
         rest (for the static model: every block but the first's attention) one token at a time with a
-        KV cache."""
+        KV cache. With a context S, a query (t >= S) masks the other queries' keys and writes nothing."""
         cfg, rule = self.config, self.config.rule
         B, T, _ = h.shape
-        h = self._run_blocks(h, 0, self.first_looped)
+        h = self._run_blocks(h, 0, self.first_looped, context)
         looped = self.blocks[self.first_looped:]
-        h = looped[0].attend(h)  # (B, T, C)
+        h = looped[0].attend(h, context)  # (B, T, C)
+        if context is not None:
+            blocked = ~attention_mask(T, cfg.attn_window, context, h.device)  # (T, T): keys a token may not see
+        writes = T if context is None else context  # tokens that update the fast weights
         keep_graph = torch.is_grad_enabled()  # False in evaluation under torch.no_grad()
         caches = [None] + [KVCache(T, detach=not keep_graph, window=cfg.attn_window) for _ in looped[1:]]
         per_token = [(b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj) if cache is not None else (b.mlp.fc, b.mlp.proj)
@@ -627,16 +659,19 @@ class PlasticGPT(nn.Module):
             fast = [FactoredFastWeight.empty(B, T, layer.in_features, layer.out_features, h) for layer in self.plastic_layers]
         outputs, trace = [], []
         for t in range(T):
+            row = blocked[t, :t + 1] if context is not None and t > context else None  # a query after the first masks the others
             # the gradient rule needs autograd for its own update, also when evaluating without a graph
-            with torch.enable_grad() if rule == "gradient" else nullcontext():
+            with torch.enable_grad() if rule == "gradient" and t < writes else nullcontext():
                 x_t, records, layer = h[:, t], [], iter(fast)
                 for block, cache in zip(looped, caches):
-                    x_t, block_records = block.step(x_t, cache, linears, (next(layer), next(layer)) if block.plastic else (None, None))
+                    x_t, block_records = block.step(x_t, cache, linears, (next(layer), next(layer)) if block.plastic else (None, None), row)
                     records += block_records if block.plastic else []
                 head_output = linears(self.head, self.ln_f(x_t))  # (B, units)
-                if rule != "none":
+                if rule != "none" and t < writes:
                     fast, stats = self._update_fast_weights(fast, records, head_output, eta, keep_graph, with_fast_norm)
                     trace.append(stats)
+                elif rule != "none":  # a query: the memory stays as the context left it
+                    trace.append(self._reading_stats(head_output, eta, trace[-1] if trace else None, with_fast_norm))
             outputs.append(head_output[:, :cfg.d_out] if keep_graph else head_output[:, :cfg.d_out].detach())
         out = torch.stack(outputs, dim=1)  # (B, T, d_out)
         if rule == "none":
@@ -647,12 +682,25 @@ class PlasticGPT(nn.Module):
                 info["fast_weights"] = [self._dense(f, layer) for f, layer in zip(fast, self.plastic_layers)]
         return out, info
 
+    def _rates(self, head_output, eta):
+        """eta_t (B,) and lambda_t from the modulator unit m_t of token t's head output."""
+        modulator = head_output[:, -1] if self.has_modulator else None  # m_t (B,)
+        rate, decay = modulated_rates(modulator, eta, self.config.decay)
+        return (rate if torch.is_tensor(rate) else head_output.new_full((head_output.size(0),), rate)), decay
+
+    def _reading_stats(self, head_output, eta, previous, with_fast_norm):
+        """The trace of a token that writes nothing (a query): the rate it produces, no step, no update,
+        the fast weights' norm unchanged."""
+        rate = self._rates(head_output, eta)[0].detach()
+        stats = dict(eta=rate, step=torch.zeros_like(rate), update_norm=torch.zeros_like(rate))
+        if with_fast_norm:
+            stats["fast_norm"] = previous["fast_norm"] if previous is not None else torch.zeros_like(rate)
+        return stats
+
     def _update_fast_weights(self, fast, records, head_output, eta, keep_graph, with_fast_norm):
         """After token t's output: F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ (pre_t ⊗ post_t), every plastic layer."""
         cfg = self.config
-        modulator = head_output[:, -1] if self.has_modulator else None  # m_t (B,)
-        rate, decay = modulated_rates(modulator, eta, cfg.decay)
-        rate = rate if torch.is_tensor(rate) else head_output.new_full((head_output.size(0),), rate)
+        rate, decay = self._rates(head_output, eta)
         if cfg.rule == "hebbian":
             factors = hebbian_factors(records)
         else:

@@ -60,6 +60,7 @@ class TaskConfig:
     train_way: int | None = None    # classes per training episode (at least way; more classes to tell apart, as Prototypical Networks train 60-way); validation and test stay way-way; None: way
     shot: int = 1                   # labelled support images per class (K)
     query: int = 1                  # unlabelled query images per class (Q)
+    isolate_queries: bool = True    # few-shot: each query sees the support set and itself alone, not the other queries, and writes no fast weight (inductive, as published few-shot results are tested); off: queries see the earlier ones, and with one query per class the last one's class is the class the others lack (README, "Queries that see each other")
     rotations: bool = True          # omniglot: rotations by 90/180/270 add training classes
     omniglot_split: str = "vinyals" # omniglot classes: "vinyals" (1,028 / 172 / 423 characters of both archives: the split every paper and torchmeta report on) or "lake" (train on the background alphabets, test on the 20 evaluation alphabets: harder)
     augment: bool = True            # training images shifted at random (and CIFAR-FS's also mirrored): AUGMENTATION; never in validation or test
@@ -94,6 +95,7 @@ class Batch:
     images: Tensor | None           # (B, T, C, H, W) float32 normalised images, or None
     target: Tensor                  # (B, T, d_out) float32 for MSE tasks; (B, T) int64 class ids for few-shot
     mask: Tensor                    # (B, T) bool: the positions that count for loss and metric
+    context: int | None = None      # S: tokens S.. are queries that see tokens < S and themselves alone (the model's context=); None: a plain causal sequence
 
 
 def check_request(batch_size, split):
@@ -266,7 +268,9 @@ class FewShot(Task):
     The i-th class drawn gets label i; the draw order is random, so the labels are a fresh
     permutation of the classes in every episode. The support tokens come first, in shuffled order,
     each with its label as a one-hot input; then the query tokens, shuffled too, with a zero label
-    input. Targets are the labels; only queries count. One 3-way 1-shot 1-query episode:
+    input. Targets are the labels; only queries count. With cfg.isolate_queries (the default) the batch's
+    context is the support set: each query sees it and itself alone, never another query. One 3-way
+    1-shot 1-query episode:
 
         t   image              x          target   mask
         0   a drawing of 'ka'  [0, 1, 0]  1        False   support: image and its label
@@ -348,7 +352,7 @@ class FewShot(Task):
         x[:, N * K:] = 0                                             # query labels are not shown
         mask = torch.zeros(B, N * (K + Q), dtype=torch.bool, device=device)
         mask[:, N * K:] = True
-        return Batch(x, images, target, mask)
+        return Batch(x, images, target, mask, N * K if self.cfg.isolate_queries else None)
 
     @staticmethod
     def among_shown(out, batch):

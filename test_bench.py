@@ -79,7 +79,7 @@ def test_op_counts_do_not_depend_on_the_batch_size_and_grow_linearly_with_tokens
                 model = PlasticGPT(Config(d_in=2, d_out=2, max_len=16, rule=rule, n_layer=2, n_head=2, d_model=16))
                 x = torch.randn(B, T, 2)
                 task = types.SimpleNamespace(loss=lambda out, batch: out.pow(2).mean())
-                counts[rule, T, B] = bench.count_ops(model, task, types.SimpleNamespace(x=x, images=None)).total
+                counts[rule, T, B] = bench.count_ops(model, task, types.SimpleNamespace(x=x, images=None, context=None)).total
                 assert all(p.grad is None for p in model.parameters()), "count_ops should clear the gradients it made"
         for T in (4, 8, 12):
             assert counts[rule, T, 2] == counts[rule, T, 5], f"{rule}, {T} tokens: batch 2 and 5 count {counts[rule, T, 2]} and {counts[rule, T, 5]}"

@@ -283,13 +283,13 @@ def test_static_step_by_step_runs_the_blocks_above_the_first_through_the_kv_cach
     calls = []
     step, parallel = CausalSelfAttention.step, CausalSelfAttention.forward
 
-    def counted_step(self, x, cache, linears):
+    def counted_step(self, x, cache, linears, blocked=None):
         calls.append("step")
-        return step(self, x, cache, linears)
+        return step(self, x, cache, linears, blocked)
 
-    def counted_parallel(self, x):
+    def counted_parallel(self, x, context=None):
         calls.append("parallel")
-        return parallel(self, x)
+        return parallel(self, x, context)
 
     monkeypatch.setattr(CausalSelfAttention, "step", counted_step)
     monkeypatch.setattr(CausalSelfAttention, "forward", counted_parallel)
@@ -300,19 +300,22 @@ def test_static_step_by_step_runs_the_blocks_above_the_first_through_the_kv_cach
 
 
 @pytest.mark.attention
-def test_step_by_step_equals_parallel():
+@pytest.mark.parametrize("context", [None, 4])
+def test_step_by_step_equals_parallel(context):
     """For rule 'none', the token loop with a KV cache computes exactly what the parallel pass does, and so do
-    the gradients (in the loop, the slow weights' come from TokenLinear's tapes, all tokens at once)."""
+    the gradients (in the loop, the slow weights' come from TokenLinear's tapes, all tokens at once); with a
+    context the cache masks the other queries' keys as the parallel pass's mask does."""
     for window in (None, 1, 2, 3):
         model = tiny_model("none", attn_window=window)
         x = random_tokens(T=12)
-        parallel, _ = model(x)
-        looped, _ = model(x, step_by_step=True)
+        parallel, _ = model(x, context=context)
+        looped, _ = model(x, step_by_step=True, context=context)
         err = (parallel - looped).abs().max().item()
-        assert err < 1e-12, f"step-by-step differs from parallel by {err:.2e} (attn_window={window})"
+        assert err < 1e-12, f"step-by-step differs from parallel by {err:.2e} (attn_window={window}, context={context})"
         grads = [torch.autograd.grad(out.pow(2).sum(), list(model.parameters())) for out in (parallel, looped)]
         for (name, _), a, b in zip(model.named_parameters(), *grads):
-            assert torch.allclose(a, b, atol=1e-12), f"gradient of {name}: step-by-step differs from parallel (attn_window={window})"
+            assert torch.allclose(a, b, atol=1e-12), \
+                f"gradient of {name}: step-by-step differs from parallel (attn_window={window}, context={context})"
 
 
 @pytest.mark.attention
@@ -347,6 +350,81 @@ def test_window_bounds_what_a_static_model_sees():
             assert moved > 1e-6, f"the input at {changed_at} is inside the receptive field of t={t} but had no effect"
         else:
             assert moved < 1e-12, f"the input at {changed_at} is outside the window's reach of t={t} but moved it by {moved:.1e}"
+
+
+@pytest.mark.attention
+@pytest.mark.parametrize("rule, step_by_step", [("none", False), ("none", True), ("hebbian", False), ("gradient", False)])
+def test_isolated_queries_are_answered_as_if_each_were_alone_after_the_context(rule, step_by_step):
+    """context=S: every query's output, and every parameter's gradient through the queries' outputs, are
+    those of separate sequences of the S context tokens and that one query (plain causal passes, the
+    reference); the context tokens' outputs are those of the context alone. Without position
+    embeddings, since a query stands at another position in the reference."""
+    S, T = 4, 7
+    model = tiny_model(rule, positions=False)
+    x = random_tokens(B=3, T=T)
+    out = model(x, step_by_step=step_by_step, context=S)[0]
+    alone = torch.stack([model(x[:, list(range(S)) + [q]], step_by_step=step_by_step)[0][:, -1] for q in range(S, T)], 1)
+    context_alone = model(x[:, :S], step_by_step=step_by_step)[0]
+    err = (out[:, S:] - alone).abs().max().item()
+    assert err < 1e-12, f"{rule}: the queries' outputs differ from each query alone after the context by {err:.2e}"
+    err = (out[:, :S] - context_alone).abs().max().item()
+    assert err < 1e-12, f"{rule}: the context's outputs differ from the context alone by {err:.2e}"
+    weights = torch.randn(alone.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    params = list(model.parameters())
+    got = torch.autograd.grad((out[:, S:] * weights).sum(), params, allow_unused=True)
+    want = torch.autograd.grad((alone * weights).sum(), params, allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
+        a, b = (torch.zeros(()) if g is None else g for g in (a, b))
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8), f"{rule}: the gradient of {name} differs from the reference's"
+
+
+@pytest.mark.attention
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("window", [None, 2])
+def test_an_isolated_query_sees_no_other_query(rule, window):
+    """With position embeddings and an attention window too: replacing every other query leaves a query's
+    output as it was; without a context the same change moves the last query (the test can fail)."""
+    S, T = 4, 7
+    model = tiny_model(rule, attn_window=window)
+    x = random_tokens(B=3, T=T)
+    with torch.no_grad():
+        out = model(x, context=S)[0]
+        for q in range(S, T):
+            others = [t for t in range(S, T) if t != q]
+            changed = x.clone()
+            changed[:, others] = random_tokens(B=3, T=len(others), seed=7)
+            moved = (model(changed, context=S)[0][:, q] - out[:, q]).abs().max().item()
+            assert moved < 1e-12, f"{rule}, window {window}: query {q} moved by {moved:.1e} when the other queries changed"
+        changed = x.clone()
+        changed[:, T - 2] += 1.0
+        moved = (model(changed)[0][:, T - 1] - model(x)[0][:, T - 1]).abs().max().item()
+        assert moved > 1e-6, f"setup: without a context the last query should see the one before it ({rule}, window {window})"
+
+
+@pytest.mark.attention
+@pytest.mark.parametrize("rule", PLASTIC_RULES)
+def test_isolated_queries_write_no_fast_weight(rule):
+    """The fast weights after an episode with a context are those the context alone leaves; a query's
+    trace shows its rate eta_t, no step and no update, and the fast weights' norm of the context's end."""
+    S, T = 4, 7
+    model = tiny_model(rule)
+    x = random_tokens(B=3, T=T)
+    info = model(x, context=S)[1]
+    context_info = model(x[:, :S])[1]
+    for i, (got, want) in enumerate(zip(info["fast_weights"], context_info["fast_weights"])):
+        err = (got - want).abs().max().item()
+        assert err < 1e-12, f"{rule}: fast weight {i} differs from the context's own by {err:.2e}: a query wrote into it"
+    assert (info["step"][:, S:] == 0).all() and (info["update_norm"][:, S:] == 0).all(), f"{rule}: a query took a step"
+    assert (info["eta"][:, S:] > 0).all(), f"{rule}: a query's trace should show the rate it produces"
+    assert torch.equal(info["fast_norm"][:, S:], info["fast_norm"][:, S - 1:S].expand(-1, T - S)), \
+        f"{rule}: the fast weights' norm should stay at the context's end through the queries"
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("context", [-1, 9])
+def test_a_context_outside_the_sequence_is_rejected(context):
+    with pytest.raises(ValueError, match="context"):
+        tiny_model("none")(random_tokens(T=8), context=context)
 
 
 @pytest.mark.attention
@@ -674,7 +752,7 @@ def test_memory_kept_for_backward_grows_linearly_with_the_sequence(rule):
     """What autograd keeps of a forward pass (memory.saved_bytes) grows by the same amount from 16 to 32 tokens
     as from 32 to 48, within 5%: no per-token copy of the history or the KV cache (that grew as T^2)."""
     model = tiny_model(rule, d_model=32, max_len=48)
-    kept = [memory.saved_bytes(model, SimpleNamespace(x=random_tokens(B=2, T=T), images=None)) for T in (16, 32, 48)]
+    kept = [memory.saved_bytes(model, SimpleNamespace(x=random_tokens(B=2, T=T), images=None, context=None)) for T in (16, 32, 48)]
     first, second = kept[1] - kept[0], kept[2] - kept[1]
     assert abs(second - first) <= 0.05 * first, f"bytes kept at 16, 32, 48 tokens: {kept}; the steps should be equal"
 

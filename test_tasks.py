@@ -43,7 +43,8 @@ def no_network(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # Samplers (marker: tasks)
 
-def coded_task(way=3, shot=2, query=2, classes=(7, 5, 4), per_class=6, mean=(0.0,), std=(1.0,), train_way=None):
+def coded_task(way=3, shot=2, query=2, classes=(7, 5, 4), per_class=6, mean=(0.0,), std=(1.0,), train_way=None,
+               isolate_queries=True):
     """A few-shot task on 2x2 images that spell out who they are: pixel (0, 0) is the class
     (100 * split number + class index), pixel (0, 1) the image's number within its class; not augmented,
     so that the pixels stay where they are."""
@@ -53,7 +54,8 @@ def coded_task(way=3, shot=2, query=2, classes=(7, 5, 4), per_class=6, mean=(0.0
         images[:, :, 0, 0, 0] = 100 * number + np.arange(n)[:, None]
         images[:, :, 0, 0, 1] = np.arange(per_class)
         splits[split], names[split] = images, [f"{split}{i}" for i in range(n)]
-    cfg = TaskConfig(name="omniglot", way=way, shot=shot, query=query, augment=False, train_way=train_way)
+    cfg = TaskConfig(name="omniglot", way=way, shot=shot, query=query, augment=False, train_way=train_way,
+                     isolate_queries=isolate_queries)
     return FewShot(cfg, splits, names, mean, std)
 
 
@@ -184,6 +186,18 @@ def test_episode_layout_and_no_label_leak():
     assert batch.mask[:, S:].all() and not batch.mask[:, :S].any(), "mask exactly the queries"
     counts = F.one_hot(batch.target[:, S:], N).sum(1)
     assert (counts == Q).all(), "every label has Q queries"
+    assert batch.context == S, f"the batch's context should be the {S} support tokens, got {batch.context}"
+
+
+@pytest.mark.tasks
+def test_the_context_is_each_splits_support_set_unless_queries_see_each_other():
+    """With train_way, a training episode's support set is W*K tokens and a test one's N*K; without
+    isolate_queries there is no context (a plain causal sequence, as runs before the option had)."""
+    task = coded_task(way=3, shot=2, query=1, train_way=5)
+    contexts = {split: task.sample(4, split, generator=torch.Generator().manual_seed(0)).context for split in SPLITS}
+    assert contexts == dict(train=10, val=6, test=6), f"contexts should be W*K = 10 (train) and N*K = 6, got {contexts}"
+    plain = coded_task(isolate_queries=False).sample(4, generator=torch.Generator().manual_seed(0))
+    assert plain.context is None, f"isolate_queries=False should give no context, got {plain.context}"
 
 
 @pytest.mark.tasks

@@ -239,29 +239,33 @@ def test_resume_without_a_checkpoint_or_with_other_options_is_refused(tmp_path):
 
 @pytest.mark.train
 def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was_trained():
-    """Runs saved before --split, --augment, --train-way and --positions trained on Lake's split without
-    augmentation, on as many classes as they tested, with position embeddings: they resume with those
-    options, and are refused with the new defaults, naming the option; an option of another task is no
-    reason to refuse."""
+    """Runs saved before --split, --augment, --train-way, --positions and --isolate-queries trained on Lake's
+    split without augmentation, on as many classes as they tested, with position embeddings, and with
+    queries that saw each other: they resume with those options, and are refused with the new defaults,
+    naming the option; an option of another task is no reason to refuse."""
     def configs(name, positions=True, **task):
         current = dataclasses.asdict(RunConfig(model=Config(positions=positions), task=TaskConfig(name=name, **task)))
         saved = json.loads(json.dumps(current))
-        del saved["task"]["omniglot_split"], saved["task"]["augment"], saved["task"]["train_way"]
+        for option in ("omniglot_split", "augment", "train_way", "isolate_queries"):
+            del saved["task"][option]
         del saved["model"]["positions"]
         return saved, current
-    train.check_same_config(*configs("omniglot", omniglot_split="lake", augment=False), "old")
+    old = dict(isolate_queries=False)
+    train.check_same_config(*configs("omniglot", omniglot_split="lake", augment=False, **old), "old")
+    with pytest.raises(train.UsageError, match="task isolate_queries=False, not True"):
+        train.check_same_config(*configs("omniglot", omniglot_split="lake", augment=False), "old")
     with pytest.raises(train.UsageError, match="task omniglot_split='lake', not 'vinyals'"):
-        train.check_same_config(*configs("omniglot", augment=False), "old")
+        train.check_same_config(*configs("omniglot", augment=False, **old), "old")
     with pytest.raises(train.UsageError, match="task augment=False, not True"):
-        train.check_same_config(*configs("omniglot", omniglot_split="lake"), "old")
-    train.check_same_config(*configs("cifar_fs", augment=False), "old")
+        train.check_same_config(*configs("omniglot", omniglot_split="lake", **old), "old")
+    train.check_same_config(*configs("cifar_fs", augment=False, **old), "old")
     with pytest.raises(train.UsageError, match="task augment=False, not True"):
-        train.check_same_config(*configs("cifar_fs"), "old")
+        train.check_same_config(*configs("cifar_fs", **old), "old")
     train.check_same_config(*configs("copy"), "old")
     with pytest.raises(train.UsageError, match="model positions=True, not False"):
         train.check_same_config(*configs("copy", positions=False), "old")
     with pytest.raises(train.UsageError, match="task train_way=None, not 10"):
-        train.check_same_config(*configs("cifar_fs", augment=False, train_way=10), "old")
+        train.check_same_config(*configs("cifar_fs", augment=False, train_way=10, **old), "old")
 
 
 @pytest.mark.train

@@ -347,11 +347,12 @@ def read_encoder(path: str, model_cfg: Config) -> dict:
 
 
 # Options added later, by (section, name): the tasks they act on, and what a run saved before them did
-# (Lake's split, no augmentation, as many classes in training as in test, position embeddings). For any
-# other task the option changes nothing, so a saved run matches any value.
+# (Lake's split, no augmentation, as many classes in training as in test, position embeddings, queries
+# that see each other). For any other task the option changes nothing, so a saved run matches any value.
 FEW_SHOT = ("omniglot", "cifar_fs")
 OPTIONS_ADDED = {("task", "omniglot_split"): (("omniglot",), "lake"), ("task", "augment"): (FEW_SHOT, False),
-                 ("task", "train_way"): (FEW_SHOT, None), ("model", "positions"): (TASKS, True)}
+                 ("task", "train_way"): (FEW_SHOT, None), ("model", "positions"): (TASKS, True),
+                 ("task", "isolate_queries"): (FEW_SHOT, False)}
 
 
 def check_same_config(saved: dict, current: dict, path: str) -> None:
@@ -414,7 +415,7 @@ def evaluate(model, task, split, episodes, batch_size, device, seed, eta=None, a
     for start in range(0, episodes, batch_size):
         batch = task.sample(min(batch_size, episodes - start), split, device, generator)
         with autocast(amp, device):
-            out, info = model(batch.x, batch.images, eta=eta, fast_norm=fast_norm)
+            out, info = model(batch.x, batch.images, eta=eta, fast_norm=fast_norm, context=batch.context)
         metrics.append(task.metric(out.float(), batch))
         info = {k: v for k, v in info.items() if k != "fast_weights"} | {"scored": batch.mask}
         for key, value in info.items():  # (B, T) -> summed over episodes (T,)
@@ -549,7 +550,7 @@ def make_train_step(model, forward, optimizer, task, tc: TrainConfig, device):
     Returns (loss, out), both still on the device: nothing here waits for the GPU."""
     def train_step(batch):
         with autocast(tc.amp, device):
-            out, _ = forward(batch.x, batch.images, fast_norm=False)
+            out, _ = forward(batch.x, batch.images, fast_norm=False, context=batch.context)
         loss = task.loss(out.float(), batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -567,7 +568,8 @@ def record_cuda_graph(train_step, batch):
     """Record train_step(batch) as a CUDA graph; return a step that copies each new batch into the
     recorded input tensors and replays it. The token loop of the plastic rules launches thousands of
     small kernels per step; a replay launches them all at once. Recording executes nothing, so the
-    returned step must still be called on `batch`. Shapes stay fixed (the batch size)."""
+    returned step must still be called on `batch`. Shapes stay fixed (the batch size), and so does the
+    batch's context (a training episode's support set)."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         loss, out = train_step(batch)
