@@ -133,14 +133,16 @@ class Task:
             per_token = (out - batch.target).pow(2).mean(-1)                                  # (B, T)
         return (per_token * mask).sum() / mask.sum()
 
-    def metric(self, out, batch) -> Tensor:
-        """(B,) the accuracy or the MSE of each sequence, over its masked positions."""
+    def token_metric(self, out, batch) -> Tensor:
+        """(B, T) each token's metric: 1 for a right class and 0 for a wrong one, or the squared error."""
         out = out.float()
         if self.metric_name == "accuracy":
-            per_token = (out.argmax(-1) == batch.target).float()     # (B, T)
-        else:
-            per_token = (out - batch.target).pow(2).mean(-1)         # (B, T)
-        return (per_token * batch.mask).sum(1) / batch.mask.sum(1)   # (B,)
+            return (out.argmax(-1) == batch.target).float()
+        return (out - batch.target).pow(2).mean(-1)
+
+    def metric(self, out, batch) -> Tensor:
+        """(B,) the accuracy or the MSE of each sequence, over its masked positions."""
+        return (self.token_metric(out, batch) * batch.mask).sum(1) / batch.mask.sum(1)
 
 
 class Copy(Task):
@@ -364,8 +366,8 @@ class FewShot(Task):
     def loss(self, out, batch):
         return super().loss(self.among_shown(out, batch), batch)
 
-    def metric(self, out, batch):
-        return super().metric(self.among_shown(out, batch), batch)
+    def token_metric(self, out, batch):
+        return super().token_metric(self.among_shown(out, batch), batch)
 
 
 # Training images: (padding, flip) of random_crop_and_flip. CIFAR-FS as CIFAR is usually trained (and as

@@ -96,6 +96,10 @@ def test_every_task_and_rule_trains_and_writes_every_output(tmp_path, offline, t
     assert results == json.loads((run_dir / "results.json").read_text()), "train() should return results.json"
     assert results["test_episodes"] == 8 and np.isfinite(results["test_mean"]), f"bad test result {results}"
     assert (results["knockout_mean"] is None) == (rule == "none"), "the knock-out belongs to the plastic rules only"
+    scored = [v for v in results["by_position"] if v is not None]
+    if task in ("omniglot", "cifar_fs"):  # every episode scores the same positions, the queries
+        assert abs(np.mean(scored) - results["test_mean"]) < 1e-5, \
+            f"{task}/{rule}: the accuracy per query position {scored} should average to the test's {results['test_mean']}"
     assert results["params"] == train.count_params(Config(**results["config"]["model"])), \
         "the parameter count should be that of the model config.json describes"
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
@@ -552,7 +556,8 @@ def test_mean_ci95_is_the_normal_interval_of_the_mean():
 @pytest.mark.train
 def test_evaluate_scores_the_requested_episodes_reproducibly():
     """evaluate() returns one metric per episode, equal to task.metric on the same seeded episodes,
-    the same ones every time for a seed, and passes the knock-out rate to the model."""
+    the same ones every time for a seed, and passes the knock-out rate to the model; its trace's "metric"
+    is each position's squared error where scored, averaged over the episodes."""
     task = tasks.make_task("copy", **TINY_TASKS["copy"])
     torch.manual_seed(0)
     model = PlasticGPT(Config(d_in=task.d_in, d_out=task.d_out, max_len=task.seq_len, n_layer=1, n_head=2, d_model=16))
@@ -560,9 +565,11 @@ def test_evaluate_scores_the_requested_episodes_reproducibly():
     assert values.shape == (10,), f"one metric per episode: expected (10,), got {tuple(values.shape)}"
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        expected = torch.cat([task.metric(model(b.x)[0], b) for b in
-                              (task.sample(n, "test", "cpu", generator) for n in (4, 4, 2))])
+        batches = [task.sample(n, "test", "cpu", generator) for n in (4, 4, 2)]
+        expected = torch.cat([task.metric(model(b.x)[0], b) for b in batches])
+        per_position = torch.cat([(model(b.x)[0] - b.target).pow(2).mean(-1) * b.mask for b in batches]).mean(0)
     assert torch.allclose(values, expected), "evaluate() should score exactly the seeded episodes, 4 + 4 + 2"
+    assert torch.allclose(trace["metric"], per_position), "the trace's metric should be each position's mean squared error"
     again, _ = train.evaluate(model, task, "test", episodes=10, batch_size=4, device="cpu", seed=3)
     assert torch.equal(values, again), "the same seed must give the same episodes and scores"
     _, knocked = train.evaluate(model, task, "test", episodes=10, batch_size=4, device="cpu", seed=3, eta=0.0)

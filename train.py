@@ -405,7 +405,8 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
 def evaluate(model, task, split, episodes, batch_size, device, seed, eta=None, amp=False, fast_norm=True):
     """Run `episodes` fresh episodes of `split` (the same ones for the same seed) in eval mode.
     Returns the per-episode metric (episodes,) and, per token position, the means over episodes of
-    the model's info ((T,) each: eta, step, update_norm, fast_norm) and of the scored-position mask.
+    the model's info ((T,) each: eta, step, update_norm, fast_norm), of the scored-position mask and of
+    the metric where scored ("metric": a few-shot run's accuracy per query position).
     fast_norm=False leaves out the fast-weight norm, which more than doubles the time of a plastic
     model's forward pass; only the final test's trace needs it."""
     device = torch.device(device)  # "cpu", "cuda" or a torch.device
@@ -417,7 +418,8 @@ def evaluate(model, task, split, episodes, batch_size, device, seed, eta=None, a
         with autocast(amp, device):
             out, info = model(batch.x, batch.images, eta=eta, fast_norm=fast_norm, context=batch.context)
         metrics.append(task.metric(out.float(), batch))
-        info = {k: v for k, v in info.items() if k != "fast_weights"} | {"scored": batch.mask}
+        info = {k: v for k, v in info.items() if k != "fast_weights"} | {"scored": batch.mask,
+                                                                         "metric": task.token_metric(out, batch) * batch.mask}
         for key, value in info.items():  # (B, T) -> summed over episodes (T,)
             sums[key] = sums.get(key, 0) + value.float().sum(0)
     model.train()
@@ -510,10 +512,13 @@ def final_evaluations(model, task, tc: TrainConfig, device):
 
 
 def final_test(model, task, tc: TrainConfig, device, run_dir: str) -> dict:
-    """The final test (final_evaluations), printed, with the modulation trace written for the plastic rules."""
+    """The final test (final_evaluations), printed, with the metric per scored position (results.json's
+    by_position) and the modulation trace written for the plastic rules."""
     values, trace, knocked = final_evaluations(model, task, tc, device)
     results = dict(zip(("test_mean", "test_ci95"), mean_ci95(values)), test_episodes=tc.test_episodes,
                    knockout_mean=None, knockout_ci95=None)
+    metric_sum, scored = trace.pop("metric"), trace["scored"]  # (T,) each, means over the episodes
+    results["by_position"] = [round(m / n, 6) if n > 0 else None for m, n in zip(metric_sum.tolist(), scored.tolist())]
     unit = sequence_unit(task)
     line = f"test {task.metric_name} {results['test_mean']:.4g} ± {results['test_ci95']:.2g} over {tc.test_episodes} {unit}"
     if knocked is not None:
@@ -522,6 +527,8 @@ def final_test(model, task, tc: TrainConfig, device, run_dir: str) -> dict:
         write_modulation_trace(run_dir, trace, model.config.rule)
         results["trace"] = {key: [round(v, 6) for v in values.tolist()] for key, values in trace.items()}  # per position
     print(line + protocol_note(tc.test_episodes))
+    if task.metric_name == "accuracy":  # a query that saw the others would score higher the later it comes
+        print(f"test accuracy by query position: {' '.join(f'{v:.4g}' for v in results['by_position'] if v is not None)}")
     return results
 
 
