@@ -512,14 +512,19 @@ def final_evaluations(model, task, tc: TrainConfig, device):
     return values, trace, knocked
 
 
+def metric_by_position(trace: dict) -> list:
+    """From evaluate()'s trace: the mean metric at each position where episodes are scored, None elsewhere."""
+    return [round(m / n, 6) if n > 0 else None for m, n in zip(trace["metric"].tolist(), trace["scored"].tolist())]
+
+
 def final_test(model, task, tc: TrainConfig, device, run_dir: str) -> dict:
     """The final test (final_evaluations), printed, with the metric per scored position (results.json's
     by_position) and the modulation trace written for the plastic rules."""
     values, trace, knocked = final_evaluations(model, task, tc, device)
     results = dict(zip(("test_mean", "test_ci95"), mean_ci95(values)), test_episodes=tc.test_episodes,
                    knockout_mean=None, knockout_ci95=None)
-    metric_sum, scored = trace.pop("metric"), trace["scored"]  # (T,) each, means over the episodes
-    results["by_position"] = [round(m / n, 6) if n > 0 else None for m, n in zip(metric_sum.tolist(), scored.tolist())]
+    results["by_position"] = metric_by_position(trace)
+    del trace["metric"]  # results.json's trace: the model's, per position
     unit = sequence_unit(task)
     line = f"test {task.metric_name} {results['test_mean']:.4g} ± {results['test_ci95']:.2g} over {tc.test_episodes} {unit}"
     if knocked is not None:

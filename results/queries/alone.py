@@ -17,9 +17,8 @@ cfg = json.load(open(os.path.join(run_dir, "config.json")))
 task = train.load_task(dataclasses.replace(TaskConfig(**cfg["task"]), isolate_queries=True))
 model = PlasticGPT(Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["model"].items()}))
 model.load_state_dict(torch.load(os.path.join(run_dir, "best.pt"), map_location="cpu", weights_only=True)["model"])
-tc = cfg["train"]
-values, trace = train.evaluate(model, task, "test", tc["test_episodes"], tc["batch_size"], "cpu", tc["seed"] + 2)
+values, trace, _ = train.final_evaluations(model, task, train.TrainConfig(**cfg["train"]), "cpu")
 mean, ci = train.mean_ci95(values)
-by_position = (trace["metric"] / trace["scored"].clamp(min=1e-9))[trace["scored"] > 0]
+by_position = [v for v in train.metric_by_position(trace) if v is not None]
 print(f"queries isolated: {mean:.4f} ± {ci:.4f} over {values.numel()} episodes; "
-      f"by query position {' '.join(f'{v:.4f}' for v in by_position.tolist())}")
+      f"by query position {' '.join(f'{v:.4f}' for v in by_position)}")
