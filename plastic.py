@@ -24,7 +24,9 @@ Shapes: B batch, T tokens, C = d_model channels, nh heads, hs = C / nh; fast wei
 
 With `context=S` the first S tokens are the context (a few-shot episode's support set) and every later
 token a query that attends to them and to itself only and writes no fast weight, so no query sees
-another: the queries are answered as if each were alone after the support set (attention_mask).
+another: the queries are answered as if each were alone after the support set (attention_mask). The
+token loop then runs the context alone; the queries, which leave the fast weights as they are, follow in
+one pass (CausalSelfAttention.read).
 """
 
 import math
@@ -189,10 +191,13 @@ def decayed_scale(scale, step, decay):
 
 
 def factored_read(x, pre, post, scale, coef):
-    """x F_t = sum_s c_s post_s ⊙ ((x ⊙ pre_s) A), the plain form. x (B, in); pre (B, S, in); post (B, S, out);
-    scale c (B, S); coef A (in, out) -> (B, out). Under autograd it keeps (B, S, in) and (B, S, out) tensors
-    for the backward pass at every token: memory that grows as T^2 (FactoredRead keeps none)."""
-    return ((x.unsqueeze(1) * pre) @ coef * post * scale.unsqueeze(-1)).sum(dim=1)
+    """x F_t = sum_s c_s post_s ⊙ ((x ⊙ pre_s) A), the plain form. x (B, in), or (B, Q, in) for Q tokens that
+    read the same F_t; pre (B, S, in); post (B, S, out); scale c (B, S); coef A (in, out) -> (B, out) or
+    (B, Q, out). Under autograd it keeps (B, Q, S, in) and (B, Q, S, out) tensors for the backward pass: in the
+    token loop, at every token, memory that grows as T^2 (FactoredRead keeps none); the queries read once."""
+    if x.dim() == 3:
+        pre, post, scale = pre.unsqueeze(1), post.unsqueeze(1), scale.unsqueeze(1)  # (B, 1, S, ...): one F_t for all Q
+    return ((x.unsqueeze(-2) * pre) @ coef * post * scale.unsqueeze(-1)).sum(dim=-2)
 
 
 class FactoredRead(torch.autograd.Function):
@@ -343,7 +348,11 @@ class FactoredFastWeight:
 
     @torch.compiler.disable  # see AppendRow
     def matmul(self, x, coef):
-        """x F_t = sum_s c_s post_s ⊙ ((x ⊙ pre_s) A): x (B, in) -> (B, out)."""
+        """x F_t = sum_s c_s post_s ⊙ ((x ⊙ pre_s) A): x (B, in) -> (B, out), or for the queries, which read
+        F_t at once, x (B, Q, in) -> (B, Q, out) (the plain form: kept once, not per token)."""
+        if x.dim() == 3:
+            S = self.scale.size(1)
+            return factored_read(x, self.pre[:, :S], self.post[:, :S], self.scale, coef)
         return FactoredRead.apply(x, self.pre, self.post, self.scale, coef)
 
     @torch.compiler.disable  # see AppendRow
@@ -384,8 +393,8 @@ class PlasticLinear(nn.Module):
         y = x @ self.weight + self.bias if linears is None else linears(self, x)  # (..., out)
         if isinstance(fast, FactoredFastWeight):
             y = y + fast.matmul(x, self.coef)
-        elif fast is not None:  # x (B, in) for one token, fast (B, in, out)
-            y = y + (x.unsqueeze(1) @ fast).squeeze(1)
+        elif fast is not None:  # x (B, in) for one token or (B, Q, in) for the queries, fast (B, in, out)
+            y = y + (x.reshape(x.size(0), -1, x.size(-1)) @ fast).view_as(y)
         return y
 
 
@@ -448,21 +457,35 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
 
-    def step(self, x, cache, linears, blocked=None):
+    def step(self, x, cache, linears):
         """x (B, C) is token t; cache holds the keys and values of tokens < t and receives token t's.
-        linears: TokenLinears, which applies qkv and proj to one token. blocked: None (every key in the
-        cache), or the negated attention_mask's row t up to t, (t + 1,) bool, of which the cache's keys are
-        the last L."""
+        linears: TokenLinears, which applies qkv and proj to one token."""
         B, C = x.shape
         q, k, v = linears(self.qkv, x).view(B, 3, self.n_head, C // self.n_head).unbind(1)  # (B, nh, hs) each
         cache.append(k, v)
         keys, values = cache.keys, cache.values  # (B, nh, L, hs), L = tokens attended to
         scores = (keys @ q.unsqueeze(-1)).squeeze(-1) / math.sqrt(q.size(-1))  # (B, nh, L)
-        if blocked is not None:
-            scores = scores.masked_fill(blocked[-keys.size(2):], float("-inf"))
         weights = F.dropout(scores.softmax(dim=-1), self.dropout, self.training)
         y = (weights.unsqueeze(-2) @ values).squeeze(-2)  # (B, nh, hs)
         return linears(self.proj, y.reshape(B, C))
+
+    def read(self, x, cache, context):
+        """x (B, Q, C) are the queries t = S.. after a context of S tokens, all at once: each attends to the
+        context's keys in the cache (tokens < S, the last L of them) and to its own, never to another query's,
+        within its window: attention_mask's rows S.. Explicit softmax attention, as step()."""
+        B, Q, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (z.view(B, Q, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, Q, hs)
+        keys, values = cache.keys, cache.values  # (B, nh, L, hs)
+        L = keys.size(2)
+        allowed = attention_mask(context + Q, self.window, context, x.device)[context:, context - L:context]  # (Q, L)
+        scores = torch.cat([q @ keys.transpose(-2, -1), (q * k).sum(-1, keepdim=True)], dim=-1)  # (B, nh, Q, L + 1)
+        allowed = torch.cat([allowed, allowed.new_ones(Q, 1)], dim=1)  # (Q, L + 1): its own key, always
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores = scores / math.sqrt(q.size(-1))
+        weights = F.dropout(scores.softmax(dim=-1), self.dropout, self.training)
+        y = weights[..., :L] @ values + weights[..., L:] * v  # (B, nh, Q, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, Q, C))
 
 
 class KVCache:
@@ -510,11 +533,16 @@ class Block(nn.Module):
     def attend(self, h, context=None):  # (B, T, C): the attention half, every token at once
         return h + self.drop(self.attn(self.ln_1(h), context))
 
-    def step(self, h, cache, linears, fast=(None, None), blocked=None):  # h (B, C): one token; cache None: h has attended already
+    def step(self, h, cache, linears, fast=(None, None)):  # h (B, C): one token; cache None: h has attended already
         if cache is not None:
-            h = h + self.drop(self.attn.step(self.ln_1(h), cache, linears, blocked))
+            h = h + self.drop(self.attn.step(self.ln_1(h), cache, linears))
         out, records = self.mlp(self.ln_2(h), fast, linears)
         return h + self.drop(out), records
+
+    def read(self, h, cache, context, fast=(None, None)):  # h (B, Q, C): the queries after a context; cache as step's
+        if cache is not None:
+            h = h + self.drop(self.attn.read(self.ln_1(h), cache, context))
+        return h + self.drop(self.mlp(self.ln_2(h), fast)[0])
 
 
 class Conv4(nn.Module):
@@ -607,8 +635,8 @@ class PlasticGPT(nn.Module):
         B, T, _ = x.shape
         if T > self.config.max_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_len={self.config.max_len}; raise max_len.")
-        if context is not None and not 0 <= context <= T:
-            raise ValueError(f"context = {context} must be between 0 and the sequence's {T} tokens.")
+        if context is not None and not 1 <= context <= T:
+            raise ValueError(f"context = {context} must be between 1 and the sequence's {T} tokens (queries read a context).")
         if (images is None) != (self.encoder is None):
             raise ValueError("pass images exactly when the model has an image encoder (config.image_shape).")
         if images is not None:
@@ -639,62 +667,74 @@ class PlasticGPT(nn.Module):
         """The fast weights make the network recurrent: blocks below the first plastic block run in
         parallel, and so does that block's attention, whose input no fast weight has touched yet; the
         rest (for the static model: every block but the first's attention) one token at a time with a
-        KV cache. With a context S, a query (t >= S) masks the other queries' keys and writes nothing."""
+        KV cache. With a context S only the context runs token by token: the queries write nothing, so
+        they read the fast weights the context left, all at once (_answer_queries)."""
         cfg, rule = self.config, self.config.rule
         B, T, _ = h.shape
         h = self._run_blocks(h, 0, self.first_looped, context)
         looped = self.blocks[self.first_looped:]
         h = looped[0].attend(h, context)  # (B, T, C)
-        if context is not None:
-            blocked = ~attention_mask(T, cfg.attn_window, context, h.device)  # (T, T): keys a token may not see
-        writes = T if context is None else context  # tokens that update the fast weights
+        writes = T if context is None else context  # tokens that update the fast weights, one at a time
         keep_graph = torch.is_grad_enabled()  # False in evaluation under torch.no_grad()
-        caches = [None] + [KVCache(T, detach=not keep_graph, window=cfg.attn_window) for _ in looped[1:]]
+        caches = [None] + [KVCache(writes, detach=not keep_graph, window=cfg.attn_window) for _ in looped[1:]]
         per_token = [(b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj) if cache is not None else (b.mlp.fc, b.mlp.proj)
                      for b, cache in zip(looped, caches)]  # the first looped block has attended already
         linears = TokenLinears([self.head] + [layer for layers in per_token for layer in layers])
         if cfg.fast_form == "dense":
             fast = [h.new_zeros(B, layer.in_features, layer.out_features) for layer in self.plastic_layers]
         else:
-            fast = [FactoredFastWeight.empty(B, T, layer.in_features, layer.out_features, h) for layer in self.plastic_layers]
+            fast = [FactoredFastWeight.empty(B, writes, layer.in_features, layer.out_features, h) for layer in self.plastic_layers]
         outputs, trace = [], []
-        for t in range(T):
-            row = blocked[t, :t + 1] if context is not None and t > context else None  # a query after the first masks the others
+        for t in range(writes):
             # the gradient rule needs autograd for its own update, also when evaluating without a graph
-            with torch.enable_grad() if rule == "gradient" and t < writes else nullcontext():
+            with torch.enable_grad() if rule == "gradient" else nullcontext():
                 x_t, records, layer = h[:, t], [], iter(fast)
                 for block, cache in zip(looped, caches):
-                    x_t, block_records = block.step(x_t, cache, linears, (next(layer), next(layer)) if block.plastic else (None, None), row)
+                    x_t, block_records = block.step(x_t, cache, linears, (next(layer), next(layer)) if block.plastic else (None, None))
                     records += block_records if block.plastic else []
                 head_output = linears(self.head, self.ln_f(x_t))  # (B, units)
-                if rule != "none" and t < writes:
+                if rule != "none":
                     fast, stats = self._update_fast_weights(fast, records, head_output, eta, keep_graph, with_fast_norm)
                     trace.append(stats)
-                elif rule != "none":  # a query: the memory stays as the context left it
-                    trace.append(self._reading_stats(head_output, eta, trace[-1] if trace else None, with_fast_norm))
             outputs.append(head_output[:, :cfg.d_out] if keep_graph else head_output[:, :cfg.d_out].detach())
-        out = torch.stack(outputs, dim=1)  # (B, T, d_out)
+        out = torch.stack(outputs, dim=1)  # (B, writes, d_out)
+        info = {key: torch.stack([s[key] for s in trace], dim=1) for key in trace[0]} if trace else {}  # (B, writes) each
+        if writes < T:
+            answers = self._answer_queries(h[:, writes:], looped, caches, fast, context)  # (B, Q, units)
+            out = torch.cat([out, answers[..., :cfg.d_out]], dim=1)  # (B, T, d_out)
+            if rule != "none":
+                reading = self._reading_stats(answers, eta, info, with_fast_norm)  # (B, Q) each
+                info = {key: torch.cat([info[key], reading[key]], dim=1) for key in info}
         if rule == "none":
             return out, self._static_info(out)
-        info = {key: torch.stack([s[key] for s in trace], dim=1) for key in trace[0]}  # (B, T) each
         if with_fast_norm:
             with torch.no_grad():
                 info["fast_weights"] = [self._dense(f, layer) for f, layer in zip(fast, self.plastic_layers)]
         return out, info
 
-    def _rates(self, head_output, eta):
-        """eta_t (B,) and lambda_t from the modulator unit m_t of token t's head output."""
-        modulator = head_output[:, -1] if self.has_modulator else None  # m_t (B,)
-        rate, decay = modulated_rates(modulator, eta, self.config.decay)
-        return (rate if torch.is_tensor(rate) else head_output.new_full((head_output.size(0),), rate)), decay
+    def _answer_queries(self, h, looped, caches, fast, context):
+        """The queries t >= S, at once: h (B, Q, C) after the first looped block's attention -> head outputs
+        (B, Q, units). Each reads the fast weights the context left and attends to the context's keys in the
+        caches and to its own (CausalSelfAttention.read): what it would compute alone after the context."""
+        layer = iter(fast)
+        for block, cache in zip(looped, caches):
+            h = block.read(h, cache, context, (next(layer), next(layer)) if block.plastic else (None, None))
+        return self.head(self.ln_f(h))
 
-    def _reading_stats(self, head_output, eta, previous, with_fast_norm):
-        """The trace of a token that writes nothing (a query): the rate it produces, no step, no update,
-        the fast weights' norm unchanged."""
-        rate = self._rates(head_output, eta)[0].detach()
+    def _rates(self, head_output, eta):
+        """eta_t (B,) and lambda_t from the modulator unit m_t of token t's head output (B, units); (B, Q)
+        from the queries' (B, Q, units)."""
+        modulator = head_output[..., -1] if self.has_modulator else None  # m_t (B,) or (B, Q)
+        rate, decay = modulated_rates(modulator, eta, self.config.decay)
+        return (rate if torch.is_tensor(rate) else head_output.new_full(head_output.shape[:-1], rate)), decay
+
+    def _reading_stats(self, answers, eta, written, with_fast_norm):
+        """The trace of the queries, which write nothing, from their head outputs (B, Q, units): the rate each
+        produces, no step, no update, and the fast weights' norm where the context's tokens (written) left it."""
+        rate = self._rates(answers, eta)[0].detach()  # (B, Q)
         stats = dict(eta=rate, step=torch.zeros_like(rate), update_norm=torch.zeros_like(rate))
         if with_fast_norm:
-            stats["fast_norm"] = previous["fast_norm"] if previous is not None else torch.zeros_like(rate)
+            stats["fast_norm"] = written["fast_norm"][:, -1:].expand_as(rate)
         return stats
 
     def _update_fast_weights(self, fast, records, head_output, eta, keep_graph, with_fast_norm):

@@ -283,9 +283,9 @@ def test_static_step_by_step_runs_the_blocks_above_the_first_through_the_kv_cach
     calls = []
     step, parallel = CausalSelfAttention.step, CausalSelfAttention.forward
 
-    def counted_step(self, x, cache, linears, blocked=None):
+    def counted_step(self, x, cache, linears):
         calls.append("step")
-        return step(self, x, cache, linears, blocked)
+        return step(self, x, cache, linears)
 
     def counted_parallel(self, x, context=None):
         calls.append("parallel")
@@ -297,6 +297,32 @@ def test_static_step_by_step_runs_the_blocks_above_the_first_through_the_kv_cach
     model(random_tokens(T=5), step_by_step=True)
     assert calls.count("step") == 2 * 5, f"expected step() for 2 blocks x 5 tokens, got {calls.count('step')} calls"
     assert calls.count("parallel") == 1, f"expected the first block's attention once, in parallel; got {calls.count('parallel')}"
+
+
+@pytest.mark.attention
+def test_queries_after_a_context_run_at_once(monkeypatch):
+    """With a context S only the context goes through the token loop (CausalSelfAttention.step once per
+    higher block and context token); the queries, which write nothing, take one CausalSelfAttention.read
+    per higher block, all of them at once."""
+    calls = []
+    step, read = CausalSelfAttention.step, CausalSelfAttention.read
+
+    def counted_step(self, x, cache, linears):
+        calls.append("step")
+        return step(self, x, cache, linears)
+
+    def counted_read(self, x, cache, context):
+        calls.append(("read", x.size(1)))
+        return read(self, x, cache, context)
+
+    monkeypatch.setattr(CausalSelfAttention, "step", counted_step)
+    monkeypatch.setattr(CausalSelfAttention, "read", counted_read)
+    for rule in RULES:
+        calls.clear()
+        model = tiny_model(rule, n_layer=3)
+        model(random_tokens(T=5), step_by_step=True, context=3)
+        assert calls.count("step") == 2 * 3, f"{rule}: expected step() for 2 blocks x 3 context tokens, got {calls.count('step')}"
+        assert calls.count(("read", 2)) == 2, f"{rule}: expected one read() of the 2 queries per higher block, got {calls}"
 
 
 @pytest.mark.attention
@@ -421,7 +447,7 @@ def test_isolated_queries_write_no_fast_weight(rule):
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("context", [-1, 9])
+@pytest.mark.parametrize("context", [-1, 0, 9])
 def test_a_context_outside_the_sequence_is_rejected(context):
     with pytest.raises(ValueError, match="context"):
         tiny_model("none")(random_tokens(T=8), context=context)
@@ -654,6 +680,20 @@ def test_factored_read_equals_the_plain_form_to_the_second_derivative():
         assert torch.allclose(a, b, atol=1e-12), f"d/d{name} of dx differs from autograd through the plain form"
 
 
+@pytest.mark.hebbian
+def test_factored_read_of_several_tokens_is_each_token_read_alone():
+    """The queries read one F_t at once: factored_read of x (B, Q, in) is, per token, the read of that
+    token alone, and x F_t with the dense F_t (explicit sum over the S terms), in float64."""
+    _, pre, post, scale, coef = read_inputs()
+    S = scale.size(1)
+    x = torch.randn(3, 4, pre.size(-1), dtype=torch.float64, generator=torch.Generator().manual_seed(9))  # (B, Q, in)
+    together = factored_read(x, pre[:, :S], post[:, :S], scale, coef)  # (B, Q, out)
+    alone = torch.stack([factored_read(x[:, q], pre[:, :S], post[:, :S], scale, coef) for q in range(x.size(1))], 1)
+    assert torch.allclose(together, alone, atol=1e-12), "reading several tokens at once differs from reading each alone"
+    dense = sum(scale[:, s, None, None] * coef * pre[:, s, :, None] * post[:, s, None, :] for s in range(S))  # (B, in, out)
+    assert torch.allclose(together, x @ dense, atol=1e-12), "the read of several tokens differs from x F_t"
+
+
 @pytest.mark.gradient
 def test_inner_gradient_gives_the_inputs_gradient_alone_and_the_same():
     """While the gradient rule takes dL_t/dy_t (InnerGradient.active), FactoredRead and TokenLinear compute their
@@ -713,12 +753,13 @@ def test_token_linears_give_autograds_gradients_to_the_second_derivative():
 @pytest.mark.parametrize("rule", PLASTIC_RULES)
 def test_torch_compile_computes_the_eager_models_outputs_and_gradients(rule):
     """--compile: under torch.compile (its graph capture, with the eager backend, which is fast) the token loop
-    computes the same outputs and gradients. AppendRow, FactoredRead and TokenLinear rely on shared memory,
-    a tape and InnerGradient, which a traced graph loses; their callers run outside the graph."""
+    and the queries after a context compute the same outputs and gradients. AppendRow, FactoredRead and
+    TokenLinear rely on shared memory, a tape and InnerGradient, which a traced graph loses; their callers
+    run outside the graph."""
     model = tiny_model(rule)  # two blocks: the second attends through the KV cache
-    x = random_tokens(T=3)
+    x = random_tokens(T=4)
     torch._dynamo.reset()
-    results = [run(x, fast_norm=False)[0] for run in (model, torch.compile(model, backend="eager"))]
+    results = [run(x, fast_norm=False, context=3)[0] for run in (model, torch.compile(model, backend="eager"))]
     grads = [torch.autograd.grad(out.pow(2).sum(), list(model.parameters())) for out in results]
     assert torch.equal(*results), f"{rule}: compiled outputs differ from eager ones"
     for (name, _), a, b in zip(model.named_parameters(), *grads):
