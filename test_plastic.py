@@ -801,13 +801,15 @@ def test_memory_kept_for_backward_grows_linearly_with_the_sequence(rule):
 @pytest.mark.hebbian
 @pytest.mark.gradient
 @pytest.mark.parametrize("rule", PLASTIC_RULES)
-def test_factored_form_equals_dense_form(rule):
-    """F_t kept as its rank-1 history computes exactly what the (B, in, out) matrix does, and so do the gradients."""
+@pytest.mark.parametrize("context", [None, 8])
+def test_factored_form_equals_dense_form(rule, context):
+    """F_t kept as its rank-1 history computes exactly what the (B, in, out) matrix does, and so do the
+    gradients; also for queries after a context, which read it all at once."""
     x = random_tokens(T=12)
     results = {}
     for form in ("dense", "factored"):
         model = tiny_model(rule, fast_form=form, eta=1.0, max_norm=0.5)
-        out, info = model(x)
+        out, info = model(x, context=context)
         out.pow(2).sum().backward()
         results[form] = out, info, {n: p.grad for n, p in model.named_parameters()}
     (out_d, info_d, grad_d), (out_f, info_f, grad_f) = results["dense"], results["factored"]
