@@ -444,10 +444,13 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
 
+    def heads(self, x):  # x (B, T, C) -> q, k, v, (B, nh, T, hs) each
+        B, T, C = x.shape
+        return (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in self.qkv(x).split(C, dim=2))
+
     def forward(self, x, context=None):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = self.heads(x)  # (B, nh, T, hs)
         dropout = self.dropout if self.training else 0.0
         allowed = attention_mask(T, self.window, context, x.device)  # (T, T) query x key, or None
         if allowed is None:
@@ -474,8 +477,7 @@ class CausalSelfAttention(nn.Module):
         context's keys in the cache (tokens < S, the last L of them) and to its own, never to another query's,
         within its window: attention_mask's rows S.. Explicit softmax attention, as step()."""
         B, Q, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (z.view(B, Q, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, Q, hs)
+        q, k, v = self.heads(x)  # (B, nh, Q, hs)
         keys, values = cache.keys, cache.values  # (B, nh, L, hs)
         L = keys.size(2)
         allowed = attention_mask(context + Q, self.window, context, x.device)[context:, context - L:context]  # (Q, L)
