@@ -671,7 +671,7 @@ def test_cli_task_defaults_and_choices_are_in_help_and_fill_the_model():
     for shown in ("2000 for copy, regression, cue_reward; 8000 for omniglot, cifar_fs",
                   "64 for copy, regression, cue_reward; 256 for omniglot, cifar_fs", "{vinyals,lake}",
                   "64 for copy, regression, cue_reward; 128 for omniglot, cifar_fs",
-                  "0.01 for copy; 0.1 for regression, cue_reward, omniglot, cifar_fs",
+                  "0.01 for copy; 0.1 for regression, cue_reward, omniglot, cifar_fs", "3 for omniglot; 1 for cifar_fs",
                   "{factored,dense}", "{positive,negative,symmetric}", "{torch,gpt2}", "{linear,mlp}"):
         assert shown in help_text, f"--help should show {shown!r}"
     parse = lambda line: train.config_from_args(train.build_parser().parse_args(line.split()))
@@ -680,6 +680,10 @@ def test_cli_task_defaults_and_choices_are_in_help_and_fill_the_model():
         expected = tuple(train.TASK_DEFAULTS[task][k] for k in ("d_model", "n_layer", "decay"))
         assert (model.d_model, model.n_layer, model.decay) == expected, f"{task}: the model should have the task's size and decay {expected}"
     assert parse("--task copy --d-model 96").model.d_model == 96, "an explicit --d-model wins over the task's default"
+    for task in ("omniglot", "cifar_fs"):
+        assert parse(f"--task {task}").task.query == train.TASK_DEFAULTS[task]["query"], f"{task}: --query left unset takes the task's default"
+    assert parse("--task copy").task.query == TaskConfig().query, "a task without a default of its own keeps TaskConfig's"
+    assert parse("--task omniglot --query 1").task.query == 1, "an explicit --query wins over the task's default"
 
 
 @pytest.mark.cli
