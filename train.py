@@ -64,8 +64,8 @@ RULES = ("none", "hebbian", "gradient")
 # it (Hebbian 98.84, static 98.72) at twice the time. CIFAR-FS, the same 8,000 x 256 but one query per
 # class (three not yet measured there), with mirrored and shifted training images: with each query alone
 # Hebbian 63.52 +- 1.31% and static 63.24 +- 1.30% on seed 0 (4.5 and 2.8 min for the whole command on
-# an H200); with queries seeing each other Hebbian 66.12 +- 3.09% over three seeds, static 65.45 +-
-# 1.63%, on seed 0 67.16 and 65.90 against 60.72 and 61.40 at 4,000 x 64 (1.5 and 0.7 min; the static
+# an H200); with queries seeing each other Hebbian 66.12 +- 3.09% over three seeds, static 65.45
+# +- 1.63%, on seed 0 67.16 and 65.90 against 60.72 and 61.40 at 4,000 x 64 (1.5 and 0.7 min; the static
 # model without augmentation 56.86). Learning rate 1e-3 everywhere: 3e-4 took CIFAR-FS at attention
 # window 1 from 1 to 3 of 3 Hebbian seeds, but was slightly lower with full attention on Omniglot (97.4
 # against 97.9, Lake's split) and far slower on copy (0.181 against 0.020 after 2,000 steps); README,
