@@ -482,7 +482,8 @@ def test_cli_rejects_bad_arguments_with_exit_code_2(capsys, argv, message):
 @pytest.mark.cli
 @pytest.mark.parametrize("argv, message", [
     ("--task omniglot --shot 3 --query 2", "shot + query = 5 exceeds"),
-    ("--task omniglot --way 6", "way = 6 exceeds"),
+    ("--task omniglot --way 6 --train-way 6", "way = 6 exceeds the 4 classes of the omniglot val split; lower --way."),
+    ("--task omniglot", "train_way = 10 exceeds the 8 classes of the omniglot train split; lower --train-way."),
     ("--task copy --d-model 15 --n-head 2", "divisible by n_head"),
     ("--task copy --device cuda:7", "CUDA is not available"),
     ("--task copy --device gpu", "unknown device 'gpu'"),
@@ -669,9 +670,10 @@ def test_smoke_runs_take_smaller_batches_and_fewer_episodes_and_say_so():
 def test_cli_task_defaults_and_choices_are_in_help_and_fill_the_model():
     help_text = " ".join(train.build_parser().format_help().split())
     for shown in ("2000 for copy, regression, cue_reward; 8000 for omniglot, cifar_fs",
-                  "64 for copy, regression, cue_reward; 256 for omniglot, cifar_fs", "{vinyals,lake}",
+                  "64 for copy, regression, cue_reward; 128 for omniglot; 256 for cifar_fs", "{vinyals,lake}",
                   "64 for copy, regression, cue_reward; 128 for omniglot, cifar_fs",
-                  "0.01 for copy; 0.1 for regression, cue_reward, omniglot, cifar_fs", "3 for omniglot; 1 for cifar_fs",
+                  "0.01 for copy; 0.1 for regression, cue_reward, omniglot, cifar_fs", "3 for omniglot; 1 for cifar_fs; otherwise 1",
+                  "10 for omniglot; otherwise None", "False for omniglot; otherwise True", "0.001 for every task",
                   "{factored,dense}", "{positive,negative,symmetric}", "{torch,gpt2}", "{linear,mlp}"):
         assert shown in help_text, f"--help should show {shown!r}"
     parse = lambda line: train.config_from_args(train.build_parser().parse_args(line.split()))
@@ -684,6 +686,12 @@ def test_cli_task_defaults_and_choices_are_in_help_and_fill_the_model():
         assert parse(f"--task {task}").task.query == train.TASK_DEFAULTS[task]["query"], f"{task}: --query left unset takes the task's default"
     assert parse("--task copy").task.query == TaskConfig().query, "a task without a default of its own keeps TaskConfig's"
     assert parse("--task omniglot --query 1").task.query == 1, "an explicit --query wins over the task's default"
+    omniglot, cifar = parse("--task omniglot"), parse("--task cifar_fs")
+    assert (omniglot.task.train_way, omniglot.model.positions) == (10, False), "Omniglot trains 10-way without positions"
+    assert (cifar.task.train_way, cifar.model.positions) == (None, True), "a task without these defaults keeps the fields' own"
+    assert parse("--task omniglot --way 20").task.train_way == 20, "a way above the task's training classes trains way-way"
+    explicit = parse("--task omniglot --train-way 5 --positions")
+    assert (explicit.task.train_way, explicit.model.positions) == (5, True), "explicit --train-way and --positions win"
 
 
 @pytest.mark.cli
