@@ -247,6 +247,36 @@ def test_gradients_reach_every_parameter(rule, image):
         assert p.grad.abs().sum() > 0, f"{rule}: no gradient reaches {name}"
 
 
+@pytest.mark.model
+@pytest.mark.parametrize("rule, step_by_step", [("none", False), ("none", True), ("hebbian", True), ("gradient", True)],
+                         ids=["none-parallel", "none-token-loop", "hebbian", "gradient"])  # plastic rules: the loop only
+def test_bfloat16_autocast_keeps_the_token_loop_in_float32(rule, step_by_step):
+    """--amp: under bfloat16 autocast the encoder computes in bfloat16 and the token loop in float32 (its
+    autograd Functions' backward passes once met bfloat16 gradients and float32 weights and stopped); the
+    loss and the gradients stay within bfloat16's precision of float32's. CPU autocast stands in for CUDA's."""
+    model = tiny_model(rule, d_in=5, d_out=5, image_shape=(1, 16, 16)).float()
+    x, images = random_tokens(B=2, T=10, d=5).float(), random_images(B=2, T=10).float()
+    losses, grads, features = [], [], []
+    hook = record_calls(model.encoder, features)
+    for amp in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out, _ = model(x, images, step_by_step=step_by_step)
+        loss = out.float().pow(2).mean()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters()), \
+            f"{rule}, amp={amp}: every gradient should be finite float32"
+    hook.remove()
+    assert features[1][1].dtype == torch.bfloat16, "under autocast the encoder should compute in bfloat16"
+    if step_by_step:
+        assert out.dtype == torch.float32, f"{rule}: the token loop should compute in float32 under autocast, gave {out.dtype}"
+    assert abs(losses[1] - losses[0]) < 0.02 * losses[0], f"{rule}: loss {losses[1]:.5f} under autocast, {losses[0]:.5f} without"
+    similarity = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
+    assert similarity > 0.98, f"{rule}: gradients under autocast point elsewhere (cosine {similarity:.4f})"
+
+
 # --------------------------------------------------------------------------------------- attention
 
 
