@@ -652,11 +652,12 @@ class PlasticGPT(nn.Module):
         if self.config.rule == "none" and not step_by_step:
             out = self.head(self.ln_f(self._run_blocks(h, 0, len(self.blocks), context)))
             return out, self._static_info(out)
-        # Under autocast (--amp) the token loop still computes in float32: its fast weights add up over the episode,
-        # its own autograd Functions compute their backward passes in one dtype, and a loop bound by kernel launches
-        # gains nothing from bfloat16; the encoder and the static model's parallel blocks take it.
+        # Under autocast (--amp) the token loop still computes in the weights' dtype: its fast weights add up over
+        # the episode, its own autograd Functions compute their backward passes in one dtype, and a loop bound by
+        # kernel launches gains nothing from bfloat16; the encoder and the static model's parallel blocks take it.
         with torch.autocast(h.device.type, enabled=False):
-            return self._forward_token_by_token(h.float(), self.config.base_rate() if eta is None else eta, fast_norm, context)
+            h = h.to(self.embed.weight.dtype)  # (B, T, C): from autocast's bfloat16, if it was on
+            return self._forward_token_by_token(h, self.config.base_rate() if eta is None else eta, fast_norm, context)
 
     @staticmethod
     def _static_info(out):
