@@ -888,7 +888,7 @@ def per_task(key: str, own) -> str:
         if key in defaults:
             tasks_by_value.setdefault(defaults[key], []).append(task)
     shown = lambda value: f"{value}" if value is None or isinstance(value, bool) else f"{value:g}"
-    every_task = sum(map(len, tasks_by_value.values())) == len(TASK_DEFAULTS)
+    every_task = all(key in defaults for defaults in TASK_DEFAULTS.values())
     if len(tasks_by_value) == 1 and every_task:
         return f"{shown(next(iter(tasks_by_value)))} for every task"
     text = "; ".join(f"{shown(value)} for {', '.join(names)}" for value, names in tasks_by_value.items())
