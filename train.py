@@ -131,7 +131,7 @@ class TrainConfig:
     cuda_graph: bool = True  # on CUDA: record one training step as a CUDA graph and replay it (far fewer launches); ignored on the CPU
     bench: bool = False  # time training steps of each rule (none, hebbian, gradient) and count their operations instead of training; print a table (bench.py)
     compile: bool = False  # torch.compile the model (rules none and hebbian; the gradient rule's second order does not compile); the token loop compiles slowly (minutes)
-    amp: bool = False  # bfloat16 autocast (CUDA only; ignored on the CPU)
+    amp: bool = False  # bfloat16 autocast of the encoder and parallel blocks, the token loop in float32 (CUDA only; ignored on the CPU); 10-23% slower per step at the Omniglot size (README, Speed)
     init_encoder: str | None = None  # image tasks: a run folder (its best.pt) or checkpoint whose Conv4 encoder starts this model; the rest starts fresh
 
 
