@@ -47,13 +47,16 @@ RULES = ("none", "hebbian", "gradient")
 # Defaults per task for the options left at None: TrainConfig's steps, batch_size and lr, and on the
 # command line also the model's d_model, n_layer, decay and positions and the few-shot tasks' query and
 # train_way (from Python, Config's and TaskConfig's own values are used as given). An option given
-# explicitly wins; a --way above the task's train_way trains way-way. Omniglot: 8,000 steps of 128
-# episodes of 10 classes with 3 queries per class, tested 5-way, without position embeddings, on
-# Vinyals's split with shifted training images, each query alone: Hebbian 98.23 +- 0.38% over three
-# seeds (98.41, 98.15, 98.13) in 6.8 min for the whole command on an H200, the static model
-# 98.33 +- 0.49% (98.47, 98.11, 98.42) (README, "Few-shot on the literature's splits"). 8,000 steps
-# rather than more: 11,000 (9.1 min) gave 98.43 against 98.41 on seed 0, validation flat from step
-# 9,000. Ten classes in 128 episodes rather than five in 256, the same images per step at 1.26x the time
+# explicitly wins; a --way above the task's train_way trains way-way.
+#
+# Omniglot: 8,000 steps of 128 episodes of 10 classes with 3 queries per class, tested 5-way, without
+# position embeddings, on Vinyals's split with shifted training images, each query alone: Hebbian
+# 98.23 +- 0.38% over three seeds (98.41, 98.15, 98.13) in 6.8 min for the whole command on an H200, the
+# static model 98.33 +- 0.49% (98.47, 98.11, 98.42) (README, "Few-shot on the literature's splits").
+# 8,000 steps rather than more: 11,000 (9.1 min) gave 98.43 against 98.41 on seed 0, validation flat
+# from step 9,000.
+#
+# Ten classes in 128 episodes rather than five in 256, the same images per step at 1.26x the time
 # (Hebbian 48.2 ms against 38.4): on seed 0 +0.34 points (Hebbian, 98.41 against 98.07 without
 # positions, 98.09 with) and +0.22 (static, against five with positions, 98.47 against 98.25), each
 # within one run's interval. The gain is not established over seeds: on a CPU (static, 1,500 steps, seed
@@ -61,34 +64,42 @@ RULES = ("none", "hebbian", "gradient")
 # twenty at 16 95.35 (the earlier +1.27 of ten at 32 over five at 32 had twice the images per step). It
 # is the default for the GPU's paired gains and its three measured seeds; five classes' seeds 1 and 2
 # are still to run. No positions with ten classes: a 5-way test query would sit where 10-way training
-# had only support; with five they made no difference (Hebbian seed 0, above). Three queries per class
-# rather than one: 3x the answers per step at 1.6x the time per step (Hebbian 38.4 ms against 23.7);
-# with one, 97.68 and 97.88 on seed 0, and 97.67 +- 0.03% over three seeds (static 97.88 +- 0.15%); on a
-# CPU, static, 1,500 steps of 32, three seeds, +0.71 +- 1.07 points, ahead on each. The figures below
-# were measured with the queries of an episode seeing each other (README, "Queries that see each
+# had only support; with five they made no difference (Hebbian seed 0, above).
+#
+# Three queries per class rather than one: 3x the answers per step at 1.6x the time per step (Hebbian
+# 38.4 ms against 23.7); with one, 97.68 and 97.88 on seed 0, and 97.67 +- 0.03% over three seeds
+# (static 97.88 +- 0.15%); on a CPU, static, 1,500 steps of 32, three seeds, +0.71 +- 1.07 points, ahead
+# on each.
+#
+# Earlier figures, with the queries of an episode seeing each other (README, "Queries that see each
 # other"), which added 0.6 points on Omniglot and 2.7-3.6 on CIFAR-FS: Omniglot 98.28 +- 0.92% over
 # three seeds (Hebbian; the static model 98.47 +- 0.87%, the gradient rule 98.50 +- 0.36% on one seed
 # after 4,000 steps without shifts). Twice the steps did not help the static model (98.56 +- 0.16% on
 # 5,000 test episodes). Batch 256 rather than 64: the token loop is bound by kernel launches, so 4x the
 # episodes cost 1.7x the time per step (Hebbian on an H100: 32.4 ms against 18.7, README "Speed").
-# Validation still rose by 0.1 point per 1,000 steps at the end of most runs (not of the default one,
-# flat from step 6,000). There 10 classes per episode (--train-way 10 --no-positions) at batch 256 did
-# not beat five (Hebbian 98.84, static 98.72) at twice the time. CIFAR-FS, the same 8,000 x 256 but one
-# query per class (three not yet measured there), with mirrored and shifted training images: with each
-# query alone Hebbian 63.52 +- 1.31% and static 63.24 +- 1.30% on seed 0 (4.5 and 2.8 min for the whole
-# command on an H200); with queries seeing each other Hebbian 66.12 +- 3.09% over three seeds, static
-# 65.45 +- 1.63%, on seed 0 67.16 and 65.90 against 60.72 and 61.40 at 4,000 x 64 (1.5 and 0.7 min; the
-# static model without augmentation 56.86). Learning rate 1e-3 everywhere: 3e-4 took CIFAR-FS at
-# attention window 1 from 1 to 3 of 3 Hebbian seeds, but was slightly lower with full attention on
-# Omniglot (97.4 against 97.9, Lake's split) and far slower on copy (0.181 against 0.020 after 2,000
-# steps); README, item 6. Copy's decay of 0.01: with attention window 1 the Hebbian model reached test
-# MSE 0.103 after 2,000 steps against 0.161 with 0.1, and 0.0002 after 4,000 (README, "What makes the
-# fast weights work"); the other tasks keep 0.1, where it was measured (Omniglot). Synthetic tasks: a
-# smaller model, measured on a CPU (rule none, batch 64, tested on 512 sequences): at the default 2,000
-# steps d_model 64 with 2 blocks reached test MSE 0.038 on cue_reward and 0.19 on regression, the
-# few-shot size (d_model 128, 4 blocks: 8x the parameters, 4.5x the time per step) 0.043 and 0.35. After
-# 300 steps the larger one was still ahead (copy 9e-5 against 3e-4), and d_model 32 far behind (copy
-# 0.013; Hebbian copy 0.21 against 0.0003 with d_model 64).
+# Validation still rose by 0.1 point per 1,000 steps at the end of most runs (not of the default one
+# then, flat from step 6,000). There 10 classes per episode (--train-way 10 --no-positions) at batch 256
+# did not beat five (Hebbian 98.84, static 98.72) at twice the time.
+#
+# CIFAR-FS, the same 8,000 x 256 but one query per class (three not yet measured there), with mirrored
+# and shifted training images: with each query alone Hebbian 63.52 +- 1.31% and static 63.24 +- 1.30% on
+# seed 0 (4.5 and 2.8 min for the whole command on an H200); with queries seeing each other Hebbian
+# 66.12 +- 3.09% over three seeds, static 65.45 +- 1.63%, on seed 0 67.16 and 65.90 against 60.72 and
+# 61.40 at 4,000 x 64 (1.5 and 0.7 min; the static model without augmentation 56.86).
+#
+# Learning rate 1e-3 everywhere: 3e-4 took CIFAR-FS at attention window 1 from 1 to 3 of 3 Hebbian
+# seeds, but was slightly lower with full attention on Omniglot (97.4 against 97.9, Lake's split) and
+# far slower on copy (0.181 against 0.020 after 2,000 steps); README, item 6.
+#
+# Copy's decay of 0.01: with attention window 1 the Hebbian model reached test MSE 0.103 after 2,000
+# steps against 0.161 with 0.1, and 0.0002 after 4,000 (README, "What makes the fast weights work"); the
+# other tasks keep 0.1, where it was measured (Omniglot).
+#
+# Synthetic tasks: a smaller model, measured on a CPU (rule none, batch 64, tested on 512 sequences): at
+# the default 2,000 steps d_model 64 with 2 blocks reached test MSE 0.038 on cue_reward and 0.19 on
+# regression, the few-shot size (d_model 128, 4 blocks: 8x the parameters, 4.5x the time per step) 0.043
+# and 0.35. After 300 steps the larger one was still ahead (copy 9e-5 against 3e-4), and d_model 32 far
+# behind (copy 0.013; Hebbian copy 0.21 against 0.0003 with d_model 64).
 TASK_DEFAULTS = {
     "copy": dict(steps=2000, batch_size=64, lr=1e-3, d_model=64, n_layer=2, decay=0.01),
     "regression": dict(steps=2000, batch_size=64, lr=1e-3, d_model=64, n_layer=2, decay=0.1),
