@@ -57,7 +57,7 @@ class TaskConfig:
     cue_noise: float = 0.1          # cue_reward: std of the Gaussian noise on every cue presentation
     # few-shot classification (omniglot, cifar_fs)
     way: int = 5                    # classes per episode (N)
-    train_way: int | None = None    # classes per training episode (at least way; more classes to tell apart, as Prototypical Networks train 60-way); validation and test stay way-way; None: way
+    train_way: int | None = None    # classes per training episode (at least way; more classes to tell apart, as Prototypical Networks train 60-way); validation and test stay way-way; None: way (the command line's per-task default holds at one shot; at more shots, or a --way above it, way)
     shot: int = 1                   # labelled support images per class (K)
     query: int = 1                  # unlabelled query images per class (Q)
     isolate_queries: bool = True    # few-shot: each query sees the support set and itself alone, not the other queries, and writes no fast weight (inductive, as published few-shot results are tested); off: queries see the earlier ones, and with one query per class the last one's class is the class the others lack (README, "Queries that see each other")

@@ -690,6 +690,8 @@ def test_cli_task_defaults_and_choices_are_in_help_and_fill_the_model():
     assert (omniglot.task.train_way, omniglot.model.positions) == (10, False), "Omniglot trains 10-way without positions"
     assert (cifar.task.train_way, cifar.model.positions) == (None, True), "a task without these defaults keeps the fields' own"
     assert parse("--task omniglot --way 20").task.train_way == 20, "a way above the task's training classes trains way-way"
+    assert parse("--task omniglot --shot 5").task.train_way == 5, "more than one shot trains way-way (5-shot trains 5-way)"
+    assert parse("--task omniglot --shot 5 --train-way 10").task.train_way == 10, "an explicit --train-way wins at 5 shots"
     explicit = parse("--task omniglot --train-way 5 --positions")
     assert (explicit.task.train_way, explicit.model.positions) == (5, True), "explicit --train-way and --positions win"
 
