@@ -272,6 +272,15 @@ def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was
         train.check_same_config(*configs("cifar_fs", augment=False, train_way=10, **old), "old")
 
 
+def test_a_refused_resume_names_the_task_option_not_the_model_size_that_follows_from_it():
+    """A 5-shot run saved with ten training classes (before more shots trained way-way) differs in the task's
+    train_way and in the model's d_in (one label per training class): the refusal names --train-way's field."""
+    def config(train_way):
+        return dataclasses.asdict(RunConfig(model=Config(d_in=train_way), task=TaskConfig(name="omniglot", shot=5, train_way=train_way)))
+    with pytest.raises(train.UsageError, match="task train_way=10, not 5"):
+        train.check_same_config(config(10), config(5), "old")
+
+
 @pytest.mark.train
 def test_init_encoder_starts_from_another_runs_encoder_and_the_rest_as_without_it(tmp_path, offline):
     """--init-encoder: the encoder's weights and batch-norm statistics are those of the given run's best.pt;
