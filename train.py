@@ -395,12 +395,19 @@ OPTIONS_ADDED = {("task", "omniglot_split"): (("omniglot",), "lake"), ("task", "
                  ("task", "isolate_queries"): (FEW_SHOT, False)}
 
 
+def with_options_added(saved: dict, otherwise: dict) -> dict:
+    """The model and task sections of a saved config.json, each option added since it was saved set to what
+    the run did (OPTIONS_ADDED), or, for a task the option does not act on, to otherwise's value."""
+    saved = {section: dict(saved[section]) for section in ("model", "task")}
+    for (section, k), (applies, before) in OPTIONS_ADDED.items():
+        saved[section].setdefault(k, before if saved["task"]["name"] in applies else otherwise[section][k])
+    return saved
+
+
 def check_same_config(saved: dict, current: dict, path: str) -> None:
     """A resumed run must use the model and task it was started with. The task is checked first: the
     model's sizes (d_in, max_len) follow from it, and the option to name is the task's (--train-way, not d_in)."""
-    saved = {section: dict(saved[section]) for section in ("model", "task")}
-    for (section, k), (applies, before) in OPTIONS_ADDED.items():
-        saved[section].setdefault(k, before if current["task"]["name"] in applies else current[section][k])
+    saved = with_options_added(saved, current)
     for section in ("task", "model"):
         changed = [k for k in current[section] if k != "data_dir" and saved[section].get(k) != current[section][k]]
         if changed:

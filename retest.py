@@ -1,0 +1,159 @@
+"""
+Test a trained few-shot run again, on episodes of other sizes: more shots, more queries, or as many
+classes as it was trained to tell apart, without training it again.
+
+    python retest.py runs/omniglot-hebbian --shot 5                 # the 1-shot default, tested 5-shot
+    python retest.py runs/omniglot-hebbian --way 10                 # trained on 10 classes: test 10-way
+    python train.py --task omniglot --train-way 20 --out-dir r && python retest.py r/omniglot-hebbian --way 20
+
+The run's best.pt is tested as train.py's final test tests it: fresh episodes of its own test classes,
+the same ones for the same seed, number and kind of device (the run's own seed and number by default, so
+that retesting at the run's own sizes on its kind of device gives its results.json again), and for a
+plastic rule the same episodes with plasticity knocked out (eta = 0). A model's labels name at most the
+classes of its training episodes (its train_way, the width of its label input), so --way goes up to
+that. More shots or queries make longer episodes: a model without position embeddings (Omniglot's
+default) reads any length; one with them reads at most the length it learned.
+
+It prints one line and writes <run>/retest-<way>way-<shot>shot-<query>query.json: the test's numbers,
+the options, the device and the time. Retesting with the same options and seed gives the same numbers,
+so the file is replaced. The run's own files are never touched.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import typing
+from dataclasses import dataclass
+
+import torch
+
+from plastic import Config, PlasticGPT
+from tasks import TaskConfig
+from train import (FEW_SHOT, HelpFormatter, Parser, TrainConfig, UsageError, check_numbers, device_name,
+                   field_comments, final_evaluations, load_task, mean_ci95, metric_by_position, pick_device,
+                   protocol_note, set_cpu_threads, with_options_added, write_json)
+
+
+@dataclass
+class RetestConfig:
+    run: str = ""  # a run folder train.py wrote (<out-dir>/<task>-<rule>/, with config.json and best.pt)
+    way: int | None = None  # classes per test episode; None: the run's own; at most its training episodes' classes
+    shot: int | None = None  # labelled support images per class; None: the run's own
+    query: int | None = None  # queries per class; None: the run's own
+    test_episodes: int | None = None  # fresh test episodes; None: the run's own (1,000 for results to report)
+    seed: int | None = None  # seeds the test episodes (seed + 2, as in train.py); None: the run's own seed
+    batch_size: int | None = None  # episodes per forward pass; None: the run's training batch
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    data_dir: str | None = None  # folder with omniglot/ and cifar100/; None: $PLASTIC_DATA or ./data
+
+
+def read_run(run_dir: str) -> dict:
+    """config.json of a finished or stopped run folder that holds best.pt; a UsageError (one sentence) otherwise."""
+    for name in ("config.json", "best.pt"):
+        if not os.path.isfile(os.path.join(run_dir, name)):
+            raise UsageError(f"{run_dir} holds no {name}; give a run folder that train.py wrote "
+                             "(<out-dir>/<task>-<rule>/) after its first validation.")
+    with open(os.path.join(run_dir, "config.json")) as f:
+        return json.load(f)
+
+
+def retest_task(saved_task: dict, rc: RetestConfig) -> TaskConfig:
+    """The run's task with the asked sizes. train_way stays the run's: it is the width of the model's labels."""
+    trained_way = saved_task["train_way"] or saved_task["way"]
+    way = rc.way or saved_task["way"]
+    if way > trained_way:
+        raise UsageError(f"the run was trained on episodes of {trained_way} classes, so its labels name at most "
+                         f"{trained_way}; test --way {trained_way} or fewer (train with --train-way {way} to test {way}-way).")
+    options = dict(way=way, train_way=trained_way, shot=rc.shot or saved_task["shot"],
+                   query=rc.query or saved_task["query"], data_dir=rc.data_dir)
+    try:
+        return TaskConfig(**saved_task | options)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+def retest_model(saved_model: dict, task) -> Config:
+    """The run's model, reading the task's longest episode: without position embeddings no parameter
+    depends on the length, so max_len grows to it; with them the learned length is the limit."""
+    model_cfg = Config(**saved_model)
+    if task.seq_len > model_cfg.max_len:
+        if model_cfg.positions:
+            raise UsageError(f"the run learned position embeddings for episodes of up to {model_cfg.max_len} tokens, and "
+                             f"these have {task.seq_len}; ask for fewer shots or queries.")
+        model_cfg = dataclasses.replace(model_cfg, max_len=task.seq_len)
+    return model_cfg
+
+
+def retest(rc: RetestConfig) -> dict:
+    """Test rc.run's best.pt on the asked episodes; print one line, write and return retest-*.json's contents."""
+    config = read_run(rc.run)
+    if config["task"]["name"] not in FEW_SHOT:
+        raise UsageError(f"{rc.run} is a {config['task']['name']} run; retest.py retests few-shot runs ({', '.join(FEW_SHOT)}).")
+    defaults = dict(model=dataclasses.asdict(Config()), task=dataclasses.asdict(TaskConfig()))
+    saved = with_options_added(config, defaults)
+    task = load_task(retest_task(saved["task"], rc))
+    model_cfg = retest_model(saved["model"], task)
+    saved_train = config["train"]
+    tc = TrainConfig(rule=model_cfg.rule, seed=saved_train["seed"] if rc.seed is None else rc.seed,
+                     test_episodes=rc.test_episodes or saved_train["test_episodes"],
+                     batch_size=rc.batch_size or saved_train["batch_size"], amp=saved_train.get("amp", False), device=rc.device)
+    device = pick_device(tc.device)
+    set_cpu_threads(tc, device)
+    model = PlasticGPT(model_cfg)
+    model.load_state_dict(torch.load(os.path.join(rc.run, "best.pt"), map_location="cpu", weights_only=True)["model"])
+    model.to(device)
+
+    started = time.perf_counter()
+    values, trace, knocked = final_evaluations(model, task, tc, device)
+    seconds = time.perf_counter() - started
+    results = dict(run=rc.run, task=task.name, rule=model_cfg.rule, way=task.ways["test"], shot=task.cfg.shot,
+                   query=task.cfg.query, train_way=task.ways["train"], seed=tc.seed, metric=task.metric_name,
+                   **dict(zip(("test_mean", "test_ci95"), mean_ci95(values))), test_episodes=tc.test_episodes,
+                   knockout_mean=None, knockout_ci95=None)
+    line = (f"{task.name} {results['way']}-way {results['shot']}-shot, {results['query']} queries per class, rule "
+            f"{model_cfg.rule}: test {task.metric_name} {results['test_mean']:.4g} ± {results['test_ci95']:.2g} "
+            f"over {tc.test_episodes} episodes")
+    if knocked is not None:
+        results.update(zip(("knockout_mean", "knockout_ci95"), mean_ci95(knocked)))
+        line += f" | knock-out (eta=0) {results['knockout_mean']:.4g} ± {results['knockout_ci95']:.2g}"
+    results |= dict(by_position=metric_by_position(trace), device=device_name(device), seconds=seconds)
+    print(line + protocol_note(tc.test_episodes))
+    path = os.path.join(rc.run, f"retest-{results['way']}way-{results['shot']}shot-{results['query']}query.json")
+    try:
+        write_json(path, results)
+    except OSError as err:
+        raise UsageError(f"cannot write {path} ({err.strerror}); the numbers are printed above.") from err
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, one option per field of RetestConfig, its comment the help."""
+    parser = Parser(description="Test a trained few-shot run again on episodes of other sizes.",
+                    epilog="example: python retest.py runs/omniglot-hebbian --shot 5", formatter_class=HelpFormatter)
+    hints, comments = typing.get_type_hints(RetestConfig), field_comments(RetestConfig)
+    for f in dataclasses.fields(RetestConfig):
+        if f.name == "run":
+            parser.add_argument("run", help=comments["run"])
+            continue
+        kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])  # int | None -> int
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
+                            metavar=kind.__name__.upper(), help=comments[f.name])
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        check_numbers(vars(args))
+        retest(RetestConfig(**vars(args)))
+    except UsageError as err:
+        print(f"retest.py: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""
+Tests of retest.py: a trained few-shot run tested again on episodes of other sizes.
+
+    pytest test_retest.py           # a few seconds on a 2-core CPU
+
+Tiny runs train 4 steps on the synthetic images of test_train.py (no real data, no network); the
+reference for a retest is train.py's own final test, and train.evaluate on the same weights.
+"""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import retest
+import train
+from plastic import Config, PlasticGPT
+from tasks import TaskConfig
+from test_train import offline, no_network, synthetic_few_shot, tiny  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.train
+
+
+def trained(tmp_path, rule="hebbian", model=None, **task_options):
+    """A tiny Omniglot-like run (3-way 1-shot, one query per class), its folder and its results."""
+    cfg = tiny(tmp_path, "omniglot", rule, model=model)
+    cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, **task_options))
+    results = train.train(cfg)
+    return tmp_path / f"omniglot-{rule}", results
+
+
+@pytest.mark.parametrize("rule", ["none", "hebbian"])
+def test_a_retest_at_the_runs_own_sizes_gives_its_final_test_again(tmp_path, offline, rule):
+    run_dir, results = trained(tmp_path, rule)
+    files = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+    again = retest.retest(retest.RetestConfig(run=str(run_dir), device="cpu"))
+    for key in ("test_mean", "test_ci95", "knockout_mean", "knockout_ci95", "by_position", "test_episodes"):
+        assert again[key] == results[key], f"{rule}: the retest's {key} {again[key]} is not the run's own {results[key]}"
+    assert again == json.loads((run_dir / "retest-3way-1shot-1query.json").read_text()), \
+        "retest() should return what it writes"
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir() if path.name in files} == files, \
+        "a retest changed a file of the run"
+
+
+def reference(run_dir, results, **task_options):
+    """train.evaluate on the run's best.pt over test episodes of the asked sizes, seed + 2 as the final test:
+    the accuracy per position (an untrained model's mean is 1/way in every episode, its positions differ)
+    and the knock-out's mean."""
+    task = synthetic_few_shot(TaskConfig(**results["config"]["task"] | task_options))
+    model = PlasticGPT(dataclasses.replace(Config(**results["config"]["model"]), max_len=task.seq_len))
+    model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"])
+    seed = results["config"]["train"]["seed"] + 2
+    _, trace = train.evaluate(model, task, "test", results["test_episodes"], 4, "cpu", seed)
+    knocked, _ = train.evaluate(model, task, "test", results["test_episodes"], 4, "cpu", seed, eta=0.0)
+    return train.metric_by_position(trace), knocked.double().mean().item()
+
+
+def test_more_shots_and_queries_lengthen_the_episodes_of_a_model_without_positions(tmp_path, offline):
+    run_dir, results = trained(tmp_path, model=dict(positions=False))
+    again = retest.retest(retest.RetestConfig(run=str(run_dir), shot=2, query=2, device="cpu"))
+    assert len(again["by_position"]) == 3 * (2 + 2), "episodes of 3 classes of 2 + 2 images should have 12 tokens"
+    assert [i for i, v in enumerate(again["by_position"]) if v is not None] == list(range(6, 12)), \
+        "the scored positions should be the six queries after the six support images"
+    by_position, knock_out = reference(run_dir, results, shot=2, query=2)
+    assert again["by_position"] == pytest.approx(by_position, abs=1e-6) and again["knockout_mean"] == pytest.approx(knock_out, abs=1e-6), \
+        f"the retest ({again['by_position']}, knock-out {again['knockout_mean']}) is not train.evaluate's ({by_position}, {knock_out})"
+
+
+def test_a_model_with_positions_reads_no_longer_episodes_than_it_learned(tmp_path, offline):
+    run_dir, _ = trained(tmp_path, model=dict(positions=True))
+    with pytest.raises(train.UsageError, match="position embeddings for episodes of up to 6 tokens"):
+        retest.retest(retest.RetestConfig(run=str(run_dir), shot=2, device="cpu"))
+
+
+def test_the_way_goes_up_to_the_classes_of_the_training_episodes(tmp_path, offline):
+    run_dir, results = trained(tmp_path, train_way=4)
+    four = retest.retest(retest.RetestConfig(run=str(run_dir), way=4, device="cpu"))
+    assert four["way"] == 4 and four["train_way"] == 4 and len(four["by_position"]) == 4 * 2, \
+        f"a 4-way retest of a model trained 4-way should score 4-way episodes, got {four['way']}-way"
+    by_position, _ = reference(run_dir, results, way=4)
+    assert four["by_position"] == pytest.approx(by_position, abs=1e-6), \
+        f"the 4-way retest's accuracy per position {four['by_position']} is not train.evaluate's {by_position}"
+    with pytest.raises(train.UsageError, match="labels name at most 4; test --way 4 or fewer"):
+        retest.retest(retest.RetestConfig(run=str(run_dir), way=5, device="cpu"))
+
+
+@pytest.mark.cli
+def test_cli_refuses_bad_runs_and_numbers_with_exit_code_2_and_one_sentence(tmp_path, offline, capsys):
+    train.train(tiny(tmp_path, "copy", "none"))
+    (tmp_path / "empty").mkdir()
+    for argv, message in [([str(tmp_path / "empty")], "holds no config.json"),
+                          ([str(tmp_path / "copy-none")], "is a copy run; retest.py retests few-shot runs"),
+                          ([str(tmp_path / "copy-none"), "--shot", "0"], "--shot must be a number above 0, not 0")]:
+        assert retest.main(argv + ["--device", "cpu"]) == 2, f"{argv} should exit with code 2"
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, f"{argv}: one sentence, got {err!r}"
