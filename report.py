@@ -11,7 +11,9 @@ named seed<k> the seed, as in results/<experiment>/<setting>/seed<k>/<task>-<rul
 belongs to an experiment named after that folder. Runs of one experiment, setting, task and rule
 that differ only by seed are one row: the mean over seeds of each run's test metric, and the 95%
 confidence interval of that mean (t distribution over seeds; with one seed, the run's own interval
-over its test episodes). The knock-out column is the same test with plasticity off (eta = 0).
+over its test episodes). The knock-out column is the same test with plasticity off (eta = 0). A run's
+retests (retest.py: retest-<way>way-<shot>shot-<query>query.json beside its results.json) are rows of
+their own, "retested 5-way 5-shot, 3 queries per class", averaged over seeds the same way.
 """
 
 import argparse
@@ -41,6 +43,13 @@ def load_runs(root):
         with open(os.path.join(folder, "results.json")) as f:
             result = json.load(f)
         runs[(experiment, setting, result["task"], result["rule"])].append(result)
+        for name in sorted(files):  # retest.py's tests of the same model on other episodes: a row each
+            if re.fullmatch(r"retest-\d+way-\d+shot-\d+query\.json", name):
+                with open(os.path.join(folder, name)) as f:
+                    retest = json.load(f)
+                label = f"retested {retest['way']}-way {retest['shot']}-shot, {retest['query']} queries per class"
+                runs[(experiment, label if setting == "-" else f"{setting}, {label}", result["task"], result["rule"])
+                     ].append(result | retest)  # the run's parameters and training time, the retest's numbers
     return runs
 
 

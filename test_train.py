@@ -553,6 +553,27 @@ def test_report_averages_seeds_with_a_t_interval(tmp_path):
 
 
 @pytest.mark.train
+def test_report_puts_each_retest_in_a_row_of_its_own_averaged_over_seeds(tmp_path):
+    """report.py: retest.py's retest-*.json beside a run's results.json is a row named after its episodes,
+    with the run's parameters and training time and the retest's numbers."""
+    import report
+    for seed, value in enumerate((0.95, 0.97)):
+        folder = tmp_path / "twenty" / f"seed{seed}" / "omniglot-hebbian"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(dict(
+            task="omniglot", rule="hebbian", metric="accuracy", test_mean=0.5, test_ci95=0.01, knockout_mean=0.4,
+            knockout_ci95=0.01, params=2000, train_time_s=120.0)))
+        (folder / "retest-5way-5shot-3query.json").write_text(json.dumps(dict(
+            way=5, shot=5, query=3, test_mean=value, test_ci95=0.01, knockout_mean=value - 0.1, knockout_ci95=0.01)))
+    table = report.tables(report.load_runs(str(tmp_path)))
+    half_width = 12.71 * 0.0141421 / 2 ** 0.5 * 100  # std of (0.95, 0.97) is 0.01414
+    row = next((line for line in table.splitlines() if line.startswith("| retested 5-way 5-shot, 3 queries per class |")), "")
+    assert f"96.00 ± {half_width:.2f} (knock-out 86.00 ± {half_width:.2f}); 0.00M; 2; 2.0 min" in row, \
+        f"the retests should be one row, 96.00 ± {half_width:.2f} over two seeds, the run's size and time:\n{table}"
+    assert "| - | omniglot | - | 50.00 ± 0.00 (knock-out 40.00 ± 0.00)" in table, f"the run's own row should stay:\n{table}"
+
+
+@pytest.mark.train
 def test_mean_ci95_is_the_normal_interval_of_the_mean():
     values = torch.tensor([0.2, 0.4, 0.9, 0.5, 0.7], dtype=torch.float64)
     mean, ci = train.mean_ci95(values)
