@@ -33,8 +33,8 @@ import torch
 from plastic import Config, PlasticGPT
 from tasks import TaskConfig
 from train import (FEW_SHOT, HelpFormatter, Parser, TrainConfig, UsageError, check_numbers, device_name,
-                   field_comments, final_evaluations, load_task, mean_ci95, metric_by_position, pick_device,
-                   protocol_note, set_cpu_threads, with_options_added, write_json)
+                   field_comments, final_evaluations, load_task, pick_device, protocol_note, set_cpu_threads,
+                   summarise_test, with_options_added, write_json)
 
 
 @dataclass
@@ -109,18 +109,12 @@ def retest(rc: RetestConfig) -> dict:
     started = time.perf_counter()
     values, trace, knocked = final_evaluations(model, task, tc, device)
     seconds = time.perf_counter() - started
+    summary, line = summarise_test(values, trace, knocked, task)
     results = dict(run=rc.run, task=task.name, rule=model_cfg.rule, way=task.ways["test"], shot=task.cfg.shot,
                    query=task.cfg.query, train_way=task.ways["train"], seed=tc.seed, metric=task.metric_name,
-                   **dict(zip(("test_mean", "test_ci95"), mean_ci95(values))), test_episodes=tc.test_episodes,
-                   knockout_mean=None, knockout_ci95=None)
-    line = (f"{task.name} {results['way']}-way {results['shot']}-shot, {results['query']} queries per class, rule "
-            f"{model_cfg.rule}: test {task.metric_name} {results['test_mean']:.4g} ± {results['test_ci95']:.2g} "
-            f"over {tc.test_episodes} episodes")
-    if knocked is not None:
-        results.update(zip(("knockout_mean", "knockout_ci95"), mean_ci95(knocked)))
-        line += f" | knock-out (eta=0) {results['knockout_mean']:.4g} ± {results['knockout_ci95']:.2g}"
-    results |= dict(by_position=metric_by_position(trace), device=device_name(device), seconds=seconds)
-    print(line + protocol_note(tc.test_episodes))
+                   **summary, device=device_name(device), seconds=seconds)
+    print(f"{task.name} {results['way']}-way {results['shot']}-shot, {results['query']} queries per class, rule "
+          f"{model_cfg.rule}: {line}{protocol_note(tc.test_episodes)}")
     path = os.path.join(rc.run, f"retest-{results['way']}way-{results['shot']}shot-{results['query']}query.json")
     try:
         write_json(path, results)

@@ -565,19 +565,26 @@ def metric_by_position(trace: dict) -> list:
     return [round(m / n, 6) if n > 0 else None for m, n in zip(trace["metric"].tolist(), trace["scored"].tolist())]
 
 
+def summarise_test(values, trace: dict, knocked, task) -> tuple[dict, str]:
+    """final_evaluations' numbers as results.json holds them (means, 95% intervals, the metric per scored
+    position) and the line that prints them."""
+    results = dict(zip(("test_mean", "test_ci95"), mean_ci95(values)), test_episodes=values.numel(),
+                   knockout_mean=None, knockout_ci95=None, by_position=metric_by_position(trace))
+    line = (f"test {task.metric_name} {results['test_mean']:.4g} ± {results['test_ci95']:.2g} over {values.numel()} "
+            f"{sequence_unit(task)}")
+    if knocked is not None:
+        results.update(zip(("knockout_mean", "knockout_ci95"), mean_ci95(knocked)))
+        line += f" | knock-out (eta=0) {results['knockout_mean']:.4g} ± {results['knockout_ci95']:.2g}"
+    return results, line
+
+
 def final_test(model, task, tc: TrainConfig, device, run_dir: str) -> dict:
     """The final test (final_evaluations), printed, with the metric per scored position (results.json's
     by_position) and the modulation trace written for the plastic rules."""
     values, trace, knocked = final_evaluations(model, task, tc, device)
-    results = dict(zip(("test_mean", "test_ci95"), mean_ci95(values)), test_episodes=tc.test_episodes,
-                   knockout_mean=None, knockout_ci95=None)
-    results["by_position"] = metric_by_position(trace)
+    results, line = summarise_test(values, trace, knocked, task)
     del trace["metric"]  # results.json's trace: the model's, per position
-    unit = sequence_unit(task)
-    line = f"test {task.metric_name} {results['test_mean']:.4g} ± {results['test_ci95']:.2g} over {tc.test_episodes} {unit}"
     if knocked is not None:
-        results.update(zip(("knockout_mean", "knockout_ci95"), mean_ci95(knocked)))
-        line += f" | knock-out (eta=0) {results['knockout_mean']:.4g} ± {results['knockout_ci95']:.2g}"
         write_modulation_trace(run_dir, trace, model.config.rule)
         results["trace"] = {key: [round(v, 6) for v in values.tolist()] for key, values in trace.items()}  # per position
     print(line + protocol_note(tc.test_episodes))
