@@ -344,6 +344,20 @@ def test_train_way_trains_on_more_classes_and_tests_choose_among_their_own():
     assert torch.isclose(task.loss(logits, train), plain), "with every label shown the loss is plain cross-entropy"
 
 
+@pytest.mark.tasks
+def test_evaluation_episodes_do_not_depend_on_the_training_classes():
+    """A model trained on 5 classes and one trained on 7 (--train-way) are tested on the same episodes for
+    the same seed: the same images, labels and masks, the label inputs only wider. retest.py's scores of a
+    20-way model at 5 ways pair with a 5-way model's by episode (README, 5-way 5-shot and 20-way)."""
+    narrow, wide = coded_task(way=3, train_way=5), coded_task(way=3, train_way=7)
+    for split in ("val", "test"):
+        a, b = (task.sample(8, split, generator=torch.Generator().manual_seed(3)) for task in (narrow, wide))
+        assert torch.equal(a.images, b.images) and torch.equal(a.target, b.target) and torch.equal(a.mask, b.mask), \
+            f"{split}: the training classes changed the episodes drawn"
+        assert torch.equal(a.x, b.x[..., :5]) and (b.x[..., 5:] == 0).all(), \
+            f"{split}: the label inputs differ beyond their width"
+
+
 def reference_crop_and_flip(image, top, left, flip, padding):
     """One (C, H, W) image by hand: zero-pad, slice, mirror."""
     C, H, W = image.shape
