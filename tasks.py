@@ -97,6 +97,11 @@ class Batch:
     mask: Tensor                    # (B, T) bool: the positions that count for loss and metric
     context: int | None = None      # S: tokens S.. are queries that see tokens < S and themselves alone (the model's context=); None: a plain causal sequence
 
+    def rows(self, start: int, stop: int) -> "Batch":
+        """Episodes start..stop-1 of the batch, as a batch (evaluation runs its draws in slices)."""
+        images = None if self.images is None else self.images[start:stop]
+        return Batch(self.x[start:stop], images, self.target[start:stop], self.mask[start:stop], self.context)
+
 
 def check_request(batch_size, split):
     if split not in SPLITS:

@@ -585,25 +585,27 @@ def test_mean_ci95_is_the_normal_interval_of_the_mean():
 
 
 @pytest.mark.train
-def test_evaluate_scores_the_requested_episodes_reproducibly():
-    """evaluate() returns one metric per episode, equal to task.metric on the same seeded episodes,
-    the same ones every time for a seed, and passes the knock-out rate to the model; its trace's "metric"
-    is each position's squared error where scored, averaged over the episodes."""
+def test_evaluate_scores_the_requested_episodes_reproducibly(monkeypatch):
+    """evaluate() returns one metric per episode, equal to task.metric on the same seeded episodes (drawn
+    EVAL_DRAW at a time, run batch_size at a time), the same ones every time for a seed, and passes the
+    knock-out rate to the model; its trace's "metric" is each position's squared error where scored,
+    averaged over the episodes."""
+    monkeypatch.setattr(train, "EVAL_DRAW", 4)
     task = tasks.make_task("copy", **TINY_TASKS["copy"])
     torch.manual_seed(0)
     model = PlasticGPT(Config(d_in=task.d_in, d_out=task.d_out, max_len=task.seq_len, n_layer=1, n_head=2, d_model=16))
-    values, trace = train.evaluate(model, task, "test", episodes=10, batch_size=4, device="cpu", seed=3)
+    values, trace = train.evaluate(model, task, "test", episodes=10, batch_size=3, device="cpu", seed=3)
     assert values.shape == (10,), f"one metric per episode: expected (10,), got {tuple(values.shape)}"
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         batches = [task.sample(n, "test", "cpu", generator) for n in (4, 4, 2)]
         expected = torch.cat([task.metric(model(b.x)[0], b) for b in batches])
         per_position = torch.cat([(model(b.x)[0] - b.target).pow(2).mean(-1) * b.mask for b in batches]).mean(0)
-    assert torch.allclose(values, expected), "evaluate() should score exactly the seeded episodes, 4 + 4 + 2"
+    assert torch.allclose(values, expected), "evaluate() should score exactly the seeded episodes, drawn 4 + 4 + 2"
     assert torch.allclose(trace["metric"], per_position), "the trace's metric should be each position's mean squared error"
-    again, _ = train.evaluate(model, task, "test", episodes=10, batch_size=4, device="cpu", seed=3)
+    again, _ = train.evaluate(model, task, "test", episodes=10, batch_size=3, device="cpu", seed=3)
     assert torch.equal(values, again), "the same seed must give the same episodes and scores"
-    _, knocked = train.evaluate(model, task, "test", episodes=10, batch_size=4, device="cpu", seed=3, eta=0.0)
+    _, knocked = train.evaluate(model, task, "test", episodes=10, batch_size=3, device="cpu", seed=3, eta=0.0)
     assert torch.all(knocked["eta"] == 0) and torch.all(trace["eta"] > 0), "eta=0.0 must reach the model (knock-out)"
     assert trace["eta"].shape == (task.seq_len,), "the trace is one mean per token position"
 
@@ -630,23 +632,21 @@ def test_evaluate_leaves_batch_norm_statistics_unchanged():
 
 @pytest.mark.train
 def test_evaluate_scores_each_episode_alone_whatever_the_batch_size(monkeypatch):
-    """The same 4 episodes evaluated in batches of 1 and of 4 give the same scores and the same trace:
-    in eval mode no episode's images influence another's (non-transductive evaluation)."""
+    """A seed's episodes scored in batches of 1, 2 and 5 give the same scores and the same trace: the
+    episodes do not depend on the batch (drawn EVAL_DRAW at a time, here 3, across which the slices of
+    2 and 5 fall), and in eval mode no episode's images influence another's (non-transductive)."""
+    monkeypatch.setattr(train, "EVAL_DRAW", 3)
     model, task = image_model_and_task("hebbian")
-    episodes = task.sample(4, "val", "cpu", torch.Generator().manual_seed(0))
-    results = {}
-    for batch_size in (1, 4):
-        served = iter(range(0, 4, batch_size))
-
-        def next_episodes(n, split, device, generator):  # the fixed episodes in order, n at a time
-            start = next(served)
-            return tasks.Batch(*(getattr(episodes, name)[start:start + n] for name in ("x", "images", "target", "mask")))
-        monkeypatch.setattr(task, "sample", next_episodes)
-        results[batch_size] = train.evaluate(model, task, "val", episodes=4, batch_size=batch_size, device="cpu", seed=0)
-    (alone, alone_trace), (together, together_trace) = results[1], results[4]
-    assert torch.allclose(alone, together, atol=1e-6), f"per-episode scores depend on the batch size: {alone} vs {together}"
-    for key in ("eta", "fast_norm"):
-        assert torch.allclose(alone_trace[key], together_trace[key], rtol=1e-4), f"the {key} trace depends on the batch size"
+    results = {batch_size: train.evaluate(model, task, "val", episodes=7, batch_size=batch_size, device="cpu", seed=0)
+               for batch_size in (1, 2, 5)}
+    alone, alone_trace = results[1]
+    for batch_size in (2, 5):
+        scores, trace = results[batch_size]
+        assert torch.allclose(alone, scores, atol=1e-6), \
+            f"per-episode scores differ between batches of 1 and {batch_size}: {alone} vs {scores}"
+        for key in ("eta", "fast_norm"):
+            assert torch.allclose(alone_trace[key], trace[key], rtol=1e-4), \
+                f"the {key} trace differs between batches of 1 and {batch_size}"
 
 
 # ----------------------------------------------------------------------------------------------

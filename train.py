@@ -458,9 +458,18 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), ci
 
 
+# Evaluation draws its episodes EVAL_DRAW at a time and runs each draw in slices of the batch size, so
+# that a seed's validation and test episodes are the same whatever the batch (on one device): runs of
+# one seed at different batch sizes are scored on the same episodes, and can be compared episode by
+# episode. 128 is Omniglot's default batch, so its runs' episodes are those drawn before (commit 5114021
+# and earlier drew them in batches of the training batch).
+EVAL_DRAW = 128
+
+
 @torch.no_grad()
 def evaluate(model, task, split, episodes, batch_size, device, seed, eta=None, amp=False, fast_norm=True):
-    """Run `episodes` fresh episodes of `split` (the same ones for the same seed) in eval mode.
+    """Run `episodes` fresh episodes of `split` (the same ones for the same seed, whatever batch_size) in
+    eval mode, batch_size episodes per forward pass.
     Returns the per-episode metric (episodes,) and, per token position, the means over episodes of
     the model's info ((T,) each: eta, step, update_norm, fast_norm), of the scored-position mask and of
     the metric where scored ("metric": a few-shot run's accuracy per query position).
@@ -470,15 +479,17 @@ def evaluate(model, task, split, episodes, batch_size, device, seed, eta=None, a
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     metrics, sums = [], {}
-    for start in range(0, episodes, batch_size):
-        batch = task.sample(min(batch_size, episodes - start), split, device, generator)
-        with autocast(amp, device):
-            out, info = model(batch.x, batch.images, eta=eta, fast_norm=fast_norm, context=batch.context)
-        metrics.append(task.metric(out.float(), batch))
-        info = {k: v for k, v in info.items() if k != "fast_weights"} | {"scored": batch.mask,
-                                                                         "metric": task.token_metric(out, batch) * batch.mask}
-        for key, value in info.items():  # (B, T) -> summed over episodes (T,)
-            sums[key] = sums.get(key, 0) + value.float().sum(0)
+    for start in range(0, episodes, EVAL_DRAW):
+        drawn = task.sample(min(EVAL_DRAW, episodes - start), split, device, generator)
+        for first in range(0, drawn.x.shape[0], batch_size):
+            batch = drawn.rows(first, first + batch_size)
+            with autocast(amp, device):
+                out, info = model(batch.x, batch.images, eta=eta, fast_norm=fast_norm, context=batch.context)
+            metrics.append(task.metric(out.float(), batch))
+            info = {k: v for k, v in info.items() if k != "fast_weights"} | {"scored": batch.mask,
+                                                                             "metric": task.token_metric(out, batch) * batch.mask}
+            for key, value in info.items():  # (B, T) -> summed over episodes (T,)
+                sums[key] = sums.get(key, 0) + value.float().sum(0)
     model.train()
     return torch.cat(metrics).cpu(), {key: (s / episodes).cpu() for key, s in sums.items()}
 
