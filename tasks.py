@@ -59,6 +59,7 @@ class TaskConfig:
     way: int = 5                    # classes per episode (N)
     train_way: int | None = None    # classes per training episode (at least way; more classes to tell apart, as Prototypical Networks train 60-way); validation and test stay way-way; None: way (the command line's per-task default holds at one shot; at more shots, or a --way above it, way)
     shot: int = 1                   # labelled support images per class (K)
+    train_shot: int | None = None   # support images per class in training episodes; validation and test keep shot; None: shot (--shot 5 --train-shot 1 trains on 1-shot episodes and picks and tests its checkpoint at 5 shots)
     query: int = 1                  # unlabelled query images per class (Q)
     isolate_queries: bool = True    # few-shot: each query sees the support set and itself alone, not the other queries, and writes no fast weight (inductive, as published few-shot results are tested); off: queries see the earlier ones, and with one query per class the last one's class is the class the others lack (README, "Queries that see each other")
     rotations: bool = True          # omniglot: rotations by 90/180/270 add training classes
@@ -83,6 +84,8 @@ class TaskConfig:
             raise ValueError(f"unknown regression mode {self.mode!r}; choose linear or mlp.")
         if self.way < 2:
             raise ValueError(f"way = {self.way} must be at least 2 (one class is no classification).")
+        if self.train_shot is not None and self.train_shot < 1:
+            raise ValueError(f"train_shot = {self.train_shot} must be at least 1 (or none, the same as shot).")
         if self.train_way is not None and self.train_way < self.way:
             raise ValueError(f"train_way = {self.train_way} must be at least way = {self.way} (or none, the same).")
         if self.omniglot_split not in OMNIGLOT_SPLITS:
@@ -290,7 +293,9 @@ class FewShot(Task):
     With train_way W > N (cfg.train_way), training episodes are W-way and validation and test ones
     N-way: the label inputs and the outputs are W wide, an N-way episode shows labels 0..N-1 only, and
     its loss and accuracy choose among the labels its support shows (among_shown), as a nearest-prototype
-    classifier compares a query with the episode's own classes alone.
+    classifier compares a query with the episode's own classes alone. With train_shot, training episodes
+    show that many support images per class and validation and test ones shot: a model trained at 1 shot
+    can be chosen and tested at 5.
 
     Training images are augmented (cfg.augment): each is a random crop of itself zero-padded by a few
     pixels, and CIFAR-FS's are mirrored with probability 1/2 (AUGMENTATION). Validation and test images never are.
@@ -305,12 +310,14 @@ class FewShot(Task):
 
     def __init__(self, cfg, splits, class_names, mean, std):
         super().__init__(cfg)
-        K, Q = cfg.shot, cfg.query
+        Q = cfg.query
         self.ways = dict(train=cfg.train_way or cfg.way, val=cfg.way, test=cfg.way)   # N of each split's episodes
+        self.shots = dict(train=cfg.train_shot or cfg.shot, val=cfg.shot, test=cfg.shot)  # K of each split's
         for split, images in splits.items():
-            if K + Q > images.shape[1]:
-                raise ValueError(f"shot + query = {K + Q} exceeds the {images.shape[1]} images per "
-                                 f"{cfg.name} class; lower --shot or --query.")
+            if self.shots[split] + Q > images.shape[1]:
+                option = "train_shot" if split == "train" and cfg.train_shot else "shot"
+                raise ValueError(f"{option} + query = {self.shots[split] + Q} exceeds the {images.shape[1]} images "
+                                 f"per {cfg.name} class; lower --{option.replace('_', '-')} or --query.")
             if self.ways[split] > images.shape[0]:
                 option = "train_way" if split == "train" and cfg.train_way else "way"
                 raise ValueError(f"{option} = {self.ways[split]} exceeds the {images.shape[0]} classes of the "
@@ -318,7 +325,7 @@ class FewShot(Task):
         self.splits, self.class_names = splits, class_names
         self.image_shape = tuple(splits["train"].shape[2:])
         self.d_in = self.d_out = self.ways["train"]                  # labels 0..W-1
-        self.seq_len = self.ways["train"] * (K + Q)                  # the longest episode: a training one
+        self.seq_len = max(self.ways[s] * (self.shots[s] + Q) for s in SPLITS)   # the longest episode
         self.augmentation = AUGMENTATION[cfg.name] if cfg.augment else None   # (padding, flip), training images only
         self.mean = torch.tensor(mean).view(-1, 1, 1)                # (C, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)                  # (C, 1, 1)
@@ -333,7 +340,7 @@ class FewShot(Task):
 
     def sample(self, batch_size, split="train", device="cpu", generator=None):
         check_request(batch_size, split)
-        B, N, K, Q = batch_size, self.ways[split], self.cfg.shot, self.cfg.query
+        B, N, K, Q = batch_size, self.ways[split], self.shots[split], self.cfg.query
         data = self.split_images(split, device)                            # (classes, per_class, C, H, W) uint8
         rng = dict(device=device, generator=generator)
         # the largest N of iid uniform keys: N distinct indices, uniformly chosen, in random order

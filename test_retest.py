@@ -85,6 +85,22 @@ def test_the_way_goes_up_to_the_classes_of_the_training_episodes(tmp_path, offli
         retest.retest(retest.RetestConfig(run=str(run_dir), way=5, device="cpu"))
 
 
+def test_a_run_trained_at_fewer_shots_is_chosen_and_tested_at_its_shot(tmp_path, offline):
+    """--shot 2 --train-shot 1 with position embeddings: the model reads the longer test episodes (3 classes of
+    2 + 1 images), the final test scores their three queries, and a retest at the run's sizes gives it again,
+    as train.evaluate does on best.pt."""
+    run_dir, results = trained(tmp_path, model=dict(positions=True), shot=2, train_shot=1)
+    assert len(results["by_position"]) == 3 * (2 + 1), "the final test's episodes should have 3 x (2 + 1) tokens"
+    assert [i for i, v in enumerate(results["by_position"]) if v is not None] == [6, 7, 8], \
+        "the final test should score the three queries after six support images"
+    again = retest.retest(retest.RetestConfig(run=str(run_dir), device="cpu"))
+    assert again["by_position"] == results["by_position"] and again["test_mean"] == results["test_mean"], \
+        "a retest at the run's own sizes should give its final test again"
+    by_position, _ = reference(run_dir, results)
+    assert results["by_position"] == pytest.approx(by_position, abs=1e-6), \
+        f"the final test's accuracy per position {results['by_position']} is not train.evaluate's {by_position}"
+
+
 @pytest.mark.cli
 def test_cli_refuses_bad_runs_and_numbers_with_exit_code_2_and_one_sentence(tmp_path, offline, capsys):
     train.train(tiny(tmp_path, "copy", "none"))

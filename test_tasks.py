@@ -44,7 +44,7 @@ def no_network(monkeypatch):
 # Samplers (marker: tasks)
 
 def coded_task(way=3, shot=2, query=2, classes=(7, 5, 4), per_class=6, mean=(0.0,), std=(1.0,), train_way=None,
-               isolate_queries=True):
+               isolate_queries=True, train_shot=None):
     """A few-shot task on 2x2 images that spell out who they are: pixel (0, 0) is the class
     (100 * split number + class index), pixel (0, 1) the image's number within its class; not augmented,
     so that the pixels stay where they are."""
@@ -55,7 +55,7 @@ def coded_task(way=3, shot=2, query=2, classes=(7, 5, 4), per_class=6, mean=(0.0
         images[:, :, 0, 0, 1] = np.arange(per_class)
         splits[split], names[split] = images, [f"{split}{i}" for i in range(n)]
     cfg = TaskConfig(name="omniglot", way=way, shot=shot, query=query, augment=False, train_way=train_way,
-                     isolate_queries=isolate_queries)
+                     isolate_queries=isolate_queries, train_shot=train_shot)
     return FewShot(cfg, splits, names, mean, std)
 
 
@@ -292,6 +292,7 @@ def test_loss_and_metric_count_only_masked_positions():
     ("cue_reward", {"trial_len": 1}, "trial_len"),
     ("omniglot", {"way": 1}, "way"),
     ("omniglot", {"way": 5, "train_way": 4}, "train_way = 4 must be at least way = 5"),
+    ("omniglot", {"train_shot": 0}, "train_shot = 0 must be at least 1"),
 ])
 def test_bad_options_raise_one_clear_sentence(name, options, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -309,6 +310,28 @@ def test_impossible_episodes_name_the_fix():
         make_task("copy").sample(2, "validation")
     with pytest.raises(ValueError, match="train_way = 8 exceeds the 7 classes of the omniglot train split; lower --train-way"):
         coded_task(way=3, train_way=8)
+    with pytest.raises(ValueError, match=r"train_shot \+ query = 7 exceeds the 6 images per omniglot class; lower --train-shot"):
+        coded_task(way=2, shot=1, query=3, train_shot=4)
+
+
+@pytest.mark.tasks
+def test_train_shot_sets_the_support_of_training_episodes_and_shot_that_of_the_others():
+    """--shot 3 --train-shot 1: a training episode shows each of its classes once before the queries, a
+    validation or test one three times; the context is each split's support set, and the model is sized for
+    the longest episode (a test one here)."""
+    N, Q = 3, 1
+    task = coded_task(way=N, shot=3, query=Q, train_shot=1)
+    assert task.seq_len == N * (3 + Q), f"the longest episode is a test one of {N * (3 + Q)} tokens, not {task.seq_len}"
+    for split, K in (("train", 1), ("val", 3), ("test", 3)):
+        batch = task.sample(16, split, generator=torch.Generator().manual_seed(2))
+        codes, _ = decode_codes(batch)
+        S = N * K
+        assert batch.x.shape[1] == S + N * Q and batch.context == S, \
+            f"{split}: expected {S} support tokens then {N * Q} queries, got {batch.x.shape[1]} tokens, context {batch.context}"
+        for b in range(16):
+            for t in range(S, S + N * Q):
+                times = codes[b, :S].tolist().count(codes[b, t].item())
+                assert times == K, f"{split} episode {b}: a query's class is {times} times in the support, not {K}"
 
 
 @pytest.mark.tasks

@@ -243,14 +243,14 @@ def test_resume_without_a_checkpoint_or_with_other_options_is_refused(tmp_path):
 
 @pytest.mark.train
 def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was_trained():
-    """Runs saved before --split, --augment, --train-way, --positions and --isolate-queries trained on Lake's
-    split without augmentation, on as many classes as they tested, with position embeddings, and with
-    queries that saw each other: they resume with those options, and are refused with the new defaults,
+    """Runs saved before --split, --augment, --train-way, --positions, --isolate-queries and --train-shot
+    trained on Lake's split without augmentation, on as many classes and shots as they tested, with position
+    embeddings, and with queries that saw each other: they resume with those options, and are refused with the new defaults,
     naming the option; an option of another task is no reason to refuse."""
     def configs(name, positions=True, **task):
         current = dataclasses.asdict(RunConfig(model=Config(positions=positions), task=TaskConfig(name=name, **task)))
         saved = json.loads(json.dumps(current))
-        for option in ("omniglot_split", "augment", "train_way", "isolate_queries"):
+        for option in ("omniglot_split", "augment", "train_way", "isolate_queries", "train_shot"):
             del saved["task"][option]
         del saved["model"]["positions"]
         return saved, current
@@ -270,6 +270,8 @@ def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was
         train.check_same_config(*configs("copy", positions=False), "old")
     with pytest.raises(train.UsageError, match="task train_way=None, not 10"):
         train.check_same_config(*configs("cifar_fs", augment=False, train_way=10, **old), "old")
+    with pytest.raises(train.UsageError, match="task train_shot=None, not 1"):
+        train.check_same_config(*configs("cifar_fs", augment=False, train_shot=1, **old), "old")
 
 
 def test_a_refused_resume_names_the_task_option_not_the_model_size_that_follows_from_it():
@@ -722,6 +724,9 @@ def test_cli_task_defaults_and_choices_are_in_help_and_fill_the_model():
     assert parse("--task omniglot --way 20").task.train_way == 20, "a way above the task's training classes trains way-way"
     assert parse("--task omniglot --shot 5").task.train_way == 5, "more than one shot trains way-way (5-shot trains 5-way)"
     assert parse("--task omniglot --shot 5 --train-way 10").task.train_way == 10, "an explicit --train-way wins at 5 shots"
+    assert parse("--task omniglot --shot 5 --train-shot 1").task.train_way == 10, \
+        "training at one shot takes the 1-shot default's classes, whatever the test's shot"
+    assert parse("--task omniglot --train-shot 5").task.train_way == 5, "training at 5 shots trains way-way"
     explicit = parse("--task omniglot --train-way 5 --positions")
     assert (explicit.task.train_way, explicit.model.positions) == (5, True), "explicit --train-way and --positions win"
 

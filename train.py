@@ -47,7 +47,8 @@ RULES = ("none", "hebbian", "gradient")
 # Defaults per task for the options left at None: TrainConfig's steps, batch_size and lr, and on the
 # command line also the model's d_model, n_layer, decay and positions and the few-shot tasks' query and
 # train_way (from Python, Config's and TaskConfig's own values are used as given). An option given
-# explicitly wins; a --way above the task's train_way trains way-way, and so does a --shot above one.
+# explicitly wins; a --way above the task's train_way trains way-way, and so does a training shot (--shot,
+# or --train-shot where given) above one.
 #
 # Omniglot: 8,000 steps of 128 episodes of 10 classes with 3 queries per class, tested 5-way, without
 # position embeddings, on Vinyals's split with shifted training images, each query alone: Hebbian
@@ -401,7 +402,7 @@ def read_encoder(path: str, model_cfg: Config) -> dict:
 FEW_SHOT = ("omniglot", "cifar_fs")
 OPTIONS_ADDED = {("task", "omniglot_split"): (("omniglot",), "lake"), ("task", "augment"): (FEW_SHOT, False),
                  ("task", "train_way"): (FEW_SHOT, None), ("model", "positions"): (TASKS, True),
-                 ("task", "isolate_queries"): (FEW_SHOT, False)}
+                 ("task", "isolate_queries"): (FEW_SHOT, False), ("task", "train_shot"): (FEW_SHOT, None)}
 
 
 def with_options_added(saved: dict, otherwise: dict) -> dict:
@@ -1006,8 +1007,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             own = {f.name: f.default for f in dataclasses.fields(cls)}
             given |= {k: task_defaults.get(k, own[k]) for k, v in given.items() if v is None and k in PER_TASK}
         if section == "task" and values["task.train_way"] is None and given["train_way"] is not None:
-            # the task's classes at one shot, or way's if more (20-way trains 20-way); at more shots way's (5-shot trains 5-way)
-            given["train_way"] = max(given["train_way"], given["way"]) if given["shot"] == 1 else given["way"]
+            # the task's classes at one training shot, or way's if more (20-way trains 20-way); at more training
+            # shots way's (5-shot trains 5-way; --shot 5 --train-shot 1 trains as the 1-shot default does)
+            one_shot = (given["train_shot"] or given["shot"]) == 1
+            given["train_way"] = max(given["train_way"], given["way"]) if one_shot else given["way"]
         check_numbers(given)  # before the dataclass checks its own fields: Config(n_head=0) would divide by zero
         try:
             sections[section] = cls(**given)
