@@ -607,6 +607,33 @@ def test_omniglot_decodes_with_bright_strokes_and_caches(tiny_omniglot, monkeypa
 
 
 @pytest.mark.data
+def test_the_cache_follows_the_archives_contents_not_their_times(tiny_omniglot, tmp_path, monkeypatch):
+    """An archive touched, or copied to another folder (new times, same bytes), is served from the cache of
+    its contents; an archive whose bytes change is decoded again."""
+    decoded = []
+    decode = tasks.decode_omniglot
+    monkeypatch.setattr(tasks, "decode_omniglot", lambda path: decoded.append(path.name) or decode(path))
+    data = tasks.load_omniglot(tiny_omniglot)
+    assert sorted(decoded) == ["images_background.zip", "images_evaluation.zip"], f"setup: both decoded, got {decoded}"
+    folder = tiny_omniglot / "omniglot"
+    os.utime(folder / "images_background.zip", (1e9, 1e9))
+    monkeypatch.setenv("PLASTIC_CACHE", str(tmp_path / "unused"))
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy / "omniglot", copy_function=shutil.copy)   # new times; the cache goes along
+    for where in (tiny_omniglot, copy):
+        decoded.clear()
+        again = tasks.load_omniglot(where)
+        assert not decoded, f"{where}: decoded {decoded} again although archives of these contents were cached"
+        assert all(np.array_equal(data[k], again[k]) for k in data), f"{where}: the cache must return the decoded arrays"
+    with zipfile.ZipFile(folder / "images_background.zip", "a") as archive:
+        archive.writestr("README.txt", "new bytes, the same drawings")
+    decoded.clear()
+    tasks.load_omniglot(tiny_omniglot)
+    assert decoded == ["images_background.zip", "images_evaluation.zip"], \
+        f"an archive whose bytes changed must be decoded again, got {decoded}"
+
+
+@pytest.mark.data
 def test_a_damaged_cache_is_named_deleted_and_rebuilt(tiny_omniglot, capsys):
     data = tasks.load_omniglot(tiny_omniglot)
     [cache] = (tiny_omniglot / "omniglot").glob("omniglot_28px_v*.npz")
