@@ -8,12 +8,13 @@ classes as it was trained to tell apart, without training it again.
 
 The run's best.pt is tested as train.py's final test tests it: fresh episodes of its own test classes,
 the same ones for the same seed, number and kind of device (the run's own seed and number by default, so
-that retesting at the run's own sizes on its kind of device gives its results.json again; for a run
-trained at a batch other than 128 by commit 5114021 or earlier, which drew its test episodes in batches
-of its own, it gives other episodes: see train.EVAL_DRAW), and for a plastic rule the same episodes with plasticity knocked out (eta = 0). A model's labels name at most the
-classes of its training episodes (its train_way, the width of its label input), so --way goes up to
-that. More shots or queries make longer episodes: a model without position embeddings (Omniglot's
-default) reads any length; one with them reads at most the length it learned.
+that retesting at the run's own sizes on its kind of device gives its results.json again; a run trained
+at a batch other than 128 by commit 5114021 or earlier drew its test episodes in batches of its own, so
+it gets other episodes: see train.EVAL_DRAW), and for a plastic rule the same episodes with plasticity
+knocked out (eta = 0). A model's labels name at most the classes of its training episodes (its
+train_way, the width of its label input), so --way goes up to that. More shots or queries make longer
+episodes: a model without position embeddings (Omniglot's default) reads any length; one with them
+reads at most the length it learned.
 
 It prints one line and writes <run>/retest-<way>way-<shot>shot-<query>query.json: the test's numbers,
 the options, the device and the time. Retesting with the same options and seed gives the same numbers,

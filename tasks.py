@@ -57,7 +57,7 @@ class TaskConfig:
     cue_noise: float = 0.1          # cue_reward: std of the Gaussian noise on every cue presentation
     # few-shot classification (omniglot, cifar_fs)
     way: int = 5                    # classes per episode (N)
-    train_way: int | None = None    # classes per training episode (at least way; more classes to tell apart, as Prototypical Networks train 60-way); validation and test stay way-way; None: way (the command line's per-task default holds at one shot; at more shots, or a --way above it, way)
+    train_way: int | None = None    # classes per training episode (at least way; more classes to tell apart, as Prototypical Networks train 60-way); validation and test stay way-way; None: way (the command line's per-task default holds at one training shot; at more training shots, or a --way above it, way)
     shot: int = 1                   # labelled support images per class (K)
     train_shot: int | None = None   # support images per class in training episodes; validation and test keep shot; None: shot (--shot 5 --train-shot 1 trains on 1-shot episodes and picks and tests its checkpoint at 5 shots)
     query: int = 1                  # unlabelled query images per class (Q)
