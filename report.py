@@ -14,6 +14,15 @@ confidence interval of that mean (t distribution over seeds; with one seed, the 
 over its test episodes). The knock-out column is the same test with plasticity off (eta = 0). A run's
 retests (retest.py: retest-<way>way-<shot>shot-<query>query.json beside its results.json) are rows of
 their own, "retested 5-way 5-shot, 3 queries per class", averaged over seeds the same way.
+
+    python report.py --paired RUN_A RUN_B   # A - B on the same test episodes, with its 95% interval
+    python report.py --paired RUN           # a plastic run against its own knock-out (eta = 0)
+
+Runs of one seed on one kind of device are tested on the same episodes (their results.json's
+episodes_md5 says so), whatever their rule, batch or training classes. Their difference episode by
+episode, mean +- 1.96 std / sqrt(n), is far narrower than either run's own interval, so it tells a
+difference of a tenth of a point from noise where the runs' means cannot. RUN is a run folder, or a
+results.json or retest-*.json file; runs tested before per-episode scores were kept cannot be paired.
 """
 
 import argparse
@@ -131,12 +140,75 @@ def window_plots(runs, root):
         plt.close(fig)
 
 
+class UsageError(Exception):
+    """A mistake in what was asked: one sentence, exit code 2."""
+
+
+def read_test(path):
+    """A final test's numbers: a run folder's results.json, or a results.json or retest-*.json file."""
+    file = os.path.join(path, "results.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            test = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read a final test from {path} ({err}); give a run folder, a results.json or a "
+                         f"retest-*.json.") from err
+    if test.get("by_episode") is None:
+        raise UsageError(f"{path} keeps no per-episode scores (runs tested before they were kept); test it again "
+                         f"(retest.py for a few-shot run) to pair it.")
+    return test
+
+
+def paired(a, b):
+    """Mean and 95% interval half-width of a_i - b_i over the same episodes, and how many episodes a scores
+    above b, below, and level."""
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
+    return mean, 1.96 * std / math.sqrt(n), sum(d > 0 for d in diffs), sum(d < 0 for d in diffs), sum(d == 0 for d in diffs)
+
+
+def paired_line(paths):
+    """The line --paired prints: A - B (or A - its knock-out), with both means."""
+    a = read_test(paths[0])
+    if len(paths) == 1:
+        if a.get("knockout_by_episode") is None:
+            raise UsageError(f"{paths[0]} is a run of rule {a.get('rule')} without a knock-out; give a second run to pair it with.")
+        b, names = dict(a, by_episode=a["knockout_by_episode"], test_mean=a["knockout_mean"]), ("A", "its knock-out")
+    else:
+        b, names = read_test(paths[1]), ("A", "B")
+        if a.get("episodes_md5") != b.get("episodes_md5") or a["test_episodes"] != b["test_episodes"]:
+            raise UsageError(f"{paths[0]} and {paths[1]} were tested on different episodes (seed, episode sizes, split "
+                             f"or kind of device differ), so they cannot be paired; compare their intervals instead.")
+    mean, ci, above, below, level = paired(a["by_episode"], b["by_episode"])
+    percent = a["metric"] == "accuracy"
+    show = (lambda v, sign="": f"{100 * v:{sign}.2f}") if percent else (lambda v, sign="": f"{v:{sign}.3g}")
+    return (f"{names[0]} - {names[1]}: {show(mean, '+')} ± {show(ci)}{' points' if percent else ''} of {a['metric']} "
+            f"(paired 95% interval over the same {a['test_episodes']:,} test episodes); {names[0]} "
+            f"{show(a['test_mean'])}, {names[1]} {show(b['test_mean'])}; {names[0]} higher on {above}, lower on "
+            f"{below}, level on {level}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Print the markdown tables of every finished run below a folder "
                                                  "(and write <folder>/window-<task>.png for an experiment named window).")
     parser.add_argument("folder", nargs="?", default="results",
                         help="a folder holding run folders (each with a results.json) at any depth (default: results)")
-    root = parser.parse_args(argv).folder
+    parser.add_argument("--paired", nargs="+", metavar="RUN",
+                        help="instead: RUN_A RUN_B, A - B over the same test episodes; or RUN, a plastic run against its "
+                             "knock-out (a run folder, results.json or retest-*.json)")
+    args = parser.parse_args(argv)
+    if args.paired:
+        try:
+            if len(args.paired) > 2:
+                raise UsageError(f"--paired takes one run or two, not {len(args.paired)}.")
+            print(paired_line(args.paired))
+        except UsageError as err:
+            print(f"report.py: {err}", file=sys.stderr)
+            return 2
+        return 0
+    root = args.folder
     runs = load_runs(root)
     if not runs:
         print(f"report.py: no finished run (a folder with results.json) below {root}.", file=sys.stderr)

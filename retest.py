@@ -109,9 +109,9 @@ def retest(rc: RetestConfig) -> dict:
     model.to(device)
 
     started = time.perf_counter()
-    values, trace, knocked = final_evaluations(model, task, tc, device)
+    values, trace, knocked, fingerprint = final_evaluations(model, task, tc, device)
     seconds = time.perf_counter() - started
-    summary, line = summarise_test(values, trace, knocked, task)
+    summary, line = summarise_test(values, trace, knocked, fingerprint, task)
     results = dict(run=rc.run, task=task.name, rule=model_cfg.rule, way=task.ways["test"], shot=task.cfg.shot,
                    query=task.cfg.query, train_way=task.ways["train"], seed=tc.seed, metric=task.metric_name,
                    **summary, device=device_name(device), seconds=seconds)

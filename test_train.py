@@ -576,6 +576,36 @@ def test_report_puts_each_retest_in_a_row_of_its_own_averaged_over_seeds(tmp_pat
 
 
 @pytest.mark.train
+def test_report_pairs_runs_tested_on_the_same_episodes(tmp_path, offline, capsys):
+    """Runs of one seed at other rules and batches share their test episodes (episodes_md5): report.py --paired
+    gives A - B episode by episode, mean +- 1.96 std / sqrt(n) against numpy in float64, and a plastic run
+    against its knock-out; runs of other seeds, or without per-episode scores, are refused in one sentence."""
+    import report
+    static = train.train(tiny(tmp_path / "a", "omniglot", "none", test_episodes=12))
+    plastic = train.train(tiny(tmp_path / "b", "omniglot", "hebbian", test_episodes=12, batch_size=3))
+    other = train.train(tiny(tmp_path / "c", "omniglot", "none", test_episodes=12, seed=1))
+    assert static["episodes_md5"] == plastic["episodes_md5"] != other["episodes_md5"], \
+        "one seed's test episodes should be the same at any rule and batch, another seed's not"
+    assert len(plastic["by_episode"]) == 12 and np.mean(plastic["by_episode"]) == pytest.approx(plastic["test_mean"], abs=1e-6), \
+        "by_episode should hold the 12 episodes whose mean is test_mean"
+    runs = [str(tmp_path / folder / name) for folder, name in (("a", "omniglot-none"), ("b", "omniglot-hebbian"))]
+    for pair, (a, b) in (((runs[1], runs[0]), (plastic["by_episode"], static["by_episode"])),
+                         ((runs[1],), (plastic["by_episode"], plastic["knockout_by_episode"]))):
+        diffs = np.array(a, np.float64) - np.array(b, np.float64)
+        want = f"{100 * diffs.mean():+.2f} ± {100 * 1.96 * diffs.std(ddof=1) / np.sqrt(12):.2f} points"
+        assert report.main(["--paired", *pair]) == 0, f"--paired {pair} should succeed"
+        line = capsys.readouterr().out
+        assert want in line and "same 12 test episodes" in line, f"--paired {pair}: expected {want!r} in {line!r}"
+    (tmp_path / "old.json").write_text(json.dumps({k: v for k, v in static.items() if k != "by_episode"}))
+    for pair, message in (([runs[0], str(tmp_path / "c" / "omniglot-none")], "were tested on different episodes"),
+                          ([runs[0]], "without a knock-out"), ([str(tmp_path / "old.json"), runs[0]], "keeps no per-episode"),
+                          ([str(tmp_path / "nowhere")], "cannot read a final test")):
+        assert report.main(["--paired", *pair]) == 2, f"--paired {pair} should exit with code 2"
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, f"--paired {pair}: one sentence with {message!r}, got {err!r}"
+
+
+@pytest.mark.train
 def test_mean_ci95_is_the_normal_interval_of_the_mean():
     values = torch.tensor([0.2, 0.4, 0.9, 0.5, 0.7], dtype=torch.float64)
     mean, ci = train.mean_ci95(values)

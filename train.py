@@ -21,6 +21,7 @@ From Python: `train(RunConfig(...)) -> dict`, `compare(RunConfig(...)) -> dict`.
 
 import argparse
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -467,6 +468,22 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
 EVAL_DRAW = 128
 
 
+def draws(task, split, episodes, device, seed):
+    """The seeded episodes of `split` that evaluate() scores, EVAL_DRAW at a time."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for start in range(0, episodes, EVAL_DRAW):
+        yield task.sample(min(EVAL_DRAW, episodes - start), split, device, generator)
+
+
+def episodes_md5(task, split, episodes, device, seed) -> str:
+    """A fingerprint of those episodes: the md5 of their targets, in order. Runs whose final tests share
+    it scored the same episodes, so report.py --paired compares them episode by episode."""
+    digest = hashlib.md5()
+    for drawn in draws(task, split, episodes, torch.device(device), seed):
+        digest.update(drawn.target.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 @torch.no_grad()
 def evaluate(model, task, split, episodes, batch_size, device, seed, eta=None, amp=False, fast_norm=True):
     """Run `episodes` fresh episodes of `split` (the same ones for the same seed, whatever batch_size) in
@@ -478,10 +495,8 @@ def evaluate(model, task, split, episodes, batch_size, device, seed, eta=None, a
     model's forward pass; only the final test's trace needs it."""
     device = torch.device(device)  # "cpu", "cuda" or a torch.device
     model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
     metrics, sums = [], {}
-    for start in range(0, episodes, EVAL_DRAW):
-        drawn = task.sample(min(EVAL_DRAW, episodes - start), split, device, generator)
+    for drawn in draws(task, split, episodes, device, seed):
         for first in range(0, drawn.x.shape[0], batch_size):
             batch = drawn.rows(first, first + batch_size)
             with autocast(amp, device):
@@ -571,13 +586,14 @@ def format_time(seconds: float) -> str:
 def final_evaluations(model, task, tc: TrainConfig, device):
     """The final test's evaluations: tc.test_episodes fresh episodes (held-out classes for few-shot tasks)
     with the fast-weight trace, and for the plastic rules the knock-out, the same episodes with eta = 0.
-    Returns the per-episode metric, the trace, and the knock-out's metric (None for the static model)."""
+    Returns the per-episode metric, the trace, the knock-out's metric (None for the static model) and the
+    episodes' fingerprint (episodes_md5)."""
     values, trace = evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, amp=tc.amp)
     knocked = None
     if model.config.rule != "none":
         knocked, _ = evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, eta=0.0,
                               amp=tc.amp, fast_norm=False)
-    return values, trace, knocked
+    return values, trace, knocked, episodes_md5(task, "test", tc.test_episodes, device, tc.seed + 2)
 
 
 def metric_by_position(trace: dict) -> list:
@@ -585,11 +601,14 @@ def metric_by_position(trace: dict) -> list:
     return [round(m / n, 6) if n > 0 else None for m, n in zip(trace["metric"].tolist(), trace["scored"].tolist())]
 
 
-def summarise_test(values, trace: dict, knocked, task) -> tuple[dict, str]:
+def summarise_test(values, trace: dict, knocked, fingerprint: str, task) -> tuple[dict, str]:
     """final_evaluations' numbers as results.json holds them (means, 95% intervals, the metric per scored
-    position) and the line that prints them."""
+    position, and per episode with the episodes' fingerprint, for paired comparisons) and the line that
+    prints them."""
     results = dict(zip(("test_mean", "test_ci95"), mean_ci95(values)), test_episodes=values.numel(),
-                   knockout_mean=None, knockout_ci95=None, by_position=metric_by_position(trace))
+                   knockout_mean=None, knockout_ci95=None, by_position=metric_by_position(trace),
+                   episodes_md5=fingerprint, by_episode=[round(v, 6) for v in values.tolist()],
+                   knockout_by_episode=None if knocked is None else [round(v, 6) for v in knocked.tolist()])
     line = (f"test {task.metric_name} {results['test_mean']:.4g} ± {results['test_ci95']:.2g} over {values.numel()} "
             f"{sequence_unit(task)}")
     if knocked is not None:
@@ -601,8 +620,8 @@ def summarise_test(values, trace: dict, knocked, task) -> tuple[dict, str]:
 def final_test(model, task, tc: TrainConfig, device, run_dir: str) -> dict:
     """The final test (final_evaluations), printed, with the metric per scored position (results.json's
     by_position) and the modulation trace written for the plastic rules."""
-    values, trace, knocked = final_evaluations(model, task, tc, device)
-    results, line = summarise_test(values, trace, knocked, task)
+    values, trace, knocked, fingerprint = final_evaluations(model, task, tc, device)
+    results, line = summarise_test(values, trace, knocked, fingerprint, task)
     del trace["metric"]  # results.json's trace: the model's, per position
     if knocked is not None:
         write_modulation_trace(run_dir, trace, model.config.rule)
