@@ -16,13 +16,13 @@ retests (retest.py: retest-<way>way-<shot>shot-<query>query.json beside its resu
 their own, "retested 5-way 5-shot, 3 queries per class", averaged over seeds the same way.
 
     python report.py --paired RUN_A RUN_B   # A - B on the same test episodes, with its 95% interval
-    python report.py --paired RUN           # a plastic run against its own knock-out (eta = 0)
 
 Runs of one seed on one kind of device are tested on the same episodes (their results.json's
 episodes_md5 says so), whatever their rule, batch or training classes. Their difference episode by
 episode, mean +- 1.96 std / sqrt(n), is far narrower than either run's own interval, so it tells a
 difference of a tenth of a point from noise where the runs' means cannot. RUN is a run folder, or a
 results.json or retest-*.json file; runs tested before per-episode scores were kept cannot be paired.
+(A plastic run against its own knock-out is paired the same way in its results.json: plasticity_mean.)
 """
 
 import argparse
@@ -169,25 +169,18 @@ def paired(a, b):
     return mean, 1.96 * std / math.sqrt(n), sum(d > 0 for d in diffs), sum(d < 0 for d in diffs), sum(d == 0 for d in diffs)
 
 
-def paired_line(paths):
-    """The line --paired prints: A - B (or A - its knock-out), with both means."""
-    a = read_test(paths[0])
-    if len(paths) == 1:
-        if a.get("knockout_by_episode") is None:
-            raise UsageError(f"{paths[0]} is a run of rule {a.get('rule')} without a knock-out; give a second run to pair it with.")
-        b, names = dict(a, by_episode=a["knockout_by_episode"], test_mean=a["knockout_mean"]), ("A", "its knock-out")
-    else:
-        b, names = read_test(paths[1]), ("A", "B")
-        if a.get("episodes_md5") != b.get("episodes_md5") or a["test_episodes"] != b["test_episodes"]:
-            raise UsageError(f"{paths[0]} and {paths[1]} were tested on different episodes (seed, episode sizes, split "
-                             f"or kind of device differ), so they cannot be paired; compare their intervals instead.")
+def paired_line(path_a, path_b):
+    """The line --paired prints: A - B over their shared test episodes, with both means."""
+    a, b = read_test(path_a), read_test(path_b)
+    if a.get("episodes_md5") != b.get("episodes_md5") or a["test_episodes"] != b["test_episodes"]:
+        raise UsageError(f"{path_a} and {path_b} were tested on different episodes (seed, episode sizes, split or kind "
+                         f"of device differ), so they cannot be paired; compare their intervals instead.")
     mean, ci, above, below, level = paired(a["by_episode"], b["by_episode"])
     percent = a["metric"] == "accuracy"
     show = (lambda v, sign="": f"{100 * v:{sign}.2f}") if percent else (lambda v, sign="": f"{v:{sign}.3g}")
-    return (f"{names[0]} - {names[1]}: {show(mean, '+')} ± {show(ci)}{' points' if percent else ''} of {a['metric']} "
-            f"(paired 95% interval over the same {a['test_episodes']:,} test episodes); {names[0]} "
-            f"{show(a['test_mean'])}, {names[1]} {show(b['test_mean'])}; {names[0]} higher on {above}, lower on "
-            f"{below}, level on {level}")
+    return (f"A - B: {show(mean, '+')} ± {show(ci)}{' points' if percent else ''} of {a['metric']} (paired 95% "
+            f"interval over the same {a['test_episodes']:,} test episodes); A {show(a['test_mean'])}, B "
+            f"{show(b['test_mean'])}; A higher on {above}, lower on {below}, level on {level}")
 
 
 def main(argv=None):
@@ -195,15 +188,13 @@ def main(argv=None):
                                                  "(and write <folder>/window-<task>.png for an experiment named window).")
     parser.add_argument("folder", nargs="?", default="results",
                         help="a folder holding run folders (each with a results.json) at any depth (default: results)")
-    parser.add_argument("--paired", nargs="+", metavar="RUN",
-                        help="instead: RUN_A RUN_B, A - B over the same test episodes; or RUN, a plastic run against its "
-                             "knock-out (a run folder, results.json or retest-*.json)")
+    parser.add_argument("--paired", nargs=2, metavar=("RUN_A", "RUN_B"),
+                        help="instead: A - B over the test episodes both runs scored (each a run folder, results.json "
+                             "or retest-*.json)")
     args = parser.parse_args(argv)
     if args.paired:
         try:
-            if len(args.paired) > 2:
-                raise UsageError(f"--paired takes one run or two, not {len(args.paired)}.")
-            print(paired_line(args.paired))
+            print(paired_line(*args.paired))
         except UsageError as err:
             print(f"report.py: {err}", file=sys.stderr)
             return 2

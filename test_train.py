@@ -578,8 +578,9 @@ def test_report_puts_each_retest_in_a_row_of_its_own_averaged_over_seeds(tmp_pat
 @pytest.mark.train
 def test_report_pairs_runs_tested_on_the_same_episodes(tmp_path, offline, capsys):
     """Runs of one seed at other rules and batches share their test episodes (episodes_md5): report.py --paired
-    gives A - B episode by episode, mean +- 1.96 std / sqrt(n) against numpy in float64, and a plastic run
-    against its knock-out; runs of other seeds, or without per-episode scores, are refused in one sentence."""
+    gives A - B episode by episode, mean +- 1.96 std / sqrt(n) against numpy in float64, as a plastic run's
+    results.json gives it against its knock-out; runs of other seeds, or without per-episode scores, are
+    refused in one sentence."""
     import report
     static = train.train(tiny(tmp_path / "a", "omniglot", "none", test_episodes=12))
     plastic = train.train(tiny(tmp_path / "b", "omniglot", "hebbian", test_episodes=12, batch_size=3))
@@ -589,17 +590,17 @@ def test_report_pairs_runs_tested_on_the_same_episodes(tmp_path, offline, capsys
     assert len(plastic["by_episode"]) == 12 and np.mean(plastic["by_episode"]) == pytest.approx(plastic["test_mean"], abs=1e-6), \
         "by_episode should hold the 12 episodes whose mean is test_mean"
     runs = [str(tmp_path / folder / name) for folder, name in (("a", "omniglot-none"), ("b", "omniglot-hebbian"))]
-    for pair, (a, b) in (((runs[1], runs[0]), (plastic["by_episode"], static["by_episode"])),
-                         ((runs[1],), (plastic["by_episode"], plastic["knockout_by_episode"]))):
-        diffs = np.array(a, np.float64) - np.array(b, np.float64)
-        want = f"{100 * diffs.mean():+.2f} ± {100 * 1.96 * diffs.std(ddof=1) / np.sqrt(12):.2f} points"
-        assert report.main(["--paired", *pair]) == 0, f"--paired {pair} should succeed"
-        line = capsys.readouterr().out
-        assert want in line and "same 12 test episodes" in line, f"--paired {pair}: expected {want!r} in {line!r}"
+    diffs = np.array(plastic["by_episode"], np.float64) - np.array(static["by_episode"], np.float64)
+    want = f"{100 * diffs.mean():+.2f} ± {100 * 1.96 * diffs.std(ddof=1) / np.sqrt(12):.2f} points"
+    assert report.main(["--paired", runs[1], runs[0]]) == 0, "--paired should succeed"
+    line = capsys.readouterr().out
+    assert want in line and "same 12 test episodes" in line, f"--paired: expected {want!r} in {line!r}"
+    assert static["plasticity_mean"] is None and plastic["plasticity_mean"] is not None, \
+        "a plastic run pairs itself with its knock-out, the static one has none"
     (tmp_path / "old.json").write_text(json.dumps({k: v for k, v in static.items() if k != "by_episode"}))
     for pair, message in (([runs[0], str(tmp_path / "c" / "omniglot-none")], "were tested on different episodes"),
-                          ([runs[0]], "without a knock-out"), ([str(tmp_path / "old.json"), runs[0]], "keeps no per-episode"),
-                          ([str(tmp_path / "nowhere")], "cannot read a final test")):
+                          ([str(tmp_path / "old.json"), runs[0]], "keeps no per-episode"),
+                          ([str(tmp_path / "nowhere"), runs[0]], "cannot read a final test")):
         assert report.main(["--paired", *pair]) == 2, f"--paired {pair} should exit with code 2"
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, f"--paired {pair}: one sentence with {message!r}, got {err!r}"
@@ -614,6 +615,23 @@ def test_mean_ci95_is_the_normal_interval_of_the_mean():
     assert abs(ci - want) < 1e-12, f"95% CI half-width should be 1.96 * sample std / sqrt(n) = {want:.6f}, got {ci:.6f}"
     same = torch.full((100,), 0.2)  # float32, as episodes score: 100 x 0.2 has no spread at all
     assert train.mean_ci95(same)[1] == 0.0, f"identical values have a CI of exactly 0, got {train.mean_ci95(same)[1]}"
+
+
+@pytest.mark.train
+def test_the_final_test_pairs_the_model_with_its_knock_out_episode_by_episode():
+    """summarise_test: plasticity_mean/ci95 are the mean and 1.96 std / sqrt(n) of the model's score minus the
+    knock-out's on each episode (numpy, float64), far narrower here than either mean's own interval."""
+    values = torch.tensor([0.8, 0.6, 1.0, 0.4, 0.9, 0.7])
+    knocked = values - torch.tensor([0.1, 0.0, 0.2, 0.1, 0.0, 0.1])
+    trace = dict(metric=torch.zeros(3), scored=torch.ones(3))
+    results, line = train.summarise_test(values, trace, knocked, "md5", tasks.make_task("copy"))
+    effect = values.double().numpy() - knocked.double().numpy()
+    want = (effect.mean(), 1.96 * effect.std(ddof=1) / np.sqrt(6))
+    assert (results["plasticity_mean"], results["plasticity_ci95"]) == pytest.approx(want, abs=1e-6), \
+        f"the model minus its knock-out should be {want}, got {results['plasticity_mean']}, {results['plasticity_ci95']}"
+    assert results["plasticity_ci95"] < results["knockout_ci95"] / 2, "pairing should remove the episodes' shared spread"
+    assert "the model minus it +0.083 ± 0.06 (paired)" in line, f"the printed line should give the paired effect: {line}"
+    assert results["by_episode"] == pytest.approx(values.tolist(), abs=1e-6) and results["episodes_md5"] == "md5"
 
 
 @pytest.mark.train

@@ -603,17 +603,20 @@ def metric_by_position(trace: dict) -> list:
 
 def summarise_test(values, trace: dict, knocked, fingerprint: str, task) -> tuple[dict, str]:
     """final_evaluations' numbers as results.json holds them (means, 95% intervals, the metric per scored
-    position, and per episode with the episodes' fingerprint, for paired comparisons) and the line that
-    prints them."""
+    position, and per episode with the episodes' fingerprint, for paired comparisons; for a plastic rule
+    the knock-out and the model minus it, episode by episode) and the line that prints them."""
     results = dict(zip(("test_mean", "test_ci95"), mean_ci95(values)), test_episodes=values.numel(),
-                   knockout_mean=None, knockout_ci95=None, by_position=metric_by_position(trace),
+                   knockout_mean=None, knockout_ci95=None, plasticity_mean=None, plasticity_ci95=None,
+                   by_position=metric_by_position(trace),
                    episodes_md5=fingerprint, by_episode=[round(v, 6) for v in values.tolist()],
                    knockout_by_episode=None if knocked is None else [round(v, 6) for v in knocked.tolist()])
     line = (f"test {task.metric_name} {results['test_mean']:.4g} ± {results['test_ci95']:.2g} over {values.numel()} "
             f"{sequence_unit(task)}")
-    if knocked is not None:
+    if knocked is not None:  # and the model minus its knock-out on each episode: what plasticity adds, paired
         results.update(zip(("knockout_mean", "knockout_ci95"), mean_ci95(knocked)))
-        line += f" | knock-out (eta=0) {results['knockout_mean']:.4g} ± {results['knockout_ci95']:.2g}"
+        results.update(zip(("plasticity_mean", "plasticity_ci95"), mean_ci95(values.double() - knocked.double())))
+        line += (f" | knock-out (eta=0) {results['knockout_mean']:.4g} ± {results['knockout_ci95']:.2g}, the model minus "
+                 f"it {results['plasticity_mean']:+.2g} ± {results['plasticity_ci95']:.2g} (paired)")
     return results, line
 
 
