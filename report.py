@@ -160,13 +160,14 @@ def read_test(path):
 
 
 def paired(a, b):
-    """Mean and 95% interval half-width of a_i - b_i over the same episodes, and how many episodes a scores
-    above b, below, and level."""
+    """Mean and 95% interval half-width of a_i - b_i over the same episodes (train.mean_ci95's formula, here
+    without torch, which report.py does not import), and how many episodes a scores above b, below, level."""
     diffs = [x - y for x, y in zip(a, b)]
     n = len(diffs)
     mean = sum(diffs) / n
     std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
-    return mean, 1.96 * std / math.sqrt(n), sum(d > 0 for d in diffs), sum(d < 0 for d in diffs), sum(d == 0 for d in diffs)
+    above, below = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    return mean, 1.96 * std / math.sqrt(n), above, below, n - above - below
 
 
 def paired_line(path_a, path_b):

@@ -245,8 +245,8 @@ def test_resume_without_a_checkpoint_or_with_other_options_is_refused(tmp_path):
 def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was_trained():
     """Runs saved before --split, --augment, --train-way, --positions, --isolate-queries and --train-shot
     trained on Lake's split without augmentation, on as many classes and shots as they tested, with position
-    embeddings, and with queries that saw each other: they resume with those options, and are refused with the new defaults,
-    naming the option; an option of another task is no reason to refuse."""
+    embeddings, and with queries that saw each other: they resume with those options, and are refused with
+    the new defaults, naming the option; an option of another task is no reason to refuse."""
     def configs(name, positions=True, **task):
         current = dataclasses.asdict(RunConfig(model=Config(positions=positions), task=TaskConfig(name=name, **task)))
         saved = json.loads(json.dumps(current))

@@ -502,8 +502,8 @@ def evaluate(model, task, split, episodes, batch_size, device, seed, eta=None, a
             with autocast(amp, device):
                 out, info = model(batch.x, batch.images, eta=eta, fast_norm=fast_norm, context=batch.context)
             metrics.append(task.metric(out.float(), batch))
-            info = {k: v for k, v in info.items() if k != "fast_weights"} | {"scored": batch.mask,
-                                                                             "metric": task.token_metric(out, batch) * batch.mask}
+            info = {k: v for k, v in info.items() if k != "fast_weights"}
+            info |= {"scored": batch.mask, "metric": task.token_metric(out, batch) * batch.mask}
             for key, value in info.items():  # (B, T) -> summed over episodes (T,)
                 sums[key] = sums.get(key, 0) + value.float().sum(0)
     model.train()
