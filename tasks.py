@@ -59,7 +59,7 @@ class TaskConfig:
     way: int = 5                    # classes per episode (N)
     train_way: int | None = None    # classes per training episode (at least way; more classes to tell apart, as Prototypical Networks train 60-way); validation and test stay way-way; None: way (the command line's per-task default holds at one training shot; at more training shots, or a --way above it, way)
     shot: int = 1                   # labelled support images per class (K)
-    train_shot: int | None = None   # support images per class in training episodes; validation and test keep shot; None: shot (--shot 5 --train-shot 1 trains on 1-shot episodes and picks and tests its checkpoint at 5 shots)
+    train_shot: int | None = None   # support images per class in training episodes; validation and test keep shot; None: shot (at --train-shot 1, Omniglot's default on the command line, --shot 5 trains on 1-shot episodes and picks and tests its checkpoint at 5 shots)
     query: int = 1                  # unlabelled query images per class (Q)
     isolate_queries: bool = True    # few-shot: each query sees the support set and itself alone, not the other queries, and writes no fast weight (inductive, as published few-shot results are tested); off: queries see the earlier ones, and with one query per class the last one's class is the class the others lack (README, "Queries that see each other")
     rotations: bool = True          # omniglot: rotations by 90/180/270 add training classes

@@ -270,8 +270,20 @@ def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was
         train.check_same_config(*configs("copy", positions=False), "old")
     with pytest.raises(train.UsageError, match="task train_way=None, not 10"):
         train.check_same_config(*configs("cifar_fs", augment=False, train_way=10, **old), "old")
-    with pytest.raises(train.UsageError, match="task train_shot=None, not 1"):
-        train.check_same_config(*configs("cifar_fs", augment=False, train_shot=1, **old), "old")
+    with pytest.raises(train.UsageError, match="task train_shot=5, not 1"):  # saved without it: trained at shot
+        train.check_same_config(*configs("cifar_fs", augment=False, shot=5, train_shot=1, **old), "old")
+    train.check_same_config(*configs("cifar_fs", augment=False, train_shot=1, **old), "old")  # 1-shot either way
+
+
+def test_a_run_saved_with_train_shot_none_resumes_under_a_default_of_the_same_shots():
+    """train_shot None trains at shot: a 1-shot Omniglot run saved with None resumes under the task's
+    default of one training shot, and a 5-shot one, which trained at 5, is refused under it."""
+    def config(shot, train_shot):
+        return dataclasses.asdict(RunConfig(task=TaskConfig(name="omniglot", shot=shot, train_shot=train_shot)))
+    train.check_same_config(config(1, None), config(1, 1), "old")
+    with pytest.raises(train.UsageError, match="task train_shot=5, not 1"):
+        train.check_same_config(config(5, None), config(5, 1), "old")
+    train.check_same_config(config(5, None), config(5, 5), "old")
 
 
 def test_a_refused_resume_names_the_task_option_not_the_model_size_that_follows_from_it():
@@ -492,7 +504,7 @@ def test_cli_rejects_bad_arguments_with_exit_code_2(capsys, argv, message):
 
 @pytest.mark.cli
 @pytest.mark.parametrize("argv, message", [
-    ("--task omniglot --shot 3 --query 2", "shot + query = 5 exceeds"),
+    ("--task omniglot --shot 3 --query 2 --train-way 5", "shot + query = 5 exceeds"),
     ("--task omniglot --way 6 --train-way 6", "way = 6 exceeds the 4 classes of the omniglot val split; lower --way."),
     ("--task omniglot", "train_way = 10 exceeds the 8 classes of the omniglot train split; lower --train-way."),
     ("--task copy --d-model 15 --n-head 2", "divisible by n_head"),
@@ -770,10 +782,12 @@ def test_cli_task_defaults_and_choices_are_in_help_and_fill_the_model():
     assert (omniglot.task.train_way, omniglot.model.positions) == (10, False), "Omniglot trains 10-way without positions"
     assert (cifar.task.train_way, cifar.model.positions) == (None, True), "a task without these defaults keeps the fields' own"
     assert parse("--task omniglot --way 20").task.train_way == 20, "a way above the task's training classes trains way-way"
-    assert parse("--task omniglot --shot 5").task.train_way == 5, "more than one shot trains way-way (5-shot trains 5-way)"
-    assert parse("--task omniglot --shot 5 --train-way 10").task.train_way == 10, "an explicit --train-way wins at 5 shots"
-    assert parse("--task omniglot --shot 5 --train-shot 1").task.train_way == 10, \
-        "training at one shot takes the 1-shot default's classes, whatever the test's shot"
+    five_shot = parse("--task omniglot --shot 5").task
+    assert (five_shot.train_shot, five_shot.train_way) == (1, 10), "Omniglot's 5-shot trains as its 1-shot default does"
+    assert (cifar.task.train_shot, parse("--task cifar_fs --shot 5").task.train_way) == (None, None), \
+        "CIFAR-FS trains at the test's shots and ways (None: shot's and way's)"
+    assert parse("--task omniglot --shot 5 --train-way 5").task.train_way == 5, "an explicit --train-way wins at 5 shots"
+    assert parse("--task omniglot --shot 5 --train-shot 5").task.train_way == 5, "training at 5 shots trains way-way"
     assert parse("--task omniglot --train-shot 5").task.train_way == 5, "training at 5 shots trains way-way"
     explicit = parse("--task omniglot --train-way 5 --positions")
     assert (explicit.task.train_way, explicit.model.positions) == (5, True), "explicit --train-way and --positions win"
