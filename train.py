@@ -94,8 +94,8 @@ RULES = ("none", "hebbian", "gradient")
 # default; a model trained at 5 shots (twenty classes) scores 97.08 there, 1.25 points below it.
 #
 # Earlier figures, with the queries of an episode seeing each other (README, "Queries that see each
-# other"), which added 0.6 points on Omniglot and 2.7-3.6 on CIFAR-FS: Omniglot 98.28 +- 0.92% over
-# three seeds (Hebbian; the static model 98.47 +- 0.87%, the gradient rule 98.50 +- 0.36% on one seed
+# other"), which added 0.6 points on Omniglot and 3.3 on CIFAR-FS (over three seeds): Omniglot 98.28 +-
+# 0.92% over three seeds (Hebbian; the static model 98.47 +- 0.87%, the gradient rule 98.50 +- 0.36% on one seed
 # after 4,000 steps without shifts). Twice the steps did not help the static model (98.56 +- 0.16% on
 # 5,000 test episodes). Batch 256 rather than 64: the token loop is bound by kernel launches, so 4x the
 # episodes cost 1.7x the time per step (Hebbian on an H100: 32.4 ms against 18.7, README "Speed").
