@@ -56,7 +56,8 @@ def load_runs(root):
             if re.fullmatch(r"retest-\d+way-\d+shot-\d+query\.json", name):
                 with open(os.path.join(folder, name)) as f:
                     retest = json.load(f)
-                label = f"retested {retest['way']}-way {retest['shot']}-shot, {retest['query']} queries per class"
+                queries = "1 query" if retest["query"] == 1 else f"{retest['query']} queries"
+                label = f"retested {retest['way']}-way {retest['shot']}-shot, {queries} per class"
                 runs[(experiment, label if setting == "-" else f"{setting}, {label}", result["task"], result["rule"])
                      ].append(result | retest)  # the run's parameters and training time, the retest's numbers
     return runs

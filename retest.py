@@ -115,7 +115,8 @@ def retest(rc: RetestConfig) -> dict:
     results = dict(run=rc.run, task=task.name, rule=model_cfg.rule, way=task.ways["test"], shot=task.cfg.shot,
                    query=task.cfg.query, train_way=task.ways["train"], seed=tc.seed, metric=task.metric_name,
                    **summary, device=device_name(device), seconds=seconds)
-    print(f"{task.name} {results['way']}-way {results['shot']}-shot, {results['query']} queries per class, rule "
+    queries = "1 query" if results["query"] == 1 else f"{results['query']} queries"
+    print(f"{task.name} {results['way']}-way {results['shot']}-shot, {queries} per class, rule "
           f"{model_cfg.rule}: {line}{protocol_note(tc.test_episodes)}")
     path = os.path.join(rc.run, f"retest-{results['way']}way-{results['shot']}shot-{results['query']}query.json")
     try:
