@@ -76,6 +76,7 @@ class Config:
     image_norm: bool = True  # image features centred and scaled to unit length, like the one-hot label beside them
     image_shape: tuple[int, int, int] | None = None  # (C, H, W): add the Conv4 image encoder
     encoder_channels: int = 64  # channels of each Conv4 block (64 is the standard few-shot size)
+    encoder_widths: tuple[int, ...] | None = None  # the four Conv4 blocks' channels, e.g. 96 192 384 512 (R2D2's wider encoder); None: encoder_channels in each
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -100,8 +101,17 @@ class Config:
             self.image_shape = tuple(self.image_shape)
             if len(self.image_shape) != 3 or min(self.image_shape[1:]) < 16:
                 raise ValueError(f"image_shape must be (C, H, W) with H, W >= 16 for Conv4, got {self.image_shape}.")
+        if self.encoder_widths is not None:
+            self.encoder_widths = tuple(self.encoder_widths)
+            if len(self.encoder_widths) != 4 or min(self.encoder_widths) < 1:
+                raise ValueError(f"encoder_widths must give the channels of the 4 Conv4 blocks, each at least 1 "
+                                 f"(e.g. 96 192 384 512), got {' '.join(map(str, self.encoder_widths))}.")
         if min(self.d_in, self.d_out, self.n_layer, self.n_head, self.max_len) < 1 or self.max_norm <= 0:
             raise ValueError("d_in, d_out, n_layer, n_head, max_len must be positive and max_norm > 0.")
+
+    def conv4_widths(self) -> tuple[int, int, int, int]:
+        """The channels of the encoder's four blocks: encoder_widths, or encoder_channels in each."""
+        return self.encoder_widths or (self.encoder_channels,) * 4
 
     def base_rate(self):
         """eta, or the rule's own where it is None (RULE_ETA; 0 for the static model, which has no fast weights)."""
@@ -548,22 +558,22 @@ class Block(nn.Module):
 
 
 class Conv4(nn.Module):
-    """The standard few-shot image encoder: 4 x (3x3 conv, batch norm, ReLU, 2x2 max pool)."""
+    """The standard few-shot image encoder: 4 x (3x3 conv, batch norm, ReLU, 2x2 max pool), 64 channels
+    in each block; R2D2's wider one (Bertinetto et al. 2019) has 96, 192, 384 and 512."""
 
-    def __init__(self, in_channels, channels=64):
+    def __init__(self, in_channels, widths=(64, 64, 64, 64)):
         super().__init__()
         layers = []
-        for i in range(4):
-            layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1),
-                       nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2)]
+        for c_in, c_out in zip((in_channels, *widths[:-1]), widths):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
         self.net = nn.Sequential(*layers)
 
     @staticmethod
-    def out_features(image_shape, channels=64):
+    def out_features(image_shape, widths=(64, 64, 64, 64)):
         _, H, W = image_shape
-        for _ in range(4):
+        for _ in widths:
             H, W = H // 2, W // 2
-        return channels * H * W  # 64 for 28x28 Omniglot, 256 for 32x32 CIFAR
+        return widths[-1] * H * W  # 64 for 28x28 Omniglot, 256 for 32x32 CIFAR (at 64 channels)
 
     def forward(self, images):  # (N, C, H, W) -> (N, features)
         return self.net(images).flatten(1)
@@ -581,8 +591,8 @@ class PlasticGPT(nn.Module):
         self.encoder = None
         d_token = config.d_in
         if config.image_shape is not None:
-            self.encoder = Conv4(config.image_shape[0], config.encoder_channels)
-            d_token += Conv4.out_features(config.image_shape, config.encoder_channels)
+            self.encoder = Conv4(config.image_shape[0], config.conv4_widths())
+            d_token += Conv4.out_features(config.image_shape, config.conv4_widths())
         self.embed = nn.Linear(d_token, C)
         self.pos = nn.Embedding(config.max_len, C) if config.positions else None
         self.blocks = nn.ModuleList(Block(config, config.is_plastic(i)) for i in range(config.n_layer))

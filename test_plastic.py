@@ -106,6 +106,23 @@ def test_conv4_feature_sizes():
             f"Conv4 on {shape} should give (N, {features}) features, got {tuple(got)}"
 
 
+@pytest.mark.encoder
+def test_conv4_block_widths_are_the_given_ones_and_one_width_means_it_in_every_block():
+    """encoder_widths sets each block's channels, R2D2-style (the last block's channels x 2 x 2 features
+    on 32x32 images); encoder_channels=c builds the encoder of widths (c, c, c, c), parameter for parameter."""
+    from plastic import Conv4
+    wide = Config(image_shape=(3, 32, 32), encoder_widths=(8, 16, 24, 32))
+    encoder = PlasticGPT(wide).encoder
+    convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 8), (8, 16), (16, 24), (24, 32)], \
+        f"the blocks should map 3 -> 8 -> 16 -> 24 -> 32 channels, got {[(c.in_channels, c.out_channels) for c in convs]}"
+    assert encoder(torch.rand(2, 3, 32, 32)).shape == (2, 32 * 2 * 2) == (2, Conv4.out_features((3, 32, 32), (8, 16, 24, 32)))
+    same = lambda model: {k: v.shape for k, v in model.state_dict().items()}
+    one = PlasticGPT(Config(image_shape=(1, 28, 28), encoder_channels=12))
+    four = PlasticGPT(Config(image_shape=(1, 28, 28), encoder_widths=(12, 12, 12, 12)))
+    assert same(one) == same(four), "encoder_channels=12 should build the model of encoder_widths 12 12 12 12"
+
+
 @pytest.mark.model
 @pytest.mark.parametrize("options, words", [
     (dict(rule="hebbain"), "unknown rule"),
@@ -114,6 +131,8 @@ def test_conv4_feature_sizes():
     (dict(plastic_blocks=()), "plastic_blocks"),
     (dict(attn_window=0), "attn_window"),
     (dict(coef_init="gaussian"), "coef_init"),
+    (dict(image_shape=(3, 32, 32), encoder_widths=(96, 192, 384)), "4 Conv4 blocks"),
+    (dict(image_shape=(3, 32, 32), encoder_widths=(96, 192, 384, 0)), "4 Conv4 blocks"),
 ])
 def test_invalid_config_is_rejected(options, words):
     with pytest.raises(ValueError, match=words):

@@ -243,16 +243,19 @@ def test_resume_without_a_checkpoint_or_with_other_options_is_refused(tmp_path):
 
 @pytest.mark.train
 def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was_trained():
-    """Runs saved before --split, --augment, --train-way, --positions, --isolate-queries and --train-shot
-    trained on Lake's split without augmentation, on as many classes and shots as they tested, with position
-    embeddings, and with queries that saw each other: they resume with those options, and are refused with
-    the new defaults, naming the option; an option of another task is no reason to refuse."""
-    def configs(name, positions=True, **task):
-        current = dataclasses.asdict(RunConfig(model=Config(positions=positions), task=TaskConfig(name=name, **task)))
+    """Runs saved before --split, --augment, --train-way, --positions, --isolate-queries, --train-shot and
+    --encoder-widths trained on Lake's split without augmentation, on as many classes and shots as they
+    tested, with position embeddings, with queries that saw each other and with encoder_channels in every
+    block: they resume with those options, and are refused with the new defaults, naming the option; an
+    option of another task is no reason to refuse."""
+    def configs(name, positions=True, encoder_widths=None, **task):
+        current = json.loads(json.dumps(dataclasses.asdict(RunConfig(  # as config.json holds it
+            model=Config(positions=positions, encoder_widths=encoder_widths), task=TaskConfig(name=name, **task)))))
         saved = json.loads(json.dumps(current))
         for option in ("omniglot_split", "augment", "train_way", "isolate_queries", "train_shot"):
             del saved["task"][option]
-        del saved["model"]["positions"]
+        for option in ("positions", "encoder_widths"):
+            del saved["model"][option]
         return saved, current
     old = dict(isolate_queries=False)
     train.check_same_config(*configs("omniglot", omniglot_split="lake", augment=False, **old), "old")
@@ -273,6 +276,9 @@ def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was
     with pytest.raises(train.UsageError, match="task train_shot=5, not 1"):  # saved without it: trained at shot
         train.check_same_config(*configs("cifar_fs", augment=False, shot=5, train_shot=1, **old), "old")
     train.check_same_config(*configs("cifar_fs", augment=False, train_shot=1, **old), "old")  # 1-shot either way
+    with pytest.raises(train.UsageError, match=r"model encoder_widths=None, not \[96, 192, 384, 512\]"):
+        train.check_same_config(*configs("cifar_fs", augment=False, encoder_widths=(96, 192, 384, 512), **old), "old")
+    train.check_same_config(*configs("copy", encoder_widths=(96, 192, 384, 512)), "old")  # no images: no encoder
 
 
 def test_a_run_saved_with_train_shot_none_resumes_under_a_default_of_the_same_shots():

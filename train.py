@@ -399,10 +399,11 @@ def read_encoder(path: str, model_cfg: Config) -> dict:
         raise UsageError(f"--init-encoder: {file} is not a readable checkpoint ({type(err).__name__}); give a run's "
                          "best.pt or checkpoint.pt.") from err
     state = {name.removeprefix("encoder."): value for name, value in saved.items() if name.startswith("encoder.")}
-    built = Conv4(model_cfg.image_shape[0], model_cfg.encoder_channels).state_dict()
+    built = Conv4(model_cfg.image_shape[0], model_cfg.conv4_widths()).state_dict()
     if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in built.items()}:
+        widths = " ".join(map(str, model_cfg.conv4_widths()))
         raise UsageError(f"--init-encoder: {file} holds no Conv4 encoder for {model_cfg.image_shape[0]}-channel images with "
-                         f"{model_cfg.encoder_channels} channels per block; give a run of the same task and --encoder-channels.")
+                         f"blocks of {widths} channels; give a run of the same task and --encoder-channels (--encoder-widths).")
     return state
 
 
@@ -412,7 +413,8 @@ def read_encoder(path: str, model_cfg: Config) -> dict:
 FEW_SHOT = ("omniglot", "cifar_fs")
 OPTIONS_ADDED = {("task", "omniglot_split"): (("omniglot",), "lake"), ("task", "augment"): (FEW_SHOT, False),
                  ("task", "train_way"): (FEW_SHOT, None), ("model", "positions"): (TASKS, True),
-                 ("task", "isolate_queries"): (FEW_SHOT, False), ("task", "train_shot"): (FEW_SHOT, None)}
+                 ("task", "isolate_queries"): (FEW_SHOT, False), ("task", "train_shot"): (FEW_SHOT, None),
+                 ("model", "encoder_widths"): (FEW_SHOT, None)}
 
 
 def with_options_added(saved: dict, otherwise: dict) -> dict:
