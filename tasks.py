@@ -65,6 +65,7 @@ class TaskConfig:
     rotations: bool = True          # omniglot: rotations by 90/180/270 add training classes
     omniglot_split: str = "vinyals" # omniglot classes: "vinyals" (1,028 / 172 / 423 characters of both archives: the split every paper and torchmeta report on) or "lake" (train on the background alphabets, test on the 20 evaluation alphabets, none seen in training)
     augment: bool = True            # training images shifted at random (and CIFAR-FS's also mirrored): AUGMENTATION; never in validation or test
+    jitter: float = 0.0             # cifar_fs, with augment: training images' brightness, contrast and saturation each scaled by a factor in [1 - jitter, 1 + jitter], in random order (torchvision's ColorJitter(jitter, jitter, jitter); MetaOptNet trains CIFAR-FS at 0.4); 0: none
     data_dir: str | None = None     # folder with omniglot/ and cifar100/; None: $PLASTIC_DATA or ./data
 
     def __post_init__(self):
@@ -90,6 +91,14 @@ class TaskConfig:
             raise ValueError(f"train_way = {self.train_way} must be at least way = {self.way} (or none, the same).")
         if self.omniglot_split not in OMNIGLOT_SPLITS:
             raise ValueError(f"unknown Omniglot split {self.omniglot_split!r}; choose one of {', '.join(OMNIGLOT_SPLITS)}.")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter = {self.jitter} must be between 0 (no colour jitter) and 1.")
+        if self.jitter and self.name != "cifar_fs":
+            raise ValueError(f"jitter = {self.jitter} changes colours, and only cifar_fs has them; "
+                             f"drop --jitter for {self.name}.")
+        if self.jitter and not self.augment:
+            raise ValueError(f"jitter = {self.jitter} is part of the training images' augmentation, which --no-augment "
+                             f"turns off; drop one of them.")
 
 
 @dataclass
@@ -298,7 +307,8 @@ class FewShot(Task):
     can be chosen and tested at 5.
 
     Training images are augmented (cfg.augment): each is a random crop of itself zero-padded by a few
-    pixels, and CIFAR-FS's are mirrored with probability 1/2 (AUGMENTATION). Validation and test images never are.
+    pixels, and CIFAR-FS's are mirrored with probability 1/2 (AUGMENTATION) and, with cfg.jitter, their
+    colours jittered (random_color_jitter). Validation and test images never are.
 
     `splits` maps train/val/test to uint8 arrays (classes, images per class, C, H, W); each is moved
     to a device the first time that device is asked for and kept there, so sampling is a few
@@ -327,6 +337,7 @@ class FewShot(Task):
         self.d_in = self.d_out = self.ways["train"]                  # labels 0..W-1
         self.seq_len = max(self.ways[s] * (self.shots[s] + Q) for s in SPLITS)   # the longest episode
         self.augmentation = AUGMENTATION[cfg.name] if cfg.augment else None   # (padding, flip), training images only
+        self.jitter = cfg.jitter if cfg.augment else 0.0             # colour jitter's strength, training images only
         self.mean = torch.tensor(mean).view(-1, 1, 1)                # (C, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)                  # (C, 1, 1)
         self.on_device = {}                                          # (split, device) -> uint8 tensor
@@ -361,7 +372,10 @@ class FewShot(Task):
         images = data[classes.gather(1, target), pick]               # (B, T, C, H, W) uint8
         if self.augmentation is not None and split == "train":
             images = random_crop_and_flip(images.flatten(0, 1), *self.augmentation, generator).view(images.shape)
-        images = (images.float() / 255 - self.mean.to(device)) / self.std.to(device)
+        images = images.float() / 255                                # (B, T, C, H, W) in [0, 1]
+        if self.jitter and split == "train":
+            images = random_color_jitter(images.flatten(0, 1), self.jitter, generator).view(images.shape)
+        images = (images - self.mean.to(device)) / self.std.to(device)
         x = F.one_hot(target, self.d_in).float()                     # (B, T, W): N-way shows labels 0..N-1
         x[:, N * K:] = 0                                             # query labels are not shown
         mask = torch.zeros(B, N * (K + Q), dtype=torch.bool, device=device)
@@ -413,6 +427,34 @@ def random_crop_and_flip(images, padding, flip=True, generator=None):
     N, rng = images.size(0), dict(device=images.device, generator=generator)
     top, left = torch.randint(0, 2 * padding + 1, (2, N), **rng)
     return crop_and_flip(images, top, left, (torch.rand(N, **rng) < 0.5) & flip, padding)
+
+
+# Colour jitter (--jitter s, CIFAR-FS), as torchvision's ColorJitter(s, s, s) acts on a float image and as
+# MetaOptNet trains CIFAR-FS (s = 0.4, after the crop): brightness, contrast and saturation, in a random
+# order per image, each a blend of the image with a target by a factor f drawn from [1 - s, 1 + s],
+# clipped to [0, 1]: f image + (1 - f) target, the target black (brightness), the mean of the image's grey
+# (contrast) or its grey image (saturation). Grey is torchvision's luma, 0.2989 R + 0.587 G + 0.114 B.
+GREY = (0.2989, 0.587, 0.114)
+
+
+def color_jitter(images, factors, order):
+    """images (N, 3, H, W) in [0, 1]; factors (N, 3) of brightness, contrast and saturation; order (N, 3) a
+    permutation of 0, 1, 2 per image, the order in which they act -> (N, 3, H, W) in [0, 1]."""
+    for step in range(3):
+        which = order[:, step].view(-1, 1, 1, 1)                                 # (N, 1, 1, 1) 0, 1 or 2
+        grey = torch.einsum("nchw,c->nhw", images, images.new_tensor(GREY))[:, None]   # (N, 1, H, W)
+        target = torch.where(which == 2, grey, grey.mean((2, 3), keepdim=True) * (which == 1))  # grey, its mean, or 0
+        f = factors.gather(1, which.view(-1, 1)).view(-1, 1, 1, 1)               # (N, 1, 1, 1)
+        images = (f * images + (1 - f) * target).clamp(0, 1)
+    return images
+
+
+def random_color_jitter(images, strength, generator=None):
+    """color_jitter with every factor uniform in [1 - strength, 1 + strength] and a random order per image,
+    drawn on the images' device. images (N, 3, H, W) in [0, 1]."""
+    N, rng = images.size(0), dict(device=images.device, generator=generator)
+    factors = 1 + strength * (2 * torch.rand(N, 3, **rng) - 1)                 # (N, 3)
+    return color_jitter(images, factors, torch.rand(N, 3, **rng).argsort(1))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -293,6 +293,9 @@ def test_loss_and_metric_count_only_masked_positions():
     ("omniglot", {"way": 1}, "way"),
     ("omniglot", {"way": 5, "train_way": 4}, "train_way = 4 must be at least way = 5"),
     ("omniglot", {"train_shot": 0}, "train_shot = 0 must be at least 1"),
+    ("cifar_fs", {"jitter": 1.5}, "jitter = 1.5 must be between 0"),
+    ("omniglot", {"jitter": 0.4}, "only cifar_fs has them; drop --jitter for omniglot"),
+    ("cifar_fs", {"jitter": 0.4, "augment": False}, "--no-augment turns off; drop one of them"),
 ])
 def test_bad_options_raise_one_clear_sentence(name, options, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -440,6 +443,74 @@ def test_augmentation_changes_only_training_episodes_by_a_crop_and_flip(name, pa
         assert any(shifted for shifted, _ in kinds), "160 training images must include shifted ones"
         assert {flip for _, flip in kinds} == ({False, True} if flips else {False}), \
             "CIFAR-FS images are mirrored half the time, Omniglot's never"
+
+
+def reference_color_jitter(image, factors, order):
+    """One (3, H, W) float64 image by hand, torchvision's ColorJitter on a float image with its draws given:
+    brightness, contrast, saturation (0, 1, 2) in `order`, each factor * image + (1 - factor) * target,
+    clipped to [0, 1]."""
+    for op in order:
+        grey = 0.2989 * image[0] + 0.587 * image[1] + 0.114 * image[2]          # (H, W)
+        target = [np.zeros_like(image), np.full_like(image, grey.mean()), np.broadcast_to(grey, image.shape)][op]
+        image = np.clip(factors[op] * image + (1 - factors[op]) * target, 0, 1)
+    return image
+
+
+@pytest.mark.tasks
+def test_color_jitter_equals_torchvisions_formulas_by_hand():
+    rng = np.random.default_rng(0)
+    images = rng.random((30, 3, 5, 4))
+    factors = rng.uniform(0.3, 1.7, (30, 3))                # beyond 0.6-1.4, so that the clipping acts
+    order = np.stack([rng.permutation(3) for _ in range(30)])
+    found = tasks.color_jitter(*map(torch.from_numpy, (images, factors, order))).numpy()
+    for i in range(30):
+        want = reference_color_jitter(images[i], factors[i], order[i])
+        assert np.allclose(found[i], want, atol=1e-12), f"image {i} (factors {factors[i]}, order {order[i]}) differs"
+    x, ones, fixed = torch.from_numpy(images), torch.ones(30, 3, dtype=torch.float64), torch.tensor([[0, 1, 2]] * 30)
+    assert torch.equal(tasks.color_jitter(x, ones, fixed), x), "factors of 1 leave every image as it is"
+    grey = tasks.color_jitter(x, torch.tensor([[1.0, 1.0, 0.0]] * 30, dtype=torch.float64), fixed)
+    assert torch.allclose(grey, grey[:, :1].expand_as(grey)), "saturation 0 leaves a grey image, its channels equal"
+    flat = tasks.color_jitter(x, torch.tensor([[1.0, 0.0, 1.0]] * 30, dtype=torch.float64), fixed)
+    assert torch.allclose(flat, flat[:, :1, :1, :1].expand_as(flat)), "contrast 0 leaves one grey level"
+    dark = tasks.color_jitter(x, torch.tensor([[0.0, 1.0, 1.0]] * 30, dtype=torch.float64), fixed)
+    assert (dark == 0).all(), "brightness 0 leaves a black image"
+    later = tasks.color_jitter(x, torch.from_numpy(factors), torch.tensor([[2, 1, 0]] * 30))
+    assert not torch.allclose(later, tasks.color_jitter(x, torch.from_numpy(factors), fixed)), "the order matters"
+
+
+@pytest.mark.tasks
+def test_jitter_recolours_only_training_images_with_factors_and_orders_as_drawn(monkeypatch):
+    """CIFAR-FS with and without --jitter 0.4, sampled from the same seed: the episodes and their crops are the
+    same, validation and test images untouched, and every training image is color_jitter of its plain
+    augmented self with factors in [0.6, 1.4] and a permutation for order, as they were drawn."""
+    rng = np.random.default_rng(0)
+    splits = {split: rng.integers(1, 256, (6, 4, 3, 8, 8), dtype=np.uint8) for split in SPLITS}
+    names = {split: [f"{split}{i}" for i in range(6)] for split in SPLITS}
+    plain, jittered = (FewShot(TaskConfig(name="cifar_fs", jitter=jitter), splits, names, (0.0,) * 3, (1.0,) * 3)
+                       for jitter in (0.0, 0.4))
+    drawn, color_jitter = [], tasks.color_jitter
+
+    def recorded(images, factors, order):
+        drawn.append((images, factors, order))
+        return color_jitter(images, factors, order)
+
+    monkeypatch.setattr(tasks, "color_jitter", recorded)
+    for split in SPLITS:
+        drawn.clear()
+        a, b = (task.sample(16, split, generator=torch.Generator().manual_seed(1)) for task in (plain, jittered))
+        assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("x", "target", "mask")), \
+            f"{split}: jitter must not change the episode, only its images"
+        if split != "train":
+            assert torch.equal(a.images, b.images) and not drawn, f"{split} images must never be jittered"
+            continue
+        (images, factors, order), = drawn
+        assert torch.equal(images, a.images.flatten(0, 1)), "jitter acts on the cropped and mirrored images"
+        assert factors.min() >= 0.6 and factors.max() <= 1.4 and factors.std() > 0.1, "factors drawn from [0.6, 1.4]"
+        assert (order.sort(1).values == torch.arange(3)).all() and len(set(map(tuple, order.tolist()))) > 1, \
+            "each image's order is a permutation, and they differ"
+        assert torch.allclose(b.images.flatten(0, 1), color_jitter(images, factors, order)), \
+            "training images are the jittered ones"
+        assert not torch.allclose(a.images, b.images), "jitter must change the training images"
 
 
 @pytest.mark.tasks

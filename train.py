@@ -206,8 +206,8 @@ class Stopped(Exception):
 # Setting up a run
 
 MAY_BE_ZERO = {"warmup", "seed", "min_lr_ratio", "weight_decay", "grad_clip", "delay", "noise", "cue_noise",
-               "dropout", "eta", "decay", "n_extra"}  # every other number an option holds must be above 0
-AT_MOST_ONE = {"min_lr_ratio", "dropout"}
+               "dropout", "eta", "decay", "n_extra", "jitter"}  # every other number an option holds must be above 0
+AT_MOST_ONE = {"min_lr_ratio", "dropout", "jitter"}
 
 
 def check_numbers(options: dict) -> None:
@@ -417,7 +417,7 @@ FEW_SHOT = ("omniglot", "cifar_fs")
 OPTIONS_ADDED = {("task", "omniglot_split"): (("omniglot",), "lake"), ("task", "augment"): (FEW_SHOT, False),
                  ("task", "train_way"): (FEW_SHOT, None), ("model", "positions"): (TASKS, True),
                  ("task", "isolate_queries"): (FEW_SHOT, False), ("task", "train_shot"): (FEW_SHOT, None),
-                 ("model", "encoder_widths"): (FEW_SHOT, None)}
+                 ("model", "encoder_widths"): (FEW_SHOT, None), ("task", "jitter"): (("cifar_fs",), 0.0)}
 
 
 def with_options_added(saved: dict, otherwise: dict) -> dict:
