@@ -337,7 +337,7 @@ class FewShot(Task):
         self.d_in = self.d_out = self.ways["train"]                  # labels 0..W-1
         self.seq_len = max(self.ways[s] * (self.shots[s] + Q) for s in SPLITS)   # the longest episode
         self.augmentation = AUGMENTATION[cfg.name] if cfg.augment else None   # (padding, flip), training images only
-        self.jitter = cfg.jitter if cfg.augment else 0.0             # colour jitter's strength, training images only
+        self.jitter = cfg.jitter                                     # colour jitter's strength, training images only
         self.mean = torch.tensor(mean).view(-1, 1, 1)                # (C, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)                  # (C, 1, 1)
         self.on_device = {}                                          # (split, device) -> uint8 tensor
