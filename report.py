@@ -34,6 +34,7 @@ import sys
 from collections import defaultdict
 
 RULES = ("none", "hebbian", "gradient")
+PROTOTYPES = "prototypes"  # pretrain.py's encoders, each scored alone as a nearest-prototype classifier: a column where there are any
 T_95 = {2: 12.71, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 
 
@@ -96,11 +97,12 @@ def tables(runs):
         keys = sorted({(s, t) for (e, s, t, _) in runs if e == experiment})
         metric = next(r for k, r in runs.items() if k[0] == experiment)[0]["metric"]
         unit = "accuracy %" if metric == "accuracy" else "MSE"
+        columns = RULES + ((PROTOTYPES,) if any(e == experiment and r == PROTOTYPES for (e, _, _, r) in runs) else ())
         lines += [f"\n### {experiment}\n", f"test {unit}: mean ± 95% CI (seeds); params; seeds; minutes of training per run\n",
-                  "| setting | task | " + " | ".join(RULES) + " |", "| --- | --- |" + " --- |" * len(RULES)]
+                  "| setting | task | " + " | ".join(columns) + " |", "| --- | --- |" + " --- |" * len(columns)]
         for setting, task in keys:
             cells = []
-            for rule in RULES:
+            for rule in columns:
                 if (experiment, setting, task, rule) not in runs:
                     cells.append("-")
                     continue

@@ -370,17 +370,23 @@ class FewShot(Task):
         target = torch.cat([support_label, query_label], 1)          # (B, T) int64
         pick = torch.cat([support_pick, query_pick], 1)              # (B, T) which image of its class
         images = data[classes.gather(1, target), pick]               # (B, T, C, H, W) uint8
-        if self.augmentation is not None and split == "train":
-            images = random_crop_and_flip(images.flatten(0, 1), *self.augmentation, generator).view(images.shape)
-        images = images.float() / 255                                # (B, T, C, H, W) in [0, 1]
-        if self.jitter and split == "train":
-            images = random_color_jitter(images.flatten(0, 1), self.jitter, generator).view(images.shape)
-        images = (images - self.mean.to(device)) / self.std.to(device)
+        images = self.prepare(images.flatten(0, 1), split, generator).view(images.shape)   # (B, T, C, H, W) float
         x = F.one_hot(target, self.d_in).float()                     # (B, T, W): N-way shows labels 0..N-1
         x[:, N * K:] = 0                                             # query labels are not shown
         mask = torch.zeros(B, N * (K + Q), dtype=torch.bool, device=device)
         mask[:, N * K:] = True
         return Batch(x, images, target, mask, N * K if self.cfg.isolate_queries else None)
+
+    def prepare(self, images, split, generator=None):
+        """uint8 images (n, C, H, W) as the model reads them (n, C, H, W): scaled to [0, 1] and normalised by the
+        dataset's mean and std per channel; training images augmented first (cfg.augment, cfg.jitter)."""
+        training = split == "train"
+        if self.augmentation is not None and training:
+            images = random_crop_and_flip(images, *self.augmentation, generator)
+        images = images.float() / 255                                # (n, C, H, W) in [0, 1]
+        if self.jitter and training:
+            images = random_color_jitter(images, self.jitter, generator)
+        return (images - self.mean.to(images.device)) / self.std.to(images.device)
 
     @staticmethod
     def among_shown(out, batch):

@@ -1,0 +1,194 @@
+"""
+Tests of pretrain.py: the nearest-prototype score against an explicit loop, the training images and their
+classes, the folder train.py --init-encoder reads, the test episodes shared with train.py, bad input.
+
+    pytest test_pretrain.py            # a few seconds on a 2-core CPU
+
+The encoder trains on test_train's small synthetic image set (tasks.FewShot over random class patterns,
+8 training, 4 validation and 4 test classes of 4 images), so no test needs the real data or the network.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import pretrain
+import train
+from plastic import Config
+from pretrain import PretrainConfig
+from tasks import TaskConfig
+from test_train import no_network, offline  # noqa: F401 (fixtures: few-shot tasks on test_train's synthetic images)
+
+
+def tiny(out_dir, **options) -> PretrainConfig:
+    """A pre-training of a few steps on the synthetic CIFAR-FS, 3-way episodes (it has 4 test classes)."""
+    return PretrainConfig(**dict(task="cifar_fs", steps=4, batch_size=16, eval_interval=2, eval_episodes=4,
+                                 test_episodes=6, way=3, encoder_channels=8, device="cpu", out_dir=str(out_dir)) | options)
+
+
+# ----------------------------------------------------------------------------------------------
+# The nearest-prototype score
+
+
+def prototype_accuracy_by_loop(features, labels, mask, way):
+    """The reference, one episode and one query at a time in float64: a prototype is the mean of its
+    class's support features; a query takes the class whose prototype has the highest cosine similarity."""
+    accuracies = []
+    for f, y, m in zip(features.double(), labels, mask):
+        prototypes = [torch.stack([f[t] for t in range(len(y)) if not m[t] and y[t] == c]).mean(0) for c in range(way)]
+        right = []
+        for t in range(len(y)):
+            if m[t]:
+                cosines = [torch.dot(f[t], p) / (f[t].norm() * p.norm()) for p in prototypes]
+                right.append(float(int(torch.stack(cosines).argmax()) == int(y[t])))
+        accuracies.append(sum(right) / len(right))
+    return torch.tensor(accuracies, dtype=torch.float64)
+
+
+def test_prototype_accuracy_is_the_nearest_class_mean_in_cosine_similarity():
+    generator = torch.Generator().manual_seed(0)
+    B, N, K, Q, D = 6, 4, 3, 2, 5
+    labels = torch.stack([torch.cat([torch.randperm(N * K, generator=generator) % N,
+                                     torch.randperm(N * Q, generator=generator) % N]) for _ in range(B)])   # (B, T)
+    mask = torch.zeros(B, N * (K + Q), dtype=torch.bool)
+    mask[:, N * K:] = True
+    centres = torch.randn(B, N, D, generator=generator, dtype=torch.float64)
+    features = centres.gather(1, labels[..., None].expand(-1, -1, D)) + 1.5 * torch.randn(B, N * (K + Q), D, generator=generator, dtype=torch.float64)
+    got = pretrain.prototype_accuracy(features, labels, mask, N)
+    want = prototype_accuracy_by_loop(features, labels, mask, N)
+    assert 0 < want.mean() < 1, "setup: the noise should make some queries wrong and some right"
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-12,
+                               msg=lambda m: f"each episode's accuracy should be the explicit loop's: {m}")
+    query_scaled = features.clone()
+    query_scaled[:, N * K:] *= 7.0
+    torch.testing.assert_close(pretrain.prototype_accuracy(query_scaled, labels, mask, N), got,
+                               msg="a query's length should not change its answer (cosine similarity)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The training images
+
+
+def test_training_images_are_their_classes_images_prepared_as_episodes_are(offline):
+    """Without augmentation each sampled image is one of its class's images, normalised as FewShot.prepare
+    does; the classes are drawn uniformly (all 8 come up in 400 draws, none more than twice its share)."""
+    task = train.load_task(TaskConfig(name="cifar_fs", way=3, augment=False))
+    images, classes = pretrain.sample_images(task, 400, "cpu", torch.Generator().manual_seed(0))
+    assert images.shape == (400, 3, 16, 16) and classes.shape == (400,), f"shapes {tuple(images.shape)}, {tuple(classes.shape)}"
+    prepared = task.prepare(torch.from_numpy(task.splits["train"]).flatten(0, 1), "val").view(8, 4, 3, 16, 16)
+    for image, c in zip(images[:50], classes[:50]):
+        assert any(torch.equal(image, candidate) for candidate in prepared[c]), f"an image labelled {int(c)} is none of its class's"
+    counts = torch.bincount(classes, minlength=8)
+    assert counts.min() > 0 and counts.max() < 100, f"classes should be drawn uniformly, got counts {counts.tolist()}"
+
+
+def test_training_images_are_augmented_as_training_episodes_are(offline, monkeypatch):
+    """With augmentation (and colour jitter) on, the images go through the same FewShot.prepare as training
+    episodes, with split "train" and the run's generator."""
+    task = train.load_task(TaskConfig(name="cifar_fs", way=3, jitter=0.4))
+    calls = []
+    prepare = task.prepare
+    monkeypatch.setattr(task, "prepare", lambda images, split, generator=None: calls.append((split, generator)) or prepare(images, split, generator))
+    generator = torch.Generator().manual_seed(0)
+    pretrain.sample_images(task, 8, "cpu", generator)
+    assert calls == [("train", generator)], f"training images should be prepared as training episodes, got {calls}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: what it learns, what it writes, and the episodes it is tested on
+
+
+def test_pretraining_learns_to_tell_the_training_classes_apart(tmp_path, offline):
+    """Each synthetic class is one random pattern, so shifting it would make it another: without augmentation,
+    40 steps take the training accuracy among the 8 classes from chance (1/8) to above 0.75 (0.87 measured)."""
+    pretrain.pretrain(tiny(tmp_path, steps=40, batch_size=32, lr=1e-2, eval_interval=40, augment=False))
+    log = [json.loads(line) for line in open(tmp_path / "pretrain-cifar_fs" / "log.jsonl")]
+    first, last = log[0], [r for r in log if r["split"] == "train"][-1]
+    assert first["metric"] < 0.3 and last["metric"] > 0.75, (
+        f"training accuracy among 8 classes should rise from chance to above 0.75 in 40 steps: {first['metric']:.2f} -> {last['metric']:.2f}")
+
+
+def test_best_pt_is_the_best_validated_encoder_and_init_encoder_reads_it(tmp_path, offline):
+    results = pretrain.pretrain(tiny(tmp_path))
+    run_dir = tmp_path / "pretrain-cifar_fs"
+    assert sorted(os.listdir(run_dir)) == sorted(pretrain.RUN_FILES), f"the folder holds {sorted(os.listdir(run_dir))}"
+    validations = [json.loads(line) for line in open(run_dir / "log.jsonl") if '"val"' in line]
+    best = max(validations, key=lambda r: r["metric"])
+    saved = torch.load(run_dir / "best.pt", weights_only=True)
+    assert (saved["step"], results["best_step"], results["best_val"]) == (best["step"], best["step"], best["metric"]), (
+        f"best.pt should be the first best validation, step {best['step']}; it is step {saved['step']}")
+    encoder = train.read_encoder(str(run_dir), Config(image_shape=(3, 16, 16), encoder_channels=8))
+    for name, value in encoder.items():
+        assert torch.equal(value, saved["model"]["encoder." + name]), f"--init-encoder should read best.pt's encoder.{name}"
+    assert not any(name.startswith("classifier") for name in encoder), "--init-encoder should leave the classifier out"
+    assert results["test_mean"] == pytest.approx(np.mean(results["by_episode"]), abs=1e-6), "test_mean should be the episodes' mean"
+
+
+def test_it_is_tested_on_the_episodes_a_train_py_run_of_the_seed_is_tested_on(tmp_path, offline):
+    """results.json's episodes_md5 and by_episode as train.py writes them, so report.py --paired pairs the two."""
+    results = pretrain.pretrain(tiny(tmp_path / "pre", seed=3))
+    run = train.RunConfig(train=train.TrainConfig(rule="none", steps=2, batch_size=4, eval_interval=2, eval_episodes=4,
+                                                  test_episodes=6, seed=3, device="cpu", out_dir=str(tmp_path / "gpt")),
+                          model=Config(n_layer=1, n_head=2, d_model=8, encoder_channels=8),
+                          task=TaskConfig(name="cifar_fs", way=3, shot=1, query=1))
+    model_results = train.train(run)
+    assert results["episodes_md5"] == model_results["episodes_md5"], "the test episodes should be train.py's of the same seed"
+    assert len(results["by_episode"]) == model_results["test_episodes"] == 6
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one sentence, exit code 2, nothing lost
+
+
+def exit_code(argv) -> int:
+    """pretrain.py's exit code for argv: main()'s, or argparse's, which exits at once."""
+    try:
+        return pretrain.main(argv)
+    except SystemExit as stop:
+        return stop.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "copy"], "invalid choice: 'copy'"),
+    (["--task", "omniglot", "--jitter", "0.4"], "only cifar_fs has them"),
+    (["--lr", "0"], "--lr must be a number above 0"),
+    (["--encoder-widths", "96", "192"], "channels of the 4 Conv4 blocks"),
+])
+def test_bad_options_are_refused_in_one_sentence(tmp_path, offline, capsys, argv, message):
+    code = exit_code(argv + ["--out-dir", str(tmp_path), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2, f"{argv} should exit with 2, not {code}"
+    assert message in err and err.count("\n") == 1, f"{argv} should give one line naming the fix, got: {err!r}"
+    assert not os.listdir(tmp_path), f"{argv} wrote {os.listdir(tmp_path)}"
+
+
+def test_an_earlier_pretraining_is_kept_without_overwrite(tmp_path, offline, capsys):
+    pretrain.pretrain(tiny(tmp_path))
+    run_dir = tmp_path / "pretrain-cifar_fs"
+    before = {name: (run_dir / name).read_bytes() for name in pretrain.RUN_FILES}
+    assert exit_code(["--out-dir", str(tmp_path), "--device", "cpu", "--steps", "2", "--way", "3"]) == 2
+    assert "--overwrite" in capsys.readouterr().err, "the refusal should name --overwrite"
+    assert all((run_dir / name).read_bytes() == data for name, data in before.items()), "a refused run changed the folder"
+    pretrain.pretrain(tiny(tmp_path, steps=2, overwrite=True))
+    assert json.loads((run_dir / "config.json").read_text())["steps"] == 2, "--overwrite should replace the earlier run"
+
+
+def test_a_diverging_loss_stops_naming_the_step_and_the_fix(tmp_path, offline, capsys):
+    code = exit_code(["--out-dir", str(tmp_path), "--device", "cpu", "--way", "3", "--steps", "6", "--batch-size", "8",
+                      "--encoder-channels", "8", "--lr", "1e30"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the loss became nan at step" in err and "lower --lr" in err, f"exit {code}, {err!r}"
+
+
+def test_report_py_shows_a_pretrained_encoder_in_a_column_of_its_own(tmp_path, offline):
+    import report
+    pretrain.pretrain(tiny(tmp_path / "exp"))
+    table = report.tables(report.load_runs(str(tmp_path)))
+    header = next(line for line in table.splitlines() if line.startswith("| setting"))
+    rows = [line for line in table.splitlines() if line.startswith("| - | cifar_fs")]
+    assert header.endswith("| prototypes |") and len(rows) == 1, f"a prototypes column and one row, got:\n{table}"
+    results = json.loads((tmp_path / "exp" / "pretrain-cifar_fs" / "results.json").read_text())
+    assert rows[0].split(" | ")[-1].startswith(f"{100 * results['test_mean']:.2f} ± "), f"its cell should hold its test accuracy:\n{table}"
