@@ -39,8 +39,8 @@ from torch import nn
 from plastic import Conv4
 from tasks import OMNIGLOT_SPLITS, TaskConfig
 from train import (FEW_SHOT, TASK_DEFAULTS, Diverged, HelpFormatter, Parser, UsageError, check_numbers, device_name,
-                   draws, episodes_md5, field_comments, load_task, mean_ci95, optional, pick_device, protocol_note,
-                   save_checkpoint, set_cpu_threads, write_json)
+                   draws, episodes_md5, field_comments, learning_rate, load_task, mean_ci95, optional, pick_device,
+                   protocol_note, save_checkpoint, set_cpu_threads, write_json)
 
 
 @dataclass
@@ -49,7 +49,9 @@ class PretrainConfig:
     split: str = "vinyals"  # omniglot's class split: vinyals | lake (as train.py's --split)
     steps: int = 4000  # optimizer steps
     batch_size: int = 256  # training images per step
-    lr: float = 1e-3  # peak learning rate of AdamW, reached after 5% of the steps, then a cosine decay to a tenth
+    lr: float = 1e-3  # peak learning rate of AdamW (train.py's schedule: linear warm-up, then cosine decay)
+    warmup: int | None = None  # steps of linear warm-up; None: 5% of steps
+    min_lr_ratio: float = 0.1  # the cosine decay ends at lr * min_lr_ratio
     weight_decay: float = 0.01  # AdamW weight decay
     augment: bool = True  # training images shifted at random (CIFAR-FS's also mirrored), as in train.py's episodes
     jitter: float = 0.0  # cifar_fs: colour jitter of the training images, as train.py's --jitter
@@ -128,15 +130,6 @@ def evaluate_prototypes(encoder, task, split, episodes, device, seed):
     return torch.cat(scores).cpu()
 
 
-def learning_rate(step: int, pc: PretrainConfig) -> float:
-    """Linear warm-up over 5% of the steps, then cosine decay to a tenth (train.py's schedule)."""
-    warmup = max(1, pc.steps // 20)
-    if step <= warmup:
-        return pc.lr * step / warmup
-    progress = (step - warmup) / max(1, pc.steps - warmup)
-    return pc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 # ----------------------------------------------------------------------------------------------
 # Pre-training
 
@@ -176,6 +169,7 @@ def check(pc: PretrainConfig) -> None:
 def pretrain(pc: PretrainConfig) -> dict:
     """Pre-train, validate and keep the best encoder, test it; write the folder and return results.json's contents."""
     check(pc)
+    pc = dataclasses.replace(pc, warmup=pc.steps // 20 if pc.warmup is None else pc.warmup)  # as train.py's
     try:
         task_cfg = pc.task_config()
     except ValueError as err:
