@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plastic import Conv4
+from plastic import Config, Conv4
 from tasks import OMNIGLOT_SPLITS, TaskConfig
 from train import (FEW_SHOT, TASK_DEFAULTS, Diverged, HelpFormatter, Parser, UsageError, check_numbers, device_name,
                    draws, episodes_md5, field_comments, learning_rate, load_task, mean_ci95, optional, pick_device,
@@ -76,7 +76,8 @@ class PretrainConfig:
                           omniglot_split=self.split, augment=self.augment, jitter=self.jitter, data_dir=self.data_dir)
 
     def widths(self) -> tuple[int, int, int, int]:
-        return tuple(self.encoder_widths) if self.encoder_widths else (self.encoder_channels,) * 4
+        """The four Conv4 blocks' channels, as train.py's model builds them (Config checks encoder_widths)."""
+        return Config(encoder_channels=self.encoder_channels, encoder_widths=self.encoder_widths).conv4_widths()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,9 +162,6 @@ def check(pc: PretrainConfig) -> None:
     if pc.task not in FEW_SHOT:
         raise UsageError(f"pretrain.py pre-trains an image encoder: --task must be one of {', '.join(FEW_SHOT)}, not {pc.task}.")
     check_numbers(dataclasses.asdict(pc))  # seed, weight decay and jitter may be 0, jitter at most 1, the rest above 0
-    if pc.encoder_widths is not None and (len(pc.encoder_widths) != 4 or min(pc.encoder_widths) < 1):
-        raise UsageError(f"--encoder-widths gives the channels of the 4 Conv4 blocks, each at least 1 (e.g. 96 192 384 512), "
-                         f"not {' '.join(map(str, pc.encoder_widths))}.")
 
 
 def pretrain(pc: PretrainConfig) -> dict:
@@ -171,7 +169,7 @@ def pretrain(pc: PretrainConfig) -> dict:
     check(pc)
     pc = dataclasses.replace(pc, warmup=pc.steps // 20 if pc.warmup is None else pc.warmup)  # as train.py's
     try:
-        task_cfg = pc.task_config()
+        task_cfg, widths = pc.task_config(), pc.widths()
     except ValueError as err:
         raise UsageError(str(err)) from err
     task = load_task(task_cfg)
@@ -183,10 +181,10 @@ def pretrain(pc: PretrainConfig) -> dict:
 
     torch.manual_seed(pc.seed)
     classes = task.splits["train"].shape[0]
-    model = Classifier(task.image_shape, pc.widths(), classes).to(device)
+    model = Classifier(task.image_shape, widths, classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay)
     generator = torch.Generator(device=device).manual_seed(pc.seed)
-    print(f"pre-training the {'-'.join(map(str, pc.widths()))} Conv4 of {task.name} on its {classes} training classes: "
+    print(f"pre-training the {'-'.join(map(str, widths))} Conv4 of {task.name} on its {classes} training classes: "
           f"{pc.steps} steps of {pc.batch_size} images on {device_name(device)}; writing {run_dir}", flush=True)
     best, started, pending = dict(value=None, step=0), time.perf_counter(), []
     with open(os.path.join(run_dir, "log.jsonl"), "w") as log:
@@ -231,8 +229,8 @@ def pretrain(pc: PretrainConfig) -> dict:
     model.load_state_dict(torch.load(os.path.join(run_dir, "best.pt"), map_location=device, weights_only=True)["model"])
     values = evaluate_prototypes(model.encoder, task, "test", pc.test_episodes, device, pc.seed + 2)
     mean, ci = mean_ci95(values)
-    results = dict(task=task.name, rule="prototypes", params=sum(p.numel() for p in model.encoder.parameters()), way=pc.way, shot=pc.shot, query=task.cfg.query, metric="accuracy",
-                   test_mean=mean, test_ci95=ci, test_episodes=values.numel(),
+    results = dict(task=task.name, rule="prototypes", params=sum(p.numel() for p in model.encoder.parameters()),
+                   way=pc.way, shot=pc.shot, query=task.cfg.query, metric="accuracy", test_mean=mean, test_ci95=ci, test_episodes=values.numel(),
                    episodes_md5=episodes_md5(task, "test", pc.test_episodes, device, pc.seed + 2),
                    by_episode=[round(v, 6) for v in values.tolist()], best_step=best["step"], best_val=best["value"],
                    train_time_s=train_time, device=device_name(device), run_dir=run_dir, config=config)

@@ -89,9 +89,12 @@ def test_training_images_are_augmented_as_training_episodes_are(offline, monkeyp
     """With augmentation (and colour jitter) on, the images go through the same FewShot.prepare as training
     episodes, with split "train" and the run's generator."""
     task = train.load_task(TaskConfig(name="cifar_fs", way=3, jitter=0.4))
-    calls = []
-    prepare = task.prepare
-    monkeypatch.setattr(task, "prepare", lambda images, split, generator=None: calls.append((split, generator)) or prepare(images, split, generator))
+    calls, prepare = [], task.prepare
+
+    def recorded(images, split, generator=None):
+        calls.append((split, generator))
+        return prepare(images, split, generator)
+    monkeypatch.setattr(task, "prepare", recorded)
     generator = torch.Generator().manual_seed(0)
     pretrain.sample_images(task, 8, "cpu", generator)
     assert calls == [("train", generator)], f"training images should be prepared as training episodes, got {calls}"
