@@ -334,6 +334,63 @@ def test_init_encoder_refuses_a_missing_damaged_or_mismatched_source_before_writ
         train.train(tiny(tmp_path / "out", "copy", init_encoder=str(damaged)))
 
 
+def test_encoder_lr_scale_steps_the_encoder_at_its_fraction_of_each_steps_rate():
+    """--encoder-lr-scale s: the optimizer steps the image encoder as AdamW at s times the scheduled rate,
+    and everything else as AdamW at the rate; the reference is two separate AdamW optimizers in float64.
+    At s = 1 there is one group of every parameter, as in checkpoints saved before the option."""
+    task = synthetic_few_shot(TaskConfig(name="cifar_fs", **TINY_TASKS["cifar_fs"]))
+    run = train.resolve(tiny("unused", "cifar_fs", "hebbian", encoder_lr_scale=0.25), task)
+    model = PlasticGPT(run.model).double()
+    reference = PlasticGPT(run.model).double()
+    reference.load_state_dict(model.state_dict())
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = train.make_optimizer(model, run.train, graphed=False)
+    is_encoder = lambda name: name.startswith("encoder.")
+    by_name = lambda m, encoder: [p for n, p in m.named_parameters() if is_encoder(n) == encoder]
+    kwargs = dict(weight_decay=run.train.weight_decay)
+    encoder_ref = torch.optim.AdamW(by_name(reference, True), lr=run.train.lr, **kwargs)
+    rest_ref = torch.optim.AdamW(by_name(reference, False), lr=run.train.lr, **kwargs)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, 4):
+        rate = train.learning_rate(step, run.train)
+        train.set_learning_rate(optimizer, rate)
+        encoder_ref.param_groups[0]["lr"], rest_ref.param_groups[0]["lr"] = 0.25 * rate, rate
+        for p, q in zip(model.parameters(), reference.parameters()):
+            p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            q.grad = p.grad.clone()
+        optimizer.step(), encoder_ref.step(), rest_ref.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14), \
+            f"{name} after 3 steps is not AdamW's at {'0.25 times ' if is_encoder(name) else ''}the rate"
+    still = [name for name, p in model.named_parameters() if torch.equal(p, initial[name])]
+    assert not still, f"setup: every parameter should have moved, not {still}"
+    whole = train.make_optimizer(model, dataclasses.replace(run.train, encoder_lr_scale=1.0), graphed=False)
+    assert len(whole.param_groups) == 1 and len(whole.param_groups[0]["params"]) == len(list(model.parameters())), \
+        "at scale 1 the optimizer should hold one group of every parameter, as checkpoints from before the option do"
+
+
+@pytest.mark.train
+def test_encoder_lr_scale_0_keeps_an_init_encoders_weights_and_refuses_a_resume_at_another_scale(tmp_path, offline):
+    """At 0 the encoder's weights stay those of --init-encoder's source to the last bit while the rest trains
+    (its batch-norm statistics follow the training images); a run resumes only at its own scale, since the
+    scale decides the optimizer's groups; a task without images refuses the option."""
+    train.train(tiny(tmp_path / "source", "cifar_fs", "none"))
+    source_dir = tmp_path / "source" / "cifar_fs-none"
+    source = torch.load(source_dir / "best.pt", weights_only=True)["model"]
+    train.train(tiny(tmp_path, "cifar_fs", "hebbian", init_encoder=str(source_dir), encoder_lr_scale=0.0, eval_interval=4))
+    trained = torch.load(tmp_path / "cifar_fs-hebbian" / "best.pt", weights_only=True)["model"]
+    weights = [k for k in source if k.startswith("encoder.") and not k.split(".")[-1].startswith(("running_", "num_batches"))]
+    changed = [k for k in weights if not torch.equal(source[k], trained[k])]
+    assert weights and not changed, f"at --encoder-lr-scale 0 the encoder's weights changed: {changed}"
+    assert not torch.equal(source["encoder.net.1.running_mean"], trained["encoder.net.1.running_mean"]), \
+        "the encoder's batch-norm statistics should follow the training images"
+    with pytest.raises(train.UsageError, match="trained with --encoder-lr-scale 0.0, not 1.0"):
+        train.train(tiny(tmp_path, "cifar_fs", "hebbian", init_encoder=str(source_dir), resume=True))
+    with pytest.raises(train.UsageError, match="copy has no images; drop it"):
+        train.train(tiny(tmp_path / "copy", "copy", encoder_lr_scale=0.5))
+    assert not (tmp_path / "copy").exists(), "a refused --encoder-lr-scale wrote a run folder"
+
+
 @pytest.mark.train
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     def task_whose_loss_breaks_at_step_5(cfg):
@@ -801,7 +858,8 @@ def test_cli_task_defaults_and_choices_are_in_help_and_fill_the_model():
 
 @pytest.mark.cli
 @pytest.mark.parametrize("option, value", [("--lr", "nan"), ("--lr", "-1"), ("--lr", "0"), ("--eta", "inf"),
-                                           ("--decay", "-0.1"), ("--n-head", "0"), ("--dropout", "1.5"), ("--steps", "-5")])
+                                           ("--decay", "-0.1"), ("--n-head", "0"), ("--dropout", "1.5"), ("--steps", "-5"),
+                                           ("--encoder-lr-scale", "2")])
 def test_cli_non_finite_or_negative_numbers_exit_2_with_one_sentence(tmp_path, capsys, option, value):
     code = train.main(tiny_argv(tmp_path, "--steps", "2", option, value))
     error = capsys.readouterr().err.strip()

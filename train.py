@@ -180,6 +180,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (rules none and hebbian; the gradient rule's second order does not compile); the token loop compiles slowly (minutes)
     amp: bool = False  # bfloat16 autocast of the encoder and parallel blocks, the token loop in float32 (CUDA only; ignored on the CPU); 10-23% slower per step at the Omniglot size (README, Speed)
     init_encoder: str | None = None  # image tasks: a run folder (its best.pt) or checkpoint whose Conv4 encoder starts this model; the rest starts fresh
+    encoder_lr_scale: float = 1.0  # image tasks: the encoder's learning rate as a fraction of the rest's, at every step (0.1 fine-tunes an --init-encoder gently; 0 keeps its weights, while its batch-norm statistics still follow the training images)
 
 
 @dataclass
@@ -212,8 +213,8 @@ class Stopped(Exception):
 # Setting up a run
 
 MAY_BE_ZERO = {"warmup", "seed", "min_lr_ratio", "weight_decay", "grad_clip", "delay", "noise", "cue_noise",
-               "dropout", "eta", "decay", "n_extra", "jitter"}  # every other number an option holds must be above 0
-AT_MOST_ONE = {"min_lr_ratio", "dropout", "jitter"}
+               "dropout", "eta", "decay", "n_extra", "jitter", "encoder_lr_scale"}  # every other number an option holds must be above 0
+AT_MOST_ONE = {"min_lr_ratio", "dropout", "jitter", "encoder_lr_scale"}
 
 
 def check_numbers(options: dict) -> None:
@@ -244,6 +245,8 @@ def resolve(cfg: RunConfig, task) -> RunConfig:
     for section in (tc, cfg.model, cfg.task):
         check_numbers(dataclasses.asdict(section))
     tc = dataclasses.replace(tc, warmup=tc.steps // 20 if tc.warmup is None else tc.warmup)
+    if tc.encoder_lr_scale != 1 and task.image_shape is None:
+        raise UsageError(f"--encoder-lr-scale sets the image encoder's learning rate, and {task.name} has no images; drop it.")
     try:
         model = dataclasses.replace(cfg.model, rule=tc.rule, d_in=task.d_in, d_out=task.d_out,
                                     max_len=task.seq_len, image_shape=task.image_shape)
@@ -439,7 +442,11 @@ def check_same_config(saved: dict, current: dict, path: str) -> None:
     """A resumed run must use the model and task it was started with. The task is checked first: the
     model's sizes (d_in, max_len) follow from it, and the option to name is the task's (--train-way, not d_in).
     A train_shot of None trains at shot, so it is compared as shot (a 1-shot run saved with None resumes
-    under Omniglot's default of 1)."""
+    under Omniglot's default of 1). So must the encoder's learning-rate scale: it decides the optimizer's groups."""
+    scale = saved["train"].get("encoder_lr_scale", 1.0)  # 1 before the option
+    if scale != current["train"]["encoder_lr_scale"]:
+        raise UsageError(f"{path} was trained with --encoder-lr-scale {scale}, not {current['train']['encoder_lr_scale']}; "
+                         "resume with the run's own options.")
     as_trained = lambda task: task | dict(train_shot=task["train_shot"] or task["shot"])
     saved, current = ({**config, "task": as_trained(config["task"])} for config in (with_options_added(saved, current), current))
     for section in ("task", "model"):
@@ -665,17 +672,27 @@ def protocol_note(test_episodes: int) -> str:
 
 
 def make_optimizer(model, tc: TrainConfig, graphed: bool):
-    """AdamW. For a CUDA graph it must not wait for the host: capturable=True and the learning rate a tensor."""
-    lr = torch.tensor(tc.lr, device=next(model.parameters()).device) if graphed else tc.lr
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=tc.weight_decay, capturable=graphed)
+    """AdamW over one group of parameters, or, with an encoder_lr_scale other than 1, two: the image
+    encoder's, whose learning rate is the rest's times its "scale", and the rest. For a CUDA graph it must
+    not wait for the host: capturable=True and each group's learning rate a tensor."""
+    encoder = list(model.encoder.parameters()) if tc.encoder_lr_scale != 1 else []
+    in_encoder = {id(p) for p in encoder}
+    groups = [dict(params=[p for p in model.parameters() if id(p) not in in_encoder], scale=1.0)]
+    groups += [dict(params=encoder, scale=tc.encoder_lr_scale)] if encoder else []
+    device = next(model.parameters()).device
+    for group in groups:
+        group["lr"] = torch.tensor(tc.lr * group["scale"], device=device) if graphed else tc.lr * group["scale"]
+    return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, capturable=graphed)
 
 
 def set_learning_rate(optimizer, value: float) -> None:
+    """Every group's learning rate to value times its scale (1 where a checkpoint saved before scales had none)."""
     for group in optimizer.param_groups:
+        lr = value * group.get("scale", 1.0)
         if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(value)  # in place: a recorded CUDA graph reads this tensor
+            group["lr"].fill_(lr)  # in place: a recorded CUDA graph reads this tensor
         else:
-            group["lr"] = value
+            group["lr"] = lr
 
 
 def make_train_step(model, forward, optimizer, task, tc: TrainConfig, device):
