@@ -364,6 +364,11 @@ def test_encoder_lr_scale_steps_the_encoder_at_its_fraction_of_each_steps_rate()
             f"{name} after 3 steps is not AdamW's at {'0.25 times ' if is_encoder(name) else ''}the rate"
     still = [name for name, p in model.named_parameters() if torch.equal(p, initial[name])]
     assert not still, f"setup: every parameter should have moved, not {still}"
+    graphed = train.make_optimizer(model, run.train, graphed=True)  # for a CUDA graph: each group's rate a tensor
+    tensors = [group["lr"] for group in graphed.param_groups]
+    train.set_learning_rate(graphed, 0.5)
+    assert all(group["lr"] is t for group, t in zip(graphed.param_groups, tensors)) and [t.item() for t in tensors] == [0.5, 0.125], \
+        "a recorded CUDA graph reads each group's rate tensor: it should be filled in place with the rate times the scale"
     whole = train.make_optimizer(model, dataclasses.replace(run.train, encoder_lr_scale=1.0), graphed=False)
     assert len(whole.param_groups) == 1 and len(whole.param_groups[0]["params"]) == len(list(model.parameters())), \
         "at scale 1 the optimizer should hold one group of every parameter, as checkpoints from before the option do"
