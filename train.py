@@ -439,10 +439,10 @@ def with_options_added(saved: dict, otherwise: dict) -> dict:
 
 
 def check_same_config(saved: dict, current: dict, path: str) -> None:
-    """A resumed run must use the model and task it was started with. The task is checked first: the
-    model's sizes (d_in, max_len) follow from it, and the option to name is the task's (--train-way, not d_in).
-    A train_shot of None trains at shot, so it is compared as shot (a 1-shot run saved with None resumes
-    under Omniglot's default of 1). So must the encoder's learning-rate scale: it decides the optimizer's groups."""
+    """A resumed run must use the encoder's learning-rate scale (it decides the optimizer's groups), the model
+    and the task it was started with. The task is checked before the model: the model's sizes (d_in, max_len)
+    follow from it, and the option to name is the task's (--train-way, not d_in). A train_shot of None trains
+    at shot, so it is compared as shot (a 1-shot run saved with None resumes under Omniglot's default of 1)."""
     scale = saved["train"].get("encoder_lr_scale", 1.0)  # 1 before the option
     if scale != current["train"]["encoder_lr_scale"]:
         raise UsageError(f"{path} was trained with --encoder-lr-scale {scale}, not {current['train']['encoder_lr_scale']}; "
