@@ -98,7 +98,7 @@ def tables(runs):
         metric = next(r for k, r in runs.items() if k[0] == experiment)[0]["metric"]
         unit = "accuracy %" if metric == "accuracy" else "MSE"
         columns = RULES + ((PROTOTYPES,) if any(e == experiment and r == PROTOTYPES for (e, _, _, r) in runs) else ())
-        lines += [f"\n### {experiment}\n", f"test {unit}: mean ± 95% CI (seeds); params; seeds; minutes of training per run\n",
+        lines += [f"\n### {experiment}\n", f"test {unit}: mean ± 95% CI (over seeds; one seed: its own, over test episodes); params; seeds; minutes of training per run\n",
                   "| setting | task | " + " | ".join(columns) + " |", "| --- | --- |" + " --- |" * len(columns)]
         for setting, task in keys:
             cells = []
