@@ -23,6 +23,12 @@ episode, mean +- 1.96 std / sqrt(n), is far narrower than either run's own inter
 difference of a tenth of a point from noise where the runs' means cannot. RUN is a run folder, or a
 results.json or retest-*.json file; runs tested before per-episode scores were kept cannot be paired.
 (A plastic run against its own knock-out is paired the same way in its results.json: plasticity_mean.)
+
+    python report.py --paired A0 B0 --paired A1 B1 --paired A2 B2   # one pair per seed, then over the seeds
+
+Given once per seed, --paired prints each seed's line and then the mean of the seeds' differences with
+its 95% interval over seeds (t distribution), as the rows above average runs: the question a reader asks
+of two settings, once each seed's episodes have said how far apart its two runs are.
 """
 
 import argparse
@@ -174,7 +180,8 @@ def paired(a, b):
 
 
 def paired_line(path_a, path_b):
-    """The line --paired prints: A - B over their shared test episodes, with both means."""
+    """The line --paired prints: A - B over their shared test episodes, with both means; and A - B's mean and
+    its metric, for the line over seeds."""
     a, b = read_test(path_a), read_test(path_b)
     if a.get("episodes_md5") != b.get("episodes_md5") or a["test_episodes"] != b["test_episodes"]:
         raise UsageError(f"{path_a} and {path_b} were tested on different episodes (seed, episode sizes, split or kind "
@@ -182,9 +189,21 @@ def paired_line(path_a, path_b):
     mean, ci, above, below, level = paired(a["by_episode"], b["by_episode"])
     percent = a["metric"] == "accuracy"
     show = (lambda v, sign="": f"{100 * v:{sign}.2f}") if percent else (lambda v, sign="": f"{v:{sign}.3g}")
-    return (f"A - B: {show(mean, '+')} ± {show(ci)}{' points' if percent else ''} of {a['metric']} (paired 95% "
+    line = (f"A - B: {show(mean, '+')} ± {show(ci)}{' points' if percent else ''} of {a['metric']} (paired 95% "
             f"interval over the same {a['test_episodes']:,} test episodes); A {show(a['test_mean'])}, B "
             f"{show(b['test_mean'])}; A higher on {above}, lower on {below}, level on {level}")
+    return line, mean, a["metric"]
+
+
+def over_pairs_line(differences, metric):
+    """The line after several --paired pairs (one per seed): the mean of their A - B, and its 95% interval over
+    the pairs (over_seeds: t distribution), each pair's own interval set aside as the rows' are."""
+    mean, ci = over_seeds(differences, None)
+    percent = metric == "accuracy"
+    show = (lambda v, sign="": f"{100 * v:{sign}.2f}") if percent else (lambda v, sign="": f"{v:{sign}.3g}")
+    each = ", ".join(show(d, "+") for d in differences)
+    return (f"over the {len(differences)} pairs: A - B {show(mean, '+')} ± {show(ci)}{' points' if percent else ''} of "
+            f"{metric} (95% interval over the pairs, t distribution; the pairs' differences {each})")
 
 
 def main(argv=None):
@@ -192,16 +211,23 @@ def main(argv=None):
                                                  "(and write <folder>/window-<task>.png for an experiment named window).")
     parser.add_argument("folder", nargs="?", default="results",
                         help="a folder holding run folders (each with a results.json) at any depth (default: results)")
-    parser.add_argument("--paired", nargs=2, metavar=("RUN_A", "RUN_B"),
+    parser.add_argument("--paired", nargs=2, action="append", metavar=("RUN_A", "RUN_B"),
                         help="instead: A - B over the test episodes both runs scored (each a run folder, results.json "
-                             "or retest-*.json)")
+                             "or retest-*.json); given once per seed, also the mean of A - B over the seeds")
     args = parser.parse_args(argv)
     if args.paired:
         try:
-            print(paired_line(*args.paired))
+            lines = [paired_line(*pair) for pair in args.paired]
+            if len({metric for _, _, metric in lines}) > 1:
+                raise UsageError("the pairs measure different metrics (accuracy and MSE), so they cannot be averaged; "
+                                 "give pairs of one task.")
         except UsageError as err:
             print(f"report.py: {err}", file=sys.stderr)
             return 2
+        for line, _, _ in lines:
+            print(line)
+        if len(lines) > 1:
+            print(over_pairs_line([mean for _, mean, _ in lines], lines[0][2]))
         return 0
     root = args.folder
     runs = load_runs(root)

@@ -687,6 +687,37 @@ def test_report_pairs_runs_tested_on_the_same_episodes(tmp_path, offline, capsys
 
 
 @pytest.mark.train
+def test_report_averages_pairs_over_seeds(tmp_path, capsys):
+    """--paired given once per seed prints each seed's paired line, then the mean of the seeds' A - B with the
+    t interval over seeds (t_{0.975, 2} = 4.303), against numpy in float64; pairs of two metrics are refused."""
+    import report
+    rng = np.random.default_rng(0)
+    files, diffs = [], []
+    for seed in range(3):
+        a, b = rng.integers(0, 2, 40).astype(np.float64), rng.integers(0, 2, 40).astype(np.float64)
+        diffs.append(a.mean() - b.mean())
+        for name, scores in (("a", a), ("b", b)):
+            path = tmp_path / f"{name}{seed}.json"
+            path.write_text(json.dumps(dict(metric="accuracy", test_mean=scores.mean(), test_episodes=40,
+                                            episodes_md5=f"seed{seed}", by_episode=scores.tolist())))
+            files.append(str(path))
+    argv = [arg for seed in range(3) for arg in ("--paired", files[2 * seed], files[2 * seed + 1])]
+    assert report.main(argv) == 0, "three pairs should succeed"
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all(line.startswith("A - B: ") for line in lines[:3]), f"three pair lines, then the mean: {lines}"
+    half = 4.303 * np.std(diffs, ddof=1) / np.sqrt(3)
+    want = f"over the 3 pairs: A - B {100 * np.mean(diffs):+.2f} ± {100 * half:.2f} points"
+    assert lines[3].startswith(want), f"expected {want!r}, got {lines[3]!r}"
+    assert ", ".join(f"{100 * d:+.2f}" for d in diffs) in lines[3], f"each pair's difference should be listed: {lines[3]}"
+    mse = tmp_path / "mse.json"
+    mse.write_text(json.dumps(dict(metric="mse", test_mean=0.5, test_episodes=40, episodes_md5="seed0",
+                                   by_episode=[0.5] * 40)))
+    assert report.main(argv[:3] + ["--paired", str(mse), str(mse)]) == 2, "pairs of two metrics should exit with code 2"
+    err = capsys.readouterr().err
+    assert "different metrics" in err and err.count("\n") == 1, f"one sentence naming the metrics, got {err!r}"
+
+
+@pytest.mark.train
 def test_mean_ci95_is_the_normal_interval_of_the_mean():
     values = torch.tensor([0.2, 0.4, 0.9, 0.5, 0.7], dtype=torch.float64)
     mean, ci = train.mean_ci95(values)
