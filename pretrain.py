@@ -39,7 +39,7 @@ from torch import nn
 from plastic import Config, Conv4
 from tasks import OMNIGLOT_SPLITS, TaskConfig
 from train import (FEW_SHOT, TASK_DEFAULTS, Diverged, HelpFormatter, Parser, UsageError, check_numbers, device_name,
-                   draws, episodes_md5, field_comments, learning_rate, load_task, mean_ci95, optional, pick_device,
+                   draws, episodes_fingerprint, field_comments, learning_rate, load_task, mean_ci95, optional, pick_device,
                    protocol_note, save_checkpoint, set_cpu_threads, write_json)
 
 
@@ -231,7 +231,7 @@ def pretrain(pc: PretrainConfig) -> dict:
     mean, ci = mean_ci95(values)
     results = dict(task=task.name, rule="prototypes", params=sum(p.numel() for p in model.encoder.parameters()),
                    way=pc.way, shot=pc.shot, query=task.cfg.query, metric="accuracy", test_mean=mean, test_ci95=ci, test_episodes=values.numel(),
-                   episodes_md5=episodes_md5(task, "test", pc.test_episodes, device, pc.seed + 2),
+                   **episodes_fingerprint(task, "test", pc.test_episodes, device, pc.seed + 2),
                    by_episode=[round(v, 6) for v in values.tolist()], best_step=best["step"], best_val=best["value"],
                    train_time_s=train_time, device=device_name(device), run_dir=run_dir, config=config)
     print(f"test nearest-prototype accuracy {mean:.4g} ± {ci:.2g} over {values.numel()} {pc.way}-way {pc.shot}-shot "

@@ -18,7 +18,10 @@ their own, "retested 5-way 5-shot, 3 queries per class", averaged over seeds the
     python report.py --paired RUN_A RUN_B   # A - B on the same test episodes, with its 95% interval
 
 Runs of one seed on one kind of device are tested on the same episodes (their results.json's
-episodes_md5 says so), whatever their rule, batch or training classes. Their difference episode by
+episodes_md5 and inputs_md5, the md5 of the episodes' targets and of their tokens and images, say so),
+whatever their rule, batch or training classes. Runs tested before inputs_md5 was kept are paired where
+their targets, task and Omniglot split agree (the split from the run's config, or for a retest from its
+run's results.json beside it): Lake's split and Vinyals's draw the same targets from other images. Their difference episode by
 episode, mean +- 1.96 std / sqrt(n), is far narrower than either run's own interval, so it tells a
 difference of a tenth of a point from noise where the runs' means cannot. RUN is a run folder, or a
 results.json or retest-*.json file; runs tested before per-episode scores were kept cannot be paired.
@@ -153,8 +156,34 @@ class UsageError(Exception):
     """A mistake in what was asked: one sentence, exit code 2."""
 
 
+def split_of(test, file):
+    """The Omniglot split a final test drew its episodes from: a run's config names it (train.py's under
+    "task", pretrain.py's at the top), and a retest's run's results.json beside it; None where nothing does."""
+    config = test.get("config")
+    if config is None and os.path.basename(file) != "results.json":
+        try:
+            with open(os.path.join(os.path.dirname(file), "results.json")) as f:
+                config = json.load(f).get("config")
+        except (OSError, ValueError):
+            config = None
+    if not config:
+        return None
+    return config["task"].get("omniglot_split") if isinstance(config.get("task"), dict) else config.get("split")
+
+
+def same_episodes(a, b):
+    """Whether two final tests scored the same episodes: the same number, task and targets (episodes_md5),
+    and the same inputs (inputs_md5) where both kept them, or else the same split (read_test's "split")."""
+    if (a["test_episodes"], a.get("task"), a.get("episodes_md5")) != (b["test_episodes"], b.get("task"), b.get("episodes_md5")):
+        return False
+    if "inputs_md5" in a and "inputs_md5" in b:
+        return a["inputs_md5"] == b["inputs_md5"]
+    return a["split"] == b["split"]
+
+
 def read_test(path):
-    """A final test's numbers: a run folder's results.json, or a results.json or retest-*.json file."""
+    """A final test's numbers: a run folder's results.json, or a results.json or retest-*.json file, with
+    the split its episodes came from ("split", split_of)."""
     file = os.path.join(path, "results.json") if os.path.isdir(path) else path
     try:
         with open(file) as f:
@@ -165,7 +194,7 @@ def read_test(path):
     if test.get("by_episode") is None:
         raise UsageError(f"{path} keeps no per-episode scores (runs tested before they were kept); test it again "
                          f"(retest.py for a few-shot run) to pair it.")
-    return test
+    return test | dict(split=split_of(test, file))
 
 
 def paired(a, b):
@@ -183,9 +212,9 @@ def paired_line(path_a, path_b):
     """The line --paired prints: A - B over their shared test episodes, with both means; and A - B's mean and
     its metric, for the line over seeds."""
     a, b = read_test(path_a), read_test(path_b)
-    if a.get("episodes_md5") != b.get("episodes_md5") or a["test_episodes"] != b["test_episodes"]:
-        raise UsageError(f"{path_a} and {path_b} were tested on different episodes (seed, episode sizes, split or kind "
-                         f"of device differ), so they cannot be paired; compare their intervals instead.")
+    if not same_episodes(a, b):
+        raise UsageError(f"{path_a} and {path_b} were tested on different episodes (seed, episode sizes, task, split or "
+                         f"kind of device differ), so they cannot be paired; compare their intervals instead.")
     mean, ci, above, below, level = paired(a["by_episode"], b["by_episode"])
     percent = a["metric"] == "accuracy"
     show = (lambda v, sign="": f"{100 * v:{sign}.2f}") if percent else (lambda v, sign="": f"{v:{sign}.3g}")

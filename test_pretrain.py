@@ -131,14 +131,15 @@ def test_best_pt_is_the_best_validated_encoder_and_init_encoder_reads_it(tmp_pat
 
 
 def test_it_is_tested_on_the_episodes_a_train_py_run_of_the_seed_is_tested_on(tmp_path, offline):
-    """results.json's episodes_md5 and by_episode as train.py writes them, so report.py --paired pairs the two."""
+    """results.json's episodes_md5, inputs_md5 and by_episode as train.py writes them, so report.py --paired pairs the two."""
     results = pretrain.pretrain(tiny(tmp_path / "pre", seed=3))
     run = train.RunConfig(train=train.TrainConfig(rule="none", steps=2, batch_size=4, eval_interval=2, eval_episodes=4,
                                                   test_episodes=6, seed=3, device="cpu", out_dir=str(tmp_path / "gpt")),
                           model=Config(n_layer=1, n_head=2, d_model=8, encoder_channels=8),
                           task=TaskConfig(name="cifar_fs", way=3, shot=1, query=1))
     model_results = train.train(run)
-    assert results["episodes_md5"] == model_results["episodes_md5"], "the test episodes should be train.py's of the same seed"
+    assert (results["episodes_md5"], results["inputs_md5"]) == (model_results["episodes_md5"], model_results["inputs_md5"]), \
+        "the test episodes should be train.py's of the same seed"
     assert len(results["by_episode"]) == model_results["test_episodes"] == 6
 
 

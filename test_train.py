@@ -41,13 +41,14 @@ TINY_TASKS = {  # options that make every task a few tokens long
 }
 
 
-def synthetic_few_shot(cfg: TaskConfig):
+def synthetic_few_shot(cfg: TaskConfig, seed: int = 0):
     """tasks.FewShot over noisy 16x16 images (8 train, 4 val, 4 test classes of 4 images each),
-    standing in for Omniglot (1 channel) and CIFAR-FS (3 channels); other tasks are the real ones."""
+    standing in for Omniglot (1 channel) and CIFAR-FS (3 channels); other tasks are the real ones. Another
+    seed gives other images of the same counts, as another split does."""
     if cfg.name not in ("omniglot", "cifar_fs"):
         return tasks.make_task_from_config(cfg)
     channels = 1 if cfg.name == "omniglot" else 3
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     sizes = dict(train=8, val=4, test=4)
     splits = {}
     for split, n in sizes.items():  # a random pattern per class, each image of it with its own noise
@@ -687,6 +688,42 @@ def test_report_pairs_runs_tested_on_the_same_episodes(tmp_path, offline, capsys
 
 
 @pytest.mark.train
+def test_the_fingerprint_tells_the_same_targets_on_other_images_apart(tmp_path, capsys):
+    """episodes_fingerprint: a seed's episodes drawn again give the same md5s; the same targets drawn from other
+    images (another split; here another synthetic dataset of the same counts) the same episodes_md5 but another
+    inputs_md5, so report.py --paired refuses to pair them. Runs from before inputs_md5 are paired only where
+    their splits agree: the run's config names it, and a retest's run's results.json beside it."""
+    import report
+    cfg = TaskConfig(name="omniglot", **TINY_TASKS["omniglot"])
+    task, other = synthetic_few_shot(cfg), synthetic_few_shot(cfg, seed=1)
+    first = train.episodes_fingerprint(task, "test", 12, "cpu", 2)
+    assert train.episodes_fingerprint(task, "test", 12, "cpu", 2) == first, "the same episodes should give the same md5s"
+    moved = train.episodes_fingerprint(other, "test", 12, "cpu", 2)
+    assert moved["episodes_md5"] == first["episodes_md5"] and moved["inputs_md5"] != first["inputs_md5"], \
+        f"other images under the same targets: the same episodes_md5, another inputs_md5; got {first} and {moved}"
+    assert train.episodes_fingerprint(task, "test", 12, "cpu", 3)["episodes_md5"] != first["episodes_md5"]
+
+    def run(name, split, **fingerprint):  # a run folder's results.json and a retest beside it
+        folder = tmp_path / name
+        folder.mkdir()
+        test = dict(task="omniglot", metric="accuracy", test_mean=0.5, test_episodes=4, by_episode=[1.0, 0.0, 1.0, 0.0])
+        (folder / "results.json").write_text(json.dumps(test | fingerprint | dict(config=dict(task=dict(omniglot_split=split)))))
+        (folder / "retest-5way-5shot-3query.json").write_text(json.dumps(test | fingerprint))
+        return str(folder), str(folder / "retest-5way-5shot-3query.json")
+
+    vinyals = run("vinyals", "vinyals", episodes_md5="t", inputs_md5="v")
+    lake = run("lake", "lake", episodes_md5="t", inputs_md5="l")
+    vinyals_old, lake_old = run("vinyals-old", "vinyals", episodes_md5="t"), run("lake-old", "lake", episodes_md5="t")
+    for a, b, paired in ((vinyals, lake, False), (vinyals_old, lake_old, False), (lake, lake_old, True),
+                         (vinyals, vinyals_old, True), (vinyals_old, vinyals_old, True)):
+        for i in (0, 1):  # the runs, then their retests
+            code = report.main(["--paired", a[i], b[i]])
+            out, err = capsys.readouterr()
+            assert code == (0 if paired else 2), f"--paired {a[i]} {b[i]}: {'paired' if paired else 'refused'}, got {out}{err}"
+            assert paired or ("different episodes" in err and err.count("\n") == 1), f"one sentence, got {err!r}"
+
+
+@pytest.mark.train
 def test_report_averages_pairs_over_seeds(tmp_path, capsys):
     """--paired given once per seed prints each seed's paired line, then the mean of the seeds' A - B with the
     t interval over seeds (t_{0.975, 2} = 4.303), against numpy in float64; pairs of two metrics are refused."""
@@ -735,7 +772,8 @@ def test_the_final_test_pairs_the_model_with_its_knock_out_episode_by_episode():
     values = torch.tensor([0.8, 0.6, 1.0, 0.4, 0.9, 0.7])
     knocked = values - torch.tensor([0.1, 0.0, 0.2, 0.1, 0.0, 0.1])
     trace = dict(metric=torch.zeros(3), scored=torch.ones(3))
-    results, line = train.summarise_test(values, trace, knocked, "md5", tasks.make_task("copy"))
+    fingerprint = dict(episodes_md5="md5", inputs_md5="inputs")
+    results, line = train.summarise_test(values, trace, knocked, fingerprint, tasks.make_task("copy"))
     effect = values.double().numpy() - knocked.double().numpy()
     want = (effect.mean(), 1.96 * effect.std(ddof=1) / np.sqrt(6))
     assert (results["plasticity_mean"], results["plasticity_ci95"]) == pytest.approx(want, abs=1e-6), \
@@ -743,6 +781,7 @@ def test_the_final_test_pairs_the_model_with_its_knock_out_episode_by_episode():
     assert results["plasticity_ci95"] < results["knockout_ci95"] / 2, "pairing should remove the episodes' shared spread"
     assert "the model minus it +0.083 ± 0.06 (paired)" in line, f"the printed line should give the paired effect: {line}"
     assert results["by_episode"] == pytest.approx(values.tolist(), abs=1e-6) and results["episodes_md5"] == "md5"
+    assert results["inputs_md5"] == "inputs", "the episodes' whole fingerprint should be kept"
 
 
 @pytest.mark.train

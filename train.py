@@ -506,13 +506,18 @@ def draws(task, split, episodes, device, seed):
         yield task.sample(min(EVAL_DRAW, episodes - start), split, device, generator)
 
 
-def episodes_md5(task, split, episodes, device, seed) -> str:
-    """A fingerprint of those episodes: the md5 of their targets, in order. Runs whose final tests share
-    it scored the same episodes, so report.py --paired compares them episode by episode."""
-    digest = hashlib.md5()
+def episodes_fingerprint(task, split, episodes, device, seed) -> dict:
+    """What identifies those episodes: the md5 of their targets, in order (episodes_md5), and of their inputs,
+    the tokens and images (inputs_md5), which the targets alone do not fix: Lake's split and Vinyals's, or
+    two datasets, draw the same labels for a seed from other images. Runs whose final tests share both
+    scored the same episodes, so report.py --paired compares them episode by episode."""
+    targets, inputs = hashlib.md5(), hashlib.md5()
     for drawn in draws(task, split, episodes, torch.device(device), seed):
-        digest.update(drawn.target.cpu().numpy().tobytes())
-    return digest.hexdigest()
+        targets.update(drawn.target.cpu().numpy().tobytes())
+        inputs.update(drawn.x.cpu().numpy().tobytes())
+        if drawn.images is not None:
+            inputs.update(drawn.images.cpu().numpy().tobytes())
+    return dict(episodes_md5=targets.hexdigest(), inputs_md5=inputs.hexdigest())
 
 
 @torch.no_grad()
@@ -618,13 +623,13 @@ def final_evaluations(model, task, tc: TrainConfig, device):
     """The final test's evaluations: tc.test_episodes fresh episodes (held-out classes for few-shot tasks)
     with the fast-weight trace, and for the plastic rules the knock-out, the same episodes with eta = 0.
     Returns the per-episode metric, the trace, the knock-out's metric (None for the static model) and the
-    episodes' fingerprint (episodes_md5)."""
+    episodes' fingerprint (episodes_fingerprint)."""
     values, trace = evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, amp=tc.amp)
     knocked = None
     if model.config.rule != "none":
         knocked, _ = evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, eta=0.0,
                               amp=tc.amp, fast_norm=False)
-    return values, trace, knocked, episodes_md5(task, "test", tc.test_episodes, device, tc.seed + 2)
+    return values, trace, knocked, episodes_fingerprint(task, "test", tc.test_episodes, device, tc.seed + 2)
 
 
 def metric_by_position(trace: dict) -> list:
@@ -632,14 +637,14 @@ def metric_by_position(trace: dict) -> list:
     return [round(m / n, 6) if n > 0 else None for m, n in zip(trace["metric"].tolist(), trace["scored"].tolist())]
 
 
-def summarise_test(values, trace: dict, knocked, fingerprint: str, task) -> tuple[dict, str]:
+def summarise_test(values, trace: dict, knocked, fingerprint: dict, task) -> tuple[dict, str]:
     """final_evaluations' numbers as results.json holds them (means, 95% intervals, the metric per scored
     position, and per episode with the episodes' fingerprint, for paired comparisons; for a plastic rule
     the knock-out and the model minus it, episode by episode) and the line that prints them."""
     results = dict(zip(("test_mean", "test_ci95"), mean_ci95(values)), test_episodes=values.numel(),
                    knockout_mean=None, knockout_ci95=None, plasticity_mean=None, plasticity_ci95=None,
                    by_position=metric_by_position(trace),
-                   episodes_md5=fingerprint, by_episode=[round(v, 6) for v in values.tolist()],
+                   **fingerprint, by_episode=[round(v, 6) for v in values.tolist()],
                    knockout_by_episode=None if knocked is None else [round(v, 6) for v in knocked.tolist()])
     line = (f"test {task.metric_name} {results['test_mean']:.4g} ± {results['test_ci95']:.2g} over {values.numel()} "
             f"{sequence_unit(task)}")
