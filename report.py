@@ -19,11 +19,11 @@ their own, "retested 5-way 5-shot, 3 queries per class", averaged over seeds the
 
 Runs of one seed on one kind of device are tested on the same episodes (their results.json's
 episodes_md5 and inputs_md5, the md5 of the episodes' targets and of their tokens and images, say so),
-whatever their rule, batch or training classes. Runs tested before inputs_md5 was kept are paired where
-their targets, task and Omniglot split agree (the split from the run's config, or for a retest from its
-run's results.json beside it): Lake's split and Vinyals's draw the same targets from other images. Their difference episode by
-episode, mean +- 1.96 std / sqrt(n), is far narrower than either run's own interval, so it tells a
-difference of a tenth of a point from noise where the runs' means cannot. RUN is a run folder, or a
+whatever their rule, batch or training classes. Their difference episode by episode, mean +- 1.96 std /
+sqrt(n), is far narrower than either run's own interval, so it tells a difference of a tenth of a point
+from noise where the runs' means cannot. Runs tested before inputs_md5 was kept are paired where their
+targets, task and Omniglot split agree (the split from the run's config, or for a retest from its run's
+results.json beside it): Lake's split and Vinyals's draw the same targets from other images. RUN is a run folder, or a
 results.json or retest-*.json file; runs tested before per-episode scores were kept cannot be paired.
 (A plastic run against its own knock-out is paired the same way in its results.json: plasticity_mean.)
 
@@ -208,6 +208,13 @@ def paired(a, b):
     return mean, 1.96 * std / math.sqrt(n), above, below, n - above - below
 
 
+def shown(metric):
+    """How --paired writes a value of `metric` (sign="+" for a difference): accuracy in points, MSE as it is."""
+    if metric == "accuracy":
+        return lambda v, sign="": f"{100 * v:{sign}.2f}"
+    return lambda v, sign="": f"{v:{sign}.3g}"
+
+
 def paired_line(path_a, path_b):
     """The line --paired prints: A - B over their shared test episodes, with both means; and A - B's mean and
     its metric, for the line over seeds."""
@@ -216,8 +223,7 @@ def paired_line(path_a, path_b):
         raise UsageError(f"{path_a} and {path_b} were tested on different episodes (seed, episode sizes, task, split or "
                          f"kind of device differ), so they cannot be paired; compare their intervals instead.")
     mean, ci, above, below, level = paired(a["by_episode"], b["by_episode"])
-    percent = a["metric"] == "accuracy"
-    show = (lambda v, sign="": f"{100 * v:{sign}.2f}") if percent else (lambda v, sign="": f"{v:{sign}.3g}")
+    percent, show = a["metric"] == "accuracy", shown(a["metric"])
     line = (f"A - B: {show(mean, '+')} ± {show(ci)}{' points' if percent else ''} of {a['metric']} (paired 95% "
             f"interval over the same {a['test_episodes']:,} test episodes); A {show(a['test_mean'])}, B "
             f"{show(b['test_mean'])}; A higher on {above}, lower on {below}, level on {level}")
@@ -228,8 +234,7 @@ def over_pairs_line(differences, metric):
     """The line after several --paired pairs (one per seed): the mean of their A - B, and its 95% interval over
     the pairs (over_seeds: t distribution), each pair's own interval set aside as the rows' are."""
     mean, ci = over_seeds(differences, None)
-    percent = metric == "accuracy"
-    show = (lambda v, sign="": f"{100 * v:{sign}.2f}") if percent else (lambda v, sign="": f"{v:{sign}.3g}")
+    percent, show = metric == "accuracy", shown(metric)
     each = ", ".join(show(d, "+") for d in differences)
     return (f"over the {len(differences)} pairs: A - B {show(mean, '+')} ± {show(ci)}{' points' if percent else ''} of "
             f"{metric} (95% interval over the pairs, t distribution; the pairs' differences {each})")
@@ -247,9 +252,10 @@ def main(argv=None):
     if args.paired:
         try:
             lines = [paired_line(*pair) for pair in args.paired]
-            if len({metric for _, _, metric in lines}) > 1:
-                raise UsageError("the pairs measure different metrics (accuracy and MSE), so they cannot be averaged; "
-                                 "give pairs of one task.")
+            metrics = sorted({metric for _, _, metric in lines})
+            if len(metrics) > 1:
+                raise UsageError(f"the pairs measure different metrics ({' and '.join(metrics)}), so they cannot be "
+                                 f"averaged; give pairs of one task.")
         except UsageError as err:
             print(f"report.py: {err}", file=sys.stderr)
             return 2
