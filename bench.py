@@ -73,7 +73,7 @@ def time_steps(train_step, batches, device, timed_steps: int) -> float:
 
 
 def time_final_test(model, task, tc, device) -> float:
-    """Seconds of a run's final test, train.final_evaluations (without final_test's printing and files)."""
+    """Seconds of a run's final test, train.final_evaluations (without final_test's fingerprint, printing and files)."""
     def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -18,7 +18,9 @@ reads at most the length it learned.
 
 It prints one line and writes <run>/retest-<way>way-<shot>shot-<query>query.json: the test's numbers,
 the options, the device and the time. Retesting with the same options and seed gives the same numbers,
-so the file is replaced. The run's own files are never touched.
+so the file is replaced. A file of other episodes (another seed, number of episodes or kind of device,
+as a quick check of 20 episodes on a CPU would be) is refused before the test, unless --overwrite: a
+retest to report is never erased by another. The run's own files are never touched.
 """
 
 import argparse
@@ -35,8 +37,8 @@ import torch
 from plastic import Config, PlasticGPT
 from tasks import TaskConfig
 from train import (FEW_SHOT, HelpFormatter, Parser, TrainConfig, UsageError, check_numbers, device_name,
-                   field_comments, final_evaluations, load_task, pick_device, protocol_note, set_cpu_threads,
-                   summarise_test, with_options_added, write_json)
+                   field_comments, final_evaluations, final_fingerprint, load_task, pick_device, protocol_note,
+                   set_cpu_threads, summarise_test, with_options_added, write_json)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class RetestConfig:
     batch_size: int | None = None  # episodes per forward pass; None: the run's training batch
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     data_dir: str | None = None  # folder with omniglot/ and cifar100/; None: $PLASTIC_DATA or ./data
+    overwrite: bool = False  # replace a retest file of other episodes (seed, number, kind of device); without it such a file is refused
 
 
 def read_run(run_dir: str) -> dict:
@@ -89,6 +92,26 @@ def retest_model(saved_model: dict, task) -> Config:
     return model_cfg
 
 
+def check_replaceable(path: str, fingerprint: dict, episodes: int, overwrite: bool) -> None:
+    """A retest file is replaced by a test of the same episodes (its own numbers again) or with --overwrite;
+    one that is not of these episodes, or cannot be read, is refused in one sentence (a UsageError)."""
+    if overwrite or not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict):
+        raise UsageError(f"{path} holds something retest.py cannot read as a retest; move it, or pass --overwrite to "
+                         f"replace it.")
+    same = (old.get("test_episodes") == episodes and old.get("episodes_md5") == fingerprint["episodes_md5"]
+            and old.get("inputs_md5", fingerprint["inputs_md5"]) == fingerprint["inputs_md5"])  # older ones kept none
+    if not same:
+        raise UsageError(f"{path} holds a retest of other episodes, {old.get('test_episodes')} test episodes of seed "
+                         f"{old.get('seed')} on {old.get('device')}: move it, or pass --overwrite to replace it.")
+
+
 def retest(rc: RetestConfig) -> dict:
     """Test rc.run's best.pt on the asked episodes; print one line, write and return retest-*.json's contents."""
     config = read_run(rc.run)
@@ -108,17 +131,20 @@ def retest(rc: RetestConfig) -> dict:
     model.load_state_dict(torch.load(os.path.join(rc.run, "best.pt"), map_location="cpu", weights_only=True)["model"])
     model.to(device)
 
+    way, shot, query = task.ways["test"], task.cfg.shot, task.cfg.query
+    path = os.path.join(rc.run, f"retest-{way}way-{shot}shot-{query}query.json")
+    fingerprint = final_fingerprint(task, tc, device)
+    check_replaceable(path, fingerprint, tc.test_episodes, rc.overwrite)
     started = time.perf_counter()
-    values, trace, knocked, fingerprint = final_evaluations(model, task, tc, device)
+    values, trace, knocked = final_evaluations(model, task, tc, device)
     seconds = time.perf_counter() - started
     summary, line = summarise_test(values, trace, knocked, fingerprint, task)
-    results = dict(run=rc.run, task=task.name, rule=model_cfg.rule, way=task.ways["test"], shot=task.cfg.shot,
-                   query=task.cfg.query, train_way=task.ways["train"], seed=tc.seed, metric=task.metric_name,
+    results = dict(run=rc.run, task=task.name, rule=model_cfg.rule, way=way, shot=shot,
+                   query=query, train_way=task.ways["train"], seed=tc.seed, metric=task.metric_name,
                    **summary, device=device_name(device), seconds=seconds)
-    queries = "1 query" if results["query"] == 1 else f"{results['query']} queries"
-    print(f"{task.name} {results['way']}-way {results['shot']}-shot, {queries} per class, rule "
+    queries = "1 query" if query == 1 else f"{query} queries"
+    print(f"{task.name} {way}-way {shot}-shot, {queries} per class, rule "
           f"{model_cfg.rule}: {line}{protocol_note(tc.test_episodes)}")
-    path = os.path.join(rc.run, f"retest-{results['way']}way-{results['shot']}shot-{results['query']}query.json")
     try:
         write_json(path, results)
     except OSError as err:
@@ -136,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument("run", help=comments["run"])
             continue
         kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])  # int | None -> int
+        if kind is bool:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true", help=comments[f.name])
+            continue
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
                             metavar=kind.__name__.upper(), help=comments[f.name])
     return parser

@@ -111,3 +111,26 @@ def test_cli_refuses_bad_runs_and_numbers_with_exit_code_2_and_one_sentence(tmp_
         assert retest.main(argv + ["--device", "cpu"]) == 2, f"{argv} should exit with code 2"
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, f"{argv}: one sentence, got {err!r}"
+
+
+def test_a_retest_of_other_episodes_is_never_replaced_silently(tmp_path, offline, capsys):
+    """The same retest again replaces its file (the same numbers); one of other episodes (another seed, or fewer
+    episodes, as a quick check would be) is refused before it runs, in one sentence, the file untouched, and
+    --overwrite replaces it; so does an unreadable file. The refused file's numbers stay the reported ones."""
+    run_dir, _ = trained(tmp_path, "none")
+    path = run_dir / "retest-3way-1shot-1query.json"
+    first = retest.retest(retest.RetestConfig(run=str(run_dir), device="cpu"))
+    assert retest.main([str(run_dir), "--device", "cpu"]) == 0, "the same retest again should replace its own file"
+    capsys.readouterr()
+    kept = path.read_bytes()
+    for options in (["--seed", "5"], ["--test-episodes", "4"]):
+        assert retest.main([str(run_dir), "--device", "cpu", *options]) == 2, f"{options}: other episodes, refused"
+        err = capsys.readouterr().err
+        assert "holds a retest of other episodes, 8 test episodes of seed 0 on cpu" in err and "--overwrite" in err \
+            and err.count("\n") == 1, f"{options}: one sentence naming the file's episodes and the fix, got {err!r}"
+        assert path.read_bytes() == kept, f"{options}: the refused retest should leave the file as it was"
+    assert retest.main([str(run_dir), "--device", "cpu", "--seed", "5", "--overwrite"]) == 0, "--overwrite replaces it"
+    assert json.loads(path.read_text())["seed"] == 5 and json.loads(path.read_text())["episodes_md5"] != first["episodes_md5"]
+    path.write_text("{not json")
+    assert retest.main([str(run_dir), "--device", "cpu"]) == 2, "an unreadable file is refused too"
+    assert "cannot read as a retest" in capsys.readouterr().err and path.read_text() == "{not json"

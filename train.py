@@ -622,14 +622,19 @@ def format_time(seconds: float) -> str:
 def final_evaluations(model, task, tc: TrainConfig, device):
     """The final test's evaluations: tc.test_episodes fresh episodes (held-out classes for few-shot tasks)
     with the fast-weight trace, and for the plastic rules the knock-out, the same episodes with eta = 0.
-    Returns the per-episode metric, the trace, the knock-out's metric (None for the static model) and the
-    episodes' fingerprint (episodes_fingerprint)."""
+    Returns the per-episode metric, the trace and the knock-out's metric (None for the static model);
+    final_fingerprint names the episodes."""
     values, trace = evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, amp=tc.amp)
     knocked = None
     if model.config.rule != "none":
         knocked, _ = evaluate(model, task, "test", tc.test_episodes, tc.batch_size, device, tc.seed + 2, eta=0.0,
                               amp=tc.amp, fast_norm=False)
-    return values, trace, knocked, episodes_fingerprint(task, "test", tc.test_episodes, device, tc.seed + 2)
+    return values, trace, knocked
+
+
+def final_fingerprint(task, tc: TrainConfig, device) -> dict:
+    """The fingerprint (episodes_fingerprint) of the episodes final_evaluations scores."""
+    return episodes_fingerprint(task, "test", tc.test_episodes, device, tc.seed + 2)
 
 
 def metric_by_position(trace: dict) -> list:
@@ -659,8 +664,8 @@ def summarise_test(values, trace: dict, knocked, fingerprint: dict, task) -> tup
 def final_test(model, task, tc: TrainConfig, device, run_dir: str) -> dict:
     """The final test (final_evaluations), printed, with the metric per scored position (results.json's
     by_position) and the modulation trace written for the plastic rules."""
-    values, trace, knocked, fingerprint = final_evaluations(model, task, tc, device)
-    results, line = summarise_test(values, trace, knocked, fingerprint, task)
+    values, trace, knocked = final_evaluations(model, task, tc, device)
+    results, line = summarise_test(values, trace, knocked, final_fingerprint(task, tc, device), task)
     del trace["metric"]  # results.json's trace: the model's, per position
     if knocked is not None:
         write_modulation_trace(run_dir, trace, model.config.rule)
