@@ -174,7 +174,7 @@ def split_of(test, file):
 def same_episodes(a, b):
     """Whether two final tests scored the same episodes: the same number, task and targets (episodes_md5),
     and the same inputs (inputs_md5) where both kept them, or else the same split (read_test's "split")."""
-    if (a["test_episodes"], a.get("task"), a.get("episodes_md5")) != (b["test_episodes"], b.get("task"), b.get("episodes_md5")):
+    if (a.get("test_episodes"), a.get("task"), a.get("episodes_md5")) != (b.get("test_episodes"), b.get("task"), b.get("episodes_md5")):
         return False
     if "inputs_md5" in a and "inputs_md5" in b:
         return a["inputs_md5"] == b["inputs_md5"]

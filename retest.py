@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from plastic import Config, PlasticGPT
+from report import same_episodes
 from tasks import TaskConfig
 from train import (FEW_SHOT, HelpFormatter, Parser, TrainConfig, UsageError, check_numbers, device_name,
                    field_comments, final_evaluations, final_fingerprint, load_task, pick_device, protocol_note,
@@ -92,9 +93,10 @@ def retest_model(saved_model: dict, task) -> Config:
     return model_cfg
 
 
-def check_replaceable(path: str, fingerprint: dict, episodes: int, overwrite: bool) -> None:
-    """A retest file is replaced by a test of the same episodes (its own numbers again) or with --overwrite;
-    one that is not of these episodes, or cannot be read, is refused in one sentence (a UsageError)."""
+def check_replaceable(path: str, test: dict, overwrite: bool) -> None:
+    """A retest file is replaced by a test of the same episodes (report.same_episodes: its own numbers again;
+    `test` holds the new one's task, test_episodes and fingerprint) or with --overwrite; one that is not of
+    these episodes, or cannot be read, is refused in one sentence (a UsageError)."""
     if overwrite or not os.path.exists(path):
         return
     try:
@@ -105,9 +107,7 @@ def check_replaceable(path: str, fingerprint: dict, episodes: int, overwrite: bo
     if not isinstance(old, dict):
         raise UsageError(f"{path} holds something retest.py cannot read as a retest; move it, or pass --overwrite to "
                          f"replace it.")
-    same = (old.get("test_episodes") == episodes and old.get("episodes_md5") == fingerprint["episodes_md5"]
-            and old.get("inputs_md5", fingerprint["inputs_md5"]) == fingerprint["inputs_md5"])  # older ones kept none
-    if not same:
+    if not same_episodes(old | dict(split=None), test | dict(split=None)):  # one run's folder: one split
         raise UsageError(f"{path} holds a retest of other episodes, {old.get('test_episodes')} test episodes of seed "
                          f"{old.get('seed')} on {old.get('device')}: move it, or pass --overwrite to replace it.")
 
@@ -134,7 +134,7 @@ def retest(rc: RetestConfig) -> dict:
     way, shot, query = task.ways["test"], task.cfg.shot, task.cfg.query
     path = os.path.join(rc.run, f"retest-{way}way-{shot}shot-{query}query.json")
     fingerprint = final_fingerprint(task, tc, device)
-    check_replaceable(path, fingerprint, tc.test_episodes, rc.overwrite)
+    check_replaceable(path, dict(task=task.name, test_episodes=tc.test_episodes, **fingerprint), rc.overwrite)
     started = time.perf_counter()
     values, trace, knocked = final_evaluations(model, task, tc, device)
     seconds = time.perf_counter() - started
