@@ -23,8 +23,9 @@ whatever their rule, batch or training classes. Their difference episode by epis
 sqrt(n), is far narrower than either run's own interval, so it tells a difference of a tenth of a point
 from noise where the runs' means cannot. Runs tested before inputs_md5 was kept are paired where their
 targets, task and Omniglot split agree (the split from the run's config, or for a retest from its run's
-results.json beside it): Lake's split and Vinyals's draw the same targets from other images. RUN is a run folder, or a
-results.json or retest-*.json file; runs tested before per-episode scores were kept cannot be paired.
+results.json beside it): Lake's split and Vinyals's draw the same targets from other images. RUN is a
+run folder, or a results.json or retest-*.json file; runs tested before per-episode scores were kept
+cannot be paired.
 (A plastic run against its own knock-out is paired the same way in its results.json: plasticity_mean.)
 
     python report.py --paired A0 B0 --paired A1 B1 --paired A2 B2   # one pair per seed, then over the seeds
