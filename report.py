@@ -18,10 +18,13 @@ their own, "retested 5-way 5-shot, 3 queries per class", averaged over seeds the
     python report.py --paired RUN_A RUN_B   # A - B on the same test episodes, with its 95% interval
 
 Runs of one seed on one kind of device are tested on the same episodes (their results.json's
-episodes_md5 and inputs_md5, the md5 of the episodes' targets and of their tokens and images, say so),
-whatever their rule, batch or training classes. Their difference episode by episode, mean +- 1.96 std /
+episodes_md5 and images_md5, the md5 of the episodes' targets and of their images, or inputs_md5 in a
+task without images, say so), whatever
+their rule, batch or training classes. Their difference episode by episode, mean +- 1.96 std /
 sqrt(n), is far narrower than either run's own interval, so it tells a difference of a tenth of a point
-from noise where the runs' means cannot. Runs tested before inputs_md5 was kept are paired where their
+from noise where the runs' means cannot. Runs tested before images_md5 was kept are paired where their
+inputs_md5 agree, the md5 of their tokens and images (whose label tokens are as wide as the training
+episodes, so runs trained on other numbers of classes are not); runs before inputs_md5 where their
 targets, task and Omniglot split agree (the split from the run's config, or for a retest from its run's
 results.json beside it): Lake's split and Vinyals's draw the same targets from other images. RUN is a
 run folder, or a results.json or retest-*.json file; runs tested before per-episode scores were kept
@@ -174,9 +177,12 @@ def split_of(test, file):
 
 def same_episodes(a, b):
     """Whether two final tests scored the same episodes: the same number, task and targets (episodes_md5),
-    and the same inputs (inputs_md5) where both kept them, or else the same split (read_test's "split")."""
+    and the same images where both kept images_md5 (whatever their training classes), or else the same
+    inputs where both kept inputs_md5, or else the same split (read_test's "split")."""
     if (a.get("test_episodes"), a.get("task"), a.get("episodes_md5")) != (b.get("test_episodes"), b.get("task"), b.get("episodes_md5")):
         return False
+    if a.get("images_md5") and b.get("images_md5"):
+        return a["images_md5"] == b["images_md5"]
     if "inputs_md5" in a and "inputs_md5" in b:
         return a["inputs_md5"] == b["inputs_md5"]
     return a["split"] == b["split"]

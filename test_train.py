@@ -666,16 +666,19 @@ def test_report_pairs_runs_tested_on_the_same_episodes(tmp_path, offline, capsys
     static = train.train(tiny(tmp_path / "a", "omniglot", "none", test_episodes=12))
     plastic = train.train(tiny(tmp_path / "b", "omniglot", "hebbian", test_episodes=12, batch_size=3))
     other = train.train(tiny(tmp_path / "c", "omniglot", "none", test_episodes=12, seed=1))
-    assert static["episodes_md5"] == plastic["episodes_md5"] != other["episodes_md5"], \
-        "one seed's test episodes should be the same at any rule and batch, another seed's not"
+    wider = train.train(dataclasses.replace(cfg := tiny(tmp_path / "d", "omniglot", "none", test_episodes=12),
+                                            task=dataclasses.replace(cfg.task, train_way=4)))
+    assert static["episodes_md5"] == plastic["episodes_md5"] == wider["episodes_md5"] != other["episodes_md5"], \
+        "one seed's test episodes should be the same at any rule, batch and training way, another seed's not"
     assert len(plastic["by_episode"]) == 12 and np.mean(plastic["by_episode"]) == pytest.approx(plastic["test_mean"], abs=1e-6), \
         "by_episode should hold the 12 episodes whose mean is test_mean"
     runs = [str(tmp_path / folder / name) for folder, name in (("a", "omniglot-none"), ("b", "omniglot-hebbian"))]
-    diffs = np.array(plastic["by_episode"], np.float64) - np.array(static["by_episode"], np.float64)
-    want = f"{100 * diffs.mean():+.2f} ± {100 * 1.96 * diffs.std(ddof=1) / np.sqrt(12):.2f} points"
-    assert report.main(["--paired", runs[1], runs[0]]) == 0, "--paired should succeed"
-    line = capsys.readouterr().out
-    assert want in line and "same 12 test episodes" in line, f"--paired: expected {want!r} in {line!r}"
+    for a, b, results in ((runs[1], runs[0], plastic), (str(tmp_path / "d" / "omniglot-none"), runs[0], wider)):
+        diffs = np.array(results["by_episode"], np.float64) - np.array(static["by_episode"], np.float64)
+        want = f"{100 * diffs.mean():+.2f} ± {100 * 1.96 * diffs.std(ddof=1) / np.sqrt(12):.2f} points"
+        assert report.main(["--paired", a, b]) == 0, f"--paired {a} {b} should succeed"
+        line = capsys.readouterr().out
+        assert want in line and "same 12 test episodes" in line, f"--paired: expected {want!r} in {line!r}"
     assert static["plasticity_mean"] is None and plastic["plasticity_mean"] is not None, \
         "a plastic run pairs itself with its knock-out, the static one has none"
     (tmp_path / "old.json").write_text(json.dumps({k: v for k, v in static.items() if k != "by_episode"}))
@@ -691,16 +694,24 @@ def test_report_pairs_runs_tested_on_the_same_episodes(tmp_path, offline, capsys
 def test_the_fingerprint_tells_the_same_targets_on_other_images_apart(tmp_path, capsys):
     """episodes_fingerprint: a seed's episodes drawn again give the same md5s; the same targets drawn from other
     images (another split; here another synthetic dataset of the same counts) the same episodes_md5 but another
-    inputs_md5, so report.py --paired refuses to pair them. Runs from before inputs_md5 are paired only where
-    their splits agree: the run's config names it, and a retest's run's results.json beside it."""
+    inputs_md5 and images_md5, so report.py --paired refuses to pair them; read by a model trained on more
+    classes, another inputs_md5 alone, so it pairs them by images_md5. Runs from before images_md5 are paired
+    by inputs_md5, and runs from before inputs_md5 only where their splits agree: the run's config names it,
+    and a retest's run's results.json beside it."""
     import report
     cfg = TaskConfig(name="omniglot", **TINY_TASKS["omniglot"])
     task, other = synthetic_few_shot(cfg), synthetic_few_shot(cfg, seed=1)
     first = train.episodes_fingerprint(task, "test", 12, "cpu", 2)
     assert train.episodes_fingerprint(task, "test", 12, "cpu", 2) == first, "the same episodes should give the same md5s"
     moved = train.episodes_fingerprint(other, "test", 12, "cpu", 2)
-    assert moved["episodes_md5"] == first["episodes_md5"] and moved["inputs_md5"] != first["inputs_md5"], \
-        f"other images under the same targets: the same episodes_md5, another inputs_md5; got {first} and {moved}"
+    assert moved["episodes_md5"] == first["episodes_md5"] and moved["inputs_md5"] != first["inputs_md5"] \
+        and moved["images_md5"] != first["images_md5"], \
+        f"other images under the same targets: the same episodes_md5, another inputs_md5 and images_md5; got {first} and {moved}"
+    wider = train.episodes_fingerprint(synthetic_few_shot(dataclasses.replace(cfg, train_way=5)), "test", 12, "cpu", 2)
+    assert wider["inputs_md5"] != first["inputs_md5"] and wider | dict(inputs_md5=None) == first | dict(inputs_md5=None), \
+        f"a model trained 5-way reads the 3-way episodes' labels 5 wide: another inputs_md5, the rest alike; got {first} and {wider}"
+    copy = train.episodes_fingerprint(tasks.make_task_from_config(TaskConfig(name="copy", **TINY_TASKS["copy"])), "test", 4, "cpu", 2)
+    assert copy["images_md5"] is None, f"a task without images keeps no images_md5, got {copy}"
     assert train.episodes_fingerprint(task, "test", 12, "cpu", 3)["episodes_md5"] != first["episodes_md5"]
 
     def run(name, split, **fingerprint):  # a run folder's results.json and a retest beside it
@@ -714,8 +725,11 @@ def test_the_fingerprint_tells_the_same_targets_on_other_images_apart(tmp_path, 
     vinyals = run("vinyals", "vinyals", episodes_md5="t", inputs_md5="v")
     lake = run("lake", "lake", episodes_md5="t", inputs_md5="l")
     vinyals_old, lake_old = run("vinyals-old", "vinyals", episodes_md5="t"), run("lake-old", "lake", episodes_md5="t")
+    narrow = run("narrow", "vinyals", episodes_md5="t", inputs_md5="v", images_md5="i")  # trained 5-way and 10-way
+    wide = run("wide", "vinyals", episodes_md5="t", inputs_md5="w", images_md5="i")
     for a, b, paired in ((vinyals, lake, False), (vinyals_old, lake_old, False), (lake, lake_old, True),
-                         (vinyals, vinyals_old, True), (vinyals_old, vinyals_old, True)):
+                         (vinyals, vinyals_old, True), (vinyals_old, vinyals_old, True), (narrow, wide, True),
+                         (narrow, vinyals, True), (wide, vinyals, False)):
         for i in (0, 1):  # the runs, then their retests
             code = report.main(["--paired", a[i], b[i]])
             out, err = capsys.readouterr()

@@ -510,14 +510,22 @@ def episodes_fingerprint(task, split, episodes, device, seed) -> dict:
     """What identifies those episodes: the md5 of their targets, in order (episodes_md5), and of their inputs,
     the tokens and images (inputs_md5), which the targets alone do not fix: Lake's split and Vinyals's, or
     two datasets, draw the same labels for a seed from other images. Runs whose final tests share both
-    scored the same episodes, so report.py --paired compares them episode by episode."""
-    targets, inputs = hashlib.md5(), hashlib.md5()
+    scored the same episodes, so report.py --paired compares them episode by episode.
+    A few-shot episode's tokens are its support labels one-hot, as wide as the model's training episodes
+    (train_way W): the same episodes read by a model trained 40-way and one trained 20-way have other
+    tokens. Its targets, images and which tokens are queries fix them whatever W (images_md5, None
+    without images); inputs_md5 stays as it was, so that runs tested before images_md5 still pair."""
+    targets, inputs, images = hashlib.md5(), hashlib.md5(), hashlib.md5()
     for drawn in draws(task, split, episodes, torch.device(device), seed):
         targets.update(drawn.target.cpu().numpy().tobytes())
         inputs.update(drawn.x.cpu().numpy().tobytes())
         if drawn.images is not None:
             inputs.update(drawn.images.cpu().numpy().tobytes())
-    return dict(episodes_md5=targets.hexdigest(), inputs_md5=inputs.hexdigest())
+            images.update(drawn.mask.cpu().numpy().tobytes())
+            images.update(drawn.images.cpu().numpy().tobytes())
+    has_images = task.image_shape is not None
+    return dict(episodes_md5=targets.hexdigest(), inputs_md5=inputs.hexdigest(),
+                images_md5=images.hexdigest() if has_images else None)
 
 
 @torch.no_grad()
