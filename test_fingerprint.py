@@ -1,0 +1,65 @@
+"""
+Tests of fingerprint.py: images_md5 added to few-shot tests kept before it, only where their episodes reproduce.
+
+    pytest test_fingerprint.py      # a few seconds on a 2-core CPU
+
+A tiny run trains 4 steps on the synthetic images of test_train.py (no real data, no network) and is
+retested; its files then lose images_md5, as a run's from before commit 96ebd97 lack it. The reference
+is the images_md5 that train.py and retest.py wrote themselves.
+"""
+
+import json
+
+import pytest
+
+import fingerprint
+import retest
+from test_retest import trained
+from test_train import offline, no_network  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.train
+
+
+def without_images_md5(path):
+    """path's test as it was kept, and the file rewritten without images_md5."""
+    test = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in test.items() if k != "images_md5"}, indent=2))
+    return test
+
+
+def test_images_md5_comes_back_as_the_test_wrote_it_and_nothing_else_changes(tmp_path, offline, capsys):
+    run_dir, _ = trained(tmp_path / "runs", "none", train_way=4)
+    retest.retest(retest.RetestConfig(run=str(run_dir), way=4, device="cpu"))
+    files = [run_dir / "results.json", run_dir / "retest-4way-1shot-1query.json"]
+    kept = [without_images_md5(path) for path in files]
+    assert all(test["images_md5"] for test in kept), "train.py and retest.py should write images_md5"
+    assert fingerprint.main([str(tmp_path), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for path, test in zip(files, kept):
+        assert json.loads(path.read_text()) == test, f"{path.name}: images_md5 should come back as written, the rest alike"
+        assert f"{path}: images_md5 added (episodes_md5 and inputs_md5 reproduced)" in out, out
+    before = [path.read_bytes() for path in files]
+    assert fingerprint.main([str(tmp_path), "--device", "cpu"]) == 0
+    assert [path.read_bytes() for path in files] == before and capsys.readouterr().out.count("has images_md5") == 2, \
+        "a second pass should change nothing"
+
+
+def test_tests_whose_episodes_do_not_reproduce_are_left_as_they_are(tmp_path, offline, capsys):
+    run_dir, _ = trained(tmp_path, "none")
+    path = run_dir / "results.json"
+    test = without_images_md5(path)
+    for changed in (dict(inputs_md5="0" * 32), dict(episodes_md5="0" * 32), dict(test_episodes=7)):
+        path.write_text(json.dumps({k: v for k, v in test.items() if k != "images_md5"} | changed, indent=2))
+        before = path.read_bytes()
+        assert fingerprint.main([str(tmp_path), "--device", "cpu"]) == 0
+        assert path.read_bytes() == before, f"{changed}: a test whose episodes differ should be left as it is"
+        assert "not reproduced" in capsys.readouterr().out, f"{changed}: it should say so"
+    path.write_text(json.dumps({k: v for k, v in test.items() if k not in ("images_md5", "by_episode")}, indent=2))
+    assert fingerprint.main([str(tmp_path), "--device", "cpu"]) == 0
+    assert "keeps no per-episode scores" in capsys.readouterr().out
+
+
+def test_a_missing_folder_is_one_sentence_and_exit_code_2(tmp_path, capsys):
+    assert fingerprint.main([str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a folder" in err and err.count("\n") == 1, f"one sentence, got {err!r}"
