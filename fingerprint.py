@@ -11,8 +11,9 @@ other inputs_md5 for the same episodes, and only images_md5 says they are the sa
 test's episodes again (a results.json's: its run's test; a retest-*.json's: its sizes, seed and
 number; a pre-training's: its encoder's test) with the run's config.json and data, and adds images_md5
 only where the episodes drawn again give the stored episodes_md5 and, where it was kept, inputs_md5:
-proof that they are the episodes that were scored. Draws depend on the kind of device (a CPU's differ from a GPU's), so run it where the tests
-ran; tests it cannot reproduce are listed and left as they are. Nothing else in a file changes.
+proof that they are the episodes that were scored. Draws depend on the kind of device (a CPU's differ
+from a GPU's), so run it where the tests ran; tests it cannot reproduce are listed and left as they
+are. Nothing else in a file changes.
 """
 
 import dataclasses
