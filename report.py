@@ -226,8 +226,11 @@ def paired_line(path_a, path_b):
     its metric, for the line over seeds."""
     a, b = read_test(path_a), read_test(path_b)
     if not same_episodes(a, b):
+        unfingerprinted = a.get("episodes_md5") == b.get("episodes_md5") and not (a.get("images_md5") and b.get("images_md5"))
+        hint = (" (if they were trained on other numbers of classes, `python fingerprint.py` on their folders, on the "
+                "kind of device that tested them, gives them the images_md5 that pairs them)") if unfingerprinted else ""
         raise UsageError(f"{path_a} and {path_b} were tested on different episodes (seed, episode sizes, task, split or "
-                         f"kind of device differ), so they cannot be paired; compare their intervals instead.")
+                         f"kind of device differ), so they cannot be paired; compare their intervals instead{hint}.")
     mean, ci, above, below, level = paired(a["by_episode"], b["by_episode"])
     percent, show = a["metric"] == "accuracy", shown(a["metric"])
     line = (f"A - B: {show(mean, '+')} ± {show(ci)}{' points' if percent else ''} of {a['metric']} (paired 95% "

@@ -735,6 +735,11 @@ def test_the_fingerprint_tells_the_same_targets_on_other_images_apart(tmp_path, 
             out, err = capsys.readouterr()
             assert code == (0 if paired else 2), f"--paired {a[i]} {b[i]}: {'paired' if paired else 'refused'}, got {out}{err}"
             assert paired or ("different episodes" in err and err.count("\n") == 1), f"one sentence, got {err!r}"
+    report.main(["--paired", wide[0], vinyals[0]])
+    assert "python fingerprint.py" in capsys.readouterr().err, "runs of one seed without images_md5: name the fix"
+    other_seed = run("other-seed", "vinyals", episodes_md5="u", inputs_md5="v", images_md5="j")
+    report.main(["--paired", other_seed[0], vinyals[0]])
+    assert "fingerprint.py" not in capsys.readouterr().err, "other targets: no fingerprint would pair them"
 
 
 @pytest.mark.train
