@@ -57,6 +57,7 @@ def episodes_of(file: str, test: dict, config: dict, data_dir) -> tuple[TaskConf
 def add_images_md5(file: str, run: str, device: torch.device, data_dir=None, tasks=None) -> str:
     """Add images_md5 to file's test if its episodes drawn again reproduce its stored md5s; what was done,
     in a few words. `tasks` caches loaded tasks by config across calls."""
+    tasks = {} if tasks is None else tasks
     try:
         with open(file) as f:
             test = json.load(f)
@@ -75,7 +76,6 @@ def add_images_md5(file: str, run: str, device: torch.device, data_dir=None, tas
     except (TypeError, KeyError) as err:
         return f"its run's config.json is not one this code reads ({err!r}): left alone"
     key = json.dumps(dataclasses.asdict(task_cfg), sort_keys=True)
-    tasks = {} if tasks is None else tasks
     if key not in tasks:
         tasks[key] = load_task(task_cfg)
     drawn = episodes_fingerprint(tasks[key], "test", episodes, device, seed + 2)

@@ -21,11 +21,11 @@ Runs of one seed on one kind of device are tested on the same episodes (their re
 episodes_md5 and images_md5, the md5 of the episodes' targets and of their images, or inputs_md5 in a
 task without images, say so), whatever their rule, batch or training classes. Their difference
 episode by episode, mean +- 1.96 std / sqrt(n), is far narrower than either run's own interval, so it
-tells a difference of a tenth of a point from noise where the runs' means cannot. Runs tested before images_md5 was kept are paired where their
-inputs_md5 agree, the md5 of their tokens and images (whose label tokens are as wide as the training
-episodes, so runs trained on other numbers of classes are not, until fingerprint.py gives them
-images_md5); runs before inputs_md5 where their
-targets, task and Omniglot split agree (the split from the run's config, or for a retest from its run's
+tells a difference of a tenth of a point from noise where the runs' means cannot. Runs tested before
+images_md5 was kept are paired where their inputs_md5 agree, the md5 of their tokens and images (whose
+label tokens are as wide as the training episodes, so runs trained on other numbers of classes are
+not, until fingerprint.py gives them images_md5); runs before inputs_md5 where their targets, task and
+Omniglot split agree (the split from the run's config, or for a retest from its run's
 results.json beside it): Lake's split and Vinyals's draw the same targets from other images. RUN is a
 run folder, or a results.json or retest-*.json file; runs tested before per-episode scores were kept
 cannot be paired.
