@@ -129,9 +129,10 @@ class Config:
 
 
 def modulated_rates(modulator, eta, decay):
-    """eta_t = eta * 2 sigmoid(m_t), lambda_t = decay * 2 sigmoid(m_t). modulator (B,) or None (off)."""
+    """eta_t = eta * 2 sigmoid(m_t), lambda_t = decay * 2 sigmoid(m_t). modulator (B,) (the queries': (B, Q))
+    or None (off)."""
     gate = 2 * torch.sigmoid(modulator) if modulator is not None else 1.0
-    return eta * gate, decay * gate  # (B,), (B,)  (floats when modulation is off)
+    return eta * gate, decay * gate  # each shaped as modulator  (floats when modulation is off)
 
 
 def hebbian_factors(records):
@@ -179,7 +180,7 @@ def update_norm(factors):
 
 
 def bounded_rate(rate, norm, max_norm):
-    """eta_t *= max_norm / ||G_t|| where ||G_t|| > max_norm, so that ||eta_t G_t|| <= eta_t max_norm."""
+    """eta_t *= max_norm / ||G_t|| where ||G_t|| > max_norm, so that the step's ||step G_t|| <= eta_t max_norm."""
     return rate * max_norm / norm.clamp_min(max_norm)  # (B,)
 
 
@@ -238,16 +239,16 @@ class FactoredRead(torch.autograd.Function):
             if InnerGradient.active:
                 return dx, None, None, None, None
         S, T = scale.size(1), pre.size(1)
-        P, Q, c = pre[:, :S], post[:, :S], scale.unsqueeze(-1)  # (B, S, in), (B, S, out), (B, S, 1)
-        gq = grad.unsqueeze(1) * Q  # (B, S, out)  g ⊙ post_s
+        pre_read, post_read, c = pre[:, :S], post[:, :S], scale.unsqueeze(-1)  # (B, S, in), (B, S, out), (B, S, 1)
+        gq = grad.unsqueeze(1) * post_read  # (B, S, out)  g ⊙ post_s
         v = gq @ coef.t()  # (B, S, in)
-        w = v * P  # (B, S, in)  pre_s ⊙ v_s
+        w = v * pre_read  # (B, S, in)  pre_s ⊙ v_s
         if not torch.is_grad_enabled():
             dx = torch.bmm(scale.unsqueeze(1), w).squeeze(1)  # (B, in)
             if InnerGradient.active:
                 return dx, None, None, None, None
         dscale = torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)  # (B, S): <u_s A, g ⊙ post_s> = <x ⊙ pre_s, v_s>
-        cu = c * (x.unsqueeze(1) * P)  # (B, S, in)  c_s u_s
+        cu = c * (x.unsqueeze(1) * pre_read)  # (B, S, in)  c_s u_s
         dcoef = cu.flatten(0, 1).t() @ gq.flatten(0, 1)  # (in, out)
         dpre = F.pad(c * v * x.unsqueeze(1), (0, 0, 0, T - S))  # (B, T, in): rows >= S were not read
         dpost = F.pad(grad.unsqueeze(1) * (cu @ coef), (0, 0, 0, T - S))  # (B, T, out)
@@ -706,6 +707,8 @@ class PlasticGPT(nn.Module):
             # the gradient rule needs autograd for its own update, also when evaluating without a graph
             with torch.enable_grad() if rule == "gradient" else nullcontext():
                 x_t, records, layer = h[:, t], [], iter(fast)
+                if rule == "gradient" and not x_t.requires_grad:  # frozen slow weights: dL_t/dy_t still needs a path
+                    x_t = x_t.detach().requires_grad_()
                 for block, cache in zip(looped, caches):
                     x_t, block_records = block.step(x_t, cache, linears, (next(layer), next(layer)) if block.plastic else (None, None))
                     records += block_records if block.plastic else []

@@ -116,7 +116,9 @@ def test_conv4_block_widths_are_the_given_ones_and_one_width_means_it_in_every_b
     convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 8), (8, 16), (16, 24), (24, 32)], \
         f"the blocks should map 3 -> 8 -> 16 -> 24 -> 32 channels, got {[(c.in_channels, c.out_channels) for c in convs]}"
-    assert encoder(torch.rand(2, 3, 32, 32)).shape == (2, 32 * 2 * 2) == (2, Conv4.out_features((3, 32, 32), (8, 16, 24, 32)))
+    shape = encoder(torch.rand(2, 3, 32, 32)).shape
+    assert shape == (2, 32 * 2 * 2) == (2, Conv4.out_features((3, 32, 32), (8, 16, 24, 32))), \
+        f"32 channels on a 2x2 map should give 128 features per image, got {tuple(shape)}"
     same = lambda model: {k: v.shape for k, v in model.state_dict().items()}
     one = PlasticGPT(Config(image_shape=(1, 28, 28), encoder_channels=12))
     four = PlasticGPT(Config(image_shape=(1, 28, 28), encoder_widths=(12, 12, 12, 12)))
@@ -133,6 +135,12 @@ def test_conv4_block_widths_are_the_given_ones_and_one_width_means_it_in_every_b
     (dict(coef_init="gaussian"), "coef_init"),
     (dict(image_shape=(3, 32, 32), encoder_widths=(96, 192, 384)), "4 Conv4 blocks"),
     (dict(image_shape=(3, 32, 32), encoder_widths=(96, 192, 384, 0)), "4 Conv4 blocks"),
+    (dict(fast_form="sparse"), "fast_form"),
+    (dict(init="xavier"), "init must be"),
+    (dict(image_shape=(1, 12, 28)), "H, W >= 16"),
+    (dict(max_norm=0.0), "max_norm > 0"),
+    (dict(n_layer=0), "must be positive"),
+    (dict(d_in=0), "must be positive"),
 ])
 def test_invalid_config_is_rejected(options, words):
     with pytest.raises(ValueError, match=words):
@@ -570,6 +578,8 @@ def test_hebbian_update_matches_outer_product_formula(max_norm, modulation, fast
             F2 = (1 - lam) * F2 + step * A2 * G2
             assert torch.allclose(info["eta"][b, t], torch.as_tensor(rate, dtype=torch.float64)), f"eta_t wrong at b={b} t={t}"
             assert torch.allclose(info["step"][b, t], torch.as_tensor(step, dtype=torch.float64)), f"bounded step wrong at b={b} t={t}"
+            fast_norm = torch.sqrt((F1 ** 2).sum() + (F2 ** 2).sum())  # ||F_{t+1}|| over both layers
+            assert torch.allclose(info["fast_norm"][b, t], fast_norm), f"fast_norm is not ||F_t+1|| at b={b} t={t}"
         for name, got, want in (("fc", info["fast_weights"][0][b], F1), ("proj", info["fast_weights"][1][b], F2)):
             err = (got - want).abs().max().item()
             assert err < 1e-12, f"Hebbian fast weight of {name} differs from the formula by {err:.2e} (sequence {b})"
@@ -614,6 +624,57 @@ def test_gradient_update_matches_autograd(max_norm, fast_form):
             assert err < 1e-12, f"gradient-rule fast weight {i} after {T} tokens differs from autograd's by {err:.2e} (sequence {b})"
 
 
+def explicit_gradient_rule(model, tokens, eta):
+    """The gradient rule's fast weights after one sequence (T, d_in), written out token by token and block by
+    block: attention over the keys and values of tokens 0..t, each MLP layer y = u (W + F_t) + b, and
+    G_t = dL_t/dF_t by autograd with F_t a leaf and earlier tokens' keys and values held fixed (dL_t/dy_t
+    reaches a block above only through token t's own query, key and value)."""
+    cfg, heads = model.config, model.config.n_head
+    fast = [torch.zeros_like(layer.weight) for layer in model.plastic_layers]
+    history = [[] for _ in model.blocks]  # per block: earlier tokens' (key, value), detached
+    for t in range(tokens.size(0)):
+        fast = [f.detach().requires_grad_() for f in fast]  # F_t, a leaf
+        h, layers = model.embed(tokens[t]) + model.pos.weight[t], iter(fast)
+        for block, earlier in zip(model.blocks, history):
+            q, k, v = block.attn.qkv(block.ln_1(h)).split(cfg.d_model)
+            first = 0 if cfg.attn_window is None else max(0, len(earlier) + 1 - cfg.attn_window)
+            keys = torch.stack([key for key, _ in earlier] + [k])[first:].view(-1, heads, cfg.d_model // heads)
+            values = torch.stack([value for _, value in earlier] + [v])[first:].view(-1, heads, cfg.d_model // heads)
+            earlier.append((k.detach(), v.detach()))
+            q = q.view(heads, -1)
+            weights = (torch.einsum("hd,lhd->hl", q, keys) / q.size(-1) ** 0.5).softmax(-1)
+            h = h + block.attn.proj(torch.einsum("hl,lhd->hd", weights, values).reshape(-1))
+            u = block.ln_2(h)
+            hidden = torch.nn.functional.gelu(u @ (block.mlp.fc.weight + next(layers)) + block.mlp.fc.bias)
+            h = h + hidden @ (block.mlp.proj.weight + next(layers)) + block.mlp.proj.bias
+        o = model.head(model.ln_f(h))  # (units,)
+        G = torch.autograd.grad(((o * model.inner_loss_weight) ** 2).mean(), fast)
+        gate = 2 * torch.sigmoid(o[-1].detach())
+        norm = torch.sqrt(sum((g ** 2).sum() for g in G))
+        step = eta * gate * min(1.0, cfg.max_norm / norm.item())
+        fast = [(1 - cfg.decay * gate) * f.detach() + step * layer.coef.detach() * g
+                for f, g, layer in zip(fast, G, model.plastic_layers)]
+    return fast
+
+
+@pytest.mark.gradient
+@pytest.mark.parametrize("window", [None, 2])
+@pytest.mark.parametrize("fast_form", ["dense", "factored"])
+def test_gradient_rule_through_three_blocks_matches_an_explicit_loop(fast_form, window):
+    """With three plastic blocks dL_t/dy_t of a lower block passes through the attention of the blocks above
+    (their KV caches): the fast weights after five tokens equal those of an explicit per-token loop."""
+    eta = 0.5
+    model = tiny_model("gradient", n_layer=3, d_model=8, eta=eta, decay=0.3, max_norm=1e3, fast_form=fast_form, attn_window=window)
+    with torch.no_grad():
+        model.inner_loss_weight.uniform_(0.5, 1.5)  # a w other than ones
+    x = random_tokens(B=2, T=5)
+    _, info = model(x)
+    for b in range(x.size(0)):
+        for i, want in enumerate(explicit_gradient_rule(model, x[b], eta)):
+            err = (info["fast_weights"][i][b] - want).abs().max().item()
+            assert err < 1e-12, f"fast weight {i} differs from the explicit loop's by {err:.2e} (sequence {b}, window {window})"
+
+
 @pytest.mark.gradient
 @pytest.mark.parametrize("fast_form", ["dense", "factored"])
 def test_gradient_rule_evaluates_without_a_graph(fast_form):
@@ -627,6 +688,33 @@ def test_gradient_rule_evaluates_without_a_graph(fast_form):
     assert torch.all(info_no_graph["fast_norm"] > 0), "the gradient rule must still update its fast weights under no_grad"
     err = (with_graph - without_graph).abs().max().item()
     assert err < 1e-12, f"the gradient rule computes something else under no_grad (difference {err:.2e})"
+
+
+@pytest.mark.gradient
+@pytest.mark.parametrize("fast_form", ["dense", "factored"])
+def test_gradient_rule_runs_with_frozen_slow_weights(fast_form):
+    """A frozen model (evaluated under no_grad) and a linear probe (only the head trained) keep the gradient
+    rule's inner gradient dL_t/dy_t, though no slow weight below the head asks autograd for a path to y: each
+    gives the trainable model's outputs, and the probe the head's gradient that the whole model gives it."""
+    model = tiny_model("gradient", fast_form=fast_form)
+    x = random_tokens(T=8)
+    out, _ = model(x)
+    out.square().sum().backward()
+    head_grad = model.head.weight.grad.clone()
+    model.zero_grad()
+    model.requires_grad_(False)
+    with torch.no_grad():
+        frozen, info = model(x)
+    assert torch.all(info["fast_norm"] > 0), "a frozen gradient-rule model must still update its fast weights"
+    err = (frozen - out).abs().max().item()
+    assert err < 1e-12, f"the frozen model computes something else (difference {err:.2e})"
+    model.head.requires_grad_(True)
+    probe, _ = model(x)
+    probe.square().sum().backward()
+    err = (probe - out).abs().max().item()
+    assert err < 1e-12, f"the linear probe computes something else (difference {err:.2e})"
+    err = (model.head.weight.grad - head_grad).abs().max().item()
+    assert err < 1e-12, f"the probe's head gradient differs from the whole model's by {err:.2e}"
 
 
 @pytest.mark.hebbian
