@@ -13,6 +13,7 @@ decoded once and cached as uint8 arrays beside the archives (or in $PLASTIC_CACH
 ~/.cache/plastic, when that folder is read-only).
 """
 
+import gzip
 import hashlib
 import io
 import os
@@ -22,6 +23,7 @@ import tempfile
 import time
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -512,8 +514,11 @@ def cache_folder(folder: Path) -> Path:
 
 
 def md5sum(path) -> str:
+    digest = hashlib.md5()
     with open(path, "rb") as file:
-        return hashlib.file_digest(file, "md5").hexdigest()
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def download(url, path):
@@ -544,15 +549,22 @@ def download_checked(url, path: Path, md5):
 def fetch(folder: Path, files: dict) -> list[Path]:
     """The paths of `files` (name -> (url, md5, ...)) in `folder`; missing ones are downloaded."""
     missing = [name for name in files if not (folder / name).exists()]
+    if missing and all((folder.parent / name).exists() for name in missing):  # the data folder given one level low
+        above = f"at {folder.parent.parent.resolve()}" if folder.parent.name == folder.name else \
+            f"at a folder whose {folder.name}/ holds them"
+        raise FileNotFoundError(f"{' and '.join(missing)} are in {folder.parent.resolve()}, but are looked for in its "
+                                f"subfolder {folder.name}/: point PLASTIC_DATA (or --data-dir) {above}.")
     for name in missing:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             download_checked(files[name][0], folder / name, files[name][1])
         except OSError as error:                                     # no network, or no write access
+            absent = [name for name in files if not (folder / name).exists()]
+            them = "them" if len(absent) > 1 else "it"
             raise FileNotFoundError(
-                f"{' and '.join(missing)} not found in {folder.resolve()} and could not be downloaded "
-                f"({error}); place {'them' if len(missing) > 1 else 'it'} there, or point PLASTIC_DATA "
-                f"(or --data-dir) at a folder that has {'them' if len(missing) > 1 else 'it'}.") from error
+                f"{' and '.join(absent)} not found in {folder.resolve()} and could not be downloaded "
+                f"({error}); place {them} there, or point PLASTIC_DATA (or --data-dir) at a folder whose "
+                f"{folder.name}/ holds {them}.") from error
     return [folder / name for name in files]
 
 
@@ -583,11 +595,17 @@ def load_dataset(name, folder: Path, files: dict, decode) -> dict[str, np.ndarra
                    "not the published one, as expected of a re-packed copy: its contents are checked instead")
         print(f"decoding {path} (md5 {found}, {verdict})")
     arrays = decode(*archives)
-    cache.parent.mkdir(parents=True, exist_ok=True)
     partial = cache.with_name(f"{cache.name}.{os.getpid()}.part")
-    with open(partial, "wb") as file:                                # a file object, so savez adds no suffix
-        np.savez(file, **arrays)
-    os.replace(partial, cache)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as file:                            # a file object, so savez adds no suffix
+            np.savez(file, **arrays)
+        os.replace(partial, cache)
+    except OSError as error:                                         # a full disk, or no write access
+        partial.unlink(missing_ok=True)
+        print(f"decoded in {time.time() - start:.1f} s; not cached ({error}): set PLASTIC_CACHE to a folder "
+              f"with room, or each run decodes the archives again")
+        return arrays
     print(f"decoded in {time.time() - start:.1f} s; cached in {cache}")
     return arrays
 
@@ -617,7 +635,7 @@ def decode_omniglot(path: Path) -> tuple[np.ndarray, np.ndarray]:
                                  f"and {found[1]} of {found[2]}; replace it with the official file.")
             images = np.stack([np.stack([omniglot_drawing(archive.read(png)) for png in pngs])
                                for pngs in members.values()])        # (characters, 20, 28, 28)
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is damaged ({error}); delete it so it is downloaded again, "
                          f"or replace it with the official file.") from error
     return images, np.array(list(members))
@@ -652,12 +670,15 @@ def decode_cifar100(path: Path) -> dict[str, np.ndarray]:
     """images (100, 600, 3, 32, 32) uint8, train and test merged, classes in fine-label order; names (100,)."""
     parts = {}
     try:
-        with tarfile.open(path, "r|gz", bufsize=1 << 22) as archive:  # a stream: the .gz is read once
+        # a stream, so the .gz is read once; gzip, not tarfile's "r|gz", checks its CRC at the end
+        with gzip.open(path) as stream, tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 22) as archive:
             for member in archive:
                 if member.isfile() and Path(member.name).name in ("train", "test", "meta"):
                     unpickler = CifarUnpickler(archive.extractfile(member), encoding="latin1")
                     parts[Path(member.name).name] = unpickler.load()
-    except (tarfile.TarError, OSError, EOFError) as error:
+            while stream.read(1 << 22):                             # the rest, to the CRC
+                pass
+    except (tarfile.TarError, OSError, EOFError, zlib.error, pickle.UnpicklingError) as error:
         raise ValueError(f"{path} is damaged ({error}); delete it so it is downloaded again, "
                          f"or replace it with the official file.") from error
     wrong = (f"{path} is not the official {path.name}: expected train, test and meta with {CIFAR_CLASSES} "

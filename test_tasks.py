@@ -445,6 +445,24 @@ def test_augmentation_changes_only_training_episodes_by_a_crop_and_flip(name, pa
             "CIFAR-FS images are mirrored half the time, Omniglot's never"
 
 
+@pytest.mark.tasks
+@pytest.mark.parametrize("flip", [True, False])
+def test_random_crop_and_flip_draws_every_shift_and_mirrors_half_the_images(flip, monkeypatch):
+    """The draws random_crop_and_flip hands to crop_and_flip, over 4,000 images: each image its own shift,
+    every shift from 0 to 2 padding pixels taken about equally often each way, and a mirror with probability
+    1/2 (never without flip)."""
+    drawn = []
+    monkeypatch.setattr(tasks, "crop_and_flip", lambda images, top, left, mirror, padding: drawn.append((top, left, mirror)))
+    tasks.random_crop_and_flip(torch.zeros(4000, 1, 4, 4), padding=2, flip=flip, generator=torch.Generator().manual_seed(0))
+    (top, left, mirror), = drawn
+    for name, shift in (("top", top), ("left", left)):
+        counts = torch.bincount(shift, minlength=5).tolist()
+        assert len(counts) == 5 and min(counts) > 700, f"{name} shifts 0-4 should each occur about 800 times, got {counts}"
+    assert (top != left).float().mean() > 0.7, "the two directions are drawn apart, image by image"
+    share = mirror.float().mean().item()
+    assert (0.45 < share < 0.55) if flip else share == 0, f"mirrored share {share:.3f}, expected {0.5 if flip else 0}"
+
+
 def reference_color_jitter(image, factors, order):
     """One (3, H, W) float64 image by hand, torchvision's ColorJitter on a float image with its draws given:
     brightness, contrast, saturation (0, 1, 2) in `order`, each factor * image + (1 - factor) * target,
@@ -505,7 +523,9 @@ def test_jitter_recolours_only_training_images_with_factors_and_orders_as_drawn(
             continue
         (images, factors, order), = drawn
         assert torch.equal(images, a.images.flatten(0, 1)), "jitter acts on the cropped and mirrored images"
-        assert factors.min() >= 0.6 and factors.max() <= 1.4 and factors.std() > 0.1, "factors drawn from [0.6, 1.4]"
+        assert factors.min() >= 0.6 and factors.max() <= 1.4, "factors drawn from [0.6, 1.4]"
+        assert factors.min() < 0.7 and factors.max() > 1.3, f"480 factors should span [0.6, 1.4], got " \
+            f"[{factors.min():.2f}, {factors.max():.2f}]: images are darkened and brightened alike"
         assert (order.sort(1).values == torch.arange(3)).all() and len(set(map(tuple, order.tolist()))) > 1, \
             "each image's order is a permutation, and they differ"
         assert torch.allclose(b.images.flatten(0, 1), color_jitter(images, factors, order)), \
@@ -762,6 +782,26 @@ def test_read_only_data_folder_caches_elsewhere(tiny_omniglot, tmp_path, monkeyp
 
 
 @pytest.mark.data
+def test_a_cache_that_cannot_be_written_leaves_nothing_and_the_data_loads(tiny_omniglot, monkeypatch, capsys):
+    """A full disk while the cache is written: the decoded arrays are returned, the partial file is deleted,
+    and one line says the data was not cached and what to do."""
+    want = tasks.load_omniglot(tiny_omniglot)
+    for cache in (tiny_omniglot / "omniglot").glob("*.npz"):
+        cache.unlink()
+
+    def full_disk(file, **arrays):
+        file.write(b"the first bytes")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tasks.np, "savez", full_disk)
+    found = tasks.load_omniglot(tiny_omniglot)
+    assert all(np.array_equal(found[key], want[key]) for key in want), "the decoded data must still be returned"
+    assert sorted(p.name for p in (tiny_omniglot / "omniglot").iterdir()) == sorted(tasks.OMNIGLOT_FILES), \
+        "a cache that failed to be written must leave no file behind"
+    out = capsys.readouterr().out
+    assert "not cached (" in out and "set PLASTIC_CACHE" in out, f"one line must say the data was not cached, and why: {out}"
+
+
+@pytest.mark.data
 def test_data_dir_comes_from_argument_environment_or_default(tiny_omniglot, monkeypatch):
     monkeypatch.delenv("PLASTIC_DATA", raising=False)
     assert tasks.data_folder() == Path("data"), "default data folder is ./data"
@@ -781,6 +821,13 @@ def test_wrong_structure_and_damaged_archives_are_refused(tiny_omniglot):
     (folder / "images_background.zip").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match="is damaged"):
         tasks.load_omniglot(tiny_omniglot)
+    write_omniglot_zip(folder / "images_background.zip", {"Alpha": 3, "Beta": 1})
+    damaged = bytearray((folder / "images_background.zip").read_bytes())
+    entry = damaged.index(b"PK\x01\x02")                          # the first member's central directory record
+    damaged[entry + 8] |= 0x20                                       # its flag bit 5, which zipfile cannot read
+    (folder / "images_background.zip").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="is damaged"):
+        tasks.load_omniglot(tiny_omniglot)
 
 
 @pytest.mark.data
@@ -793,6 +840,15 @@ def test_missing_files_without_network_name_files_and_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="cifar-100-python.tar.gz not found in"):
         tasks.load_cifar100(tmp_path)
     assert not list(tmp_path.rglob("*.part")), "a failed download must leave no partial file"
+
+
+@pytest.mark.data
+def test_a_data_folder_given_one_level_low_is_named_with_the_folder_to_give(tiny_omniglot):
+    """--data-dir data/omniglot rather than data: the archives are there, one level above where they are
+    looked for; the message names the folder to give, and nothing is downloaded or created."""
+    with pytest.raises(FileNotFoundError, match=f"point PLASTIC_DATA \\(or --data-dir\\) at {tiny_omniglot.resolve()}"):
+        tasks.load_omniglot(tiny_omniglot / "omniglot")
+    assert not (tiny_omniglot / "omniglot" / "omniglot").exists(), "no folder may be created inside the data"
 
 
 @pytest.mark.data
@@ -815,6 +871,16 @@ def test_download_is_checked_by_md5_and_atomic(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="other.bin not found"):
         tasks.fetch(tmp_path, {"other.bin": expected["file.bin"]})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"], "an interrupted download must leave nothing"
+
+    def second_fails(url, path):
+        if "first" not in url:
+            raise ConnectionResetError("connection lost")
+        Path(path).write_bytes(content)
+    monkeypatch.setattr(tasks, "download", second_fails)
+    two = {"a.bin": ("https://example.invalid/first", expected["file.bin"][1]), "b.bin": expected["file.bin"]}
+    with pytest.raises(FileNotFoundError) as error:
+        tasks.fetch(tmp_path, two)
+    assert str(error.value).startswith("b.bin not found"), f"only the file still missing is named: {error.value}"
 
 
 @pytest.mark.data
@@ -840,6 +906,19 @@ def test_cifar_decodes_class_by_class_and_caches(tiny_cifar, monkeypatch):
 
 
 @pytest.mark.data
+def test_a_cifar_archive_whose_gzip_crc_fails_is_refused(tiny_cifar):
+    """The archive is read as a stream; a changed byte that still inflates (here the stored CRC itself) must
+    be caught by the gzip trailer's check, not decoded into changed pixels."""
+    path = tiny_cifar / "cifar100" / "cifar-100-python.tar.gz"
+    damaged = bytearray(path.read_bytes())
+    damaged[-8] ^= 0xFF                                              # the CRC-32 of the trailer
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="is damaged .*CRC"):
+        tasks.load_cifar100(tiny_cifar)
+    assert not list((tiny_cifar / "cifar100").glob("*.npz")), "nothing may be cached from a damaged archive"
+
+
+@pytest.mark.data
 def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
 
@@ -853,7 +932,7 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, monkeypatch):
     folder = tmp_path / "cifar100"
     folder.mkdir()
     write_cifar_tar(folder / "cifar-100-python.tar.gz", {"train": payload, "test": payload, "meta": payload})
-    with pytest.raises(pickle.UnpicklingError, match="damaged or malicious"):
+    with pytest.raises(ValueError, match="damaged or malicious"):
         tasks.load_cifar100(tmp_path)
     assert not marker.exists(), "the refused pickle must not have run anything"
 
