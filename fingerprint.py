@@ -65,6 +65,8 @@ def add_images_md5(file: str, run: str, device: torch.device, data_dir=None, tas
             config = json.load(f)
     except (OSError, ValueError) as err:
         return f"cannot read it or its run's config.json ({err}): left alone"
+    if not isinstance(test, dict) or not isinstance(config, dict):
+        return "it or its run's config.json is not a JSON object: left alone"
     if test.get("images_md5"):
         return "has images_md5"
     if test.get("task") not in FEW_SHOT:

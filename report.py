@@ -48,7 +48,29 @@ from collections import defaultdict
 
 RULES = ("none", "hebbian", "gradient")
 PROTOTYPES = "prototypes"  # pretrain.py's encoders, each scored alone as a nearest-prototype classifier: a column where there are any
-T_95 = {2: 12.71, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+RETEST_FILE = r"retest-\d+way-\d+shot-\d+query\.json"  # retest.py's tests of a run's best.pt, in its folder
+# t(0.975, n - 1) for n values, from a table of Student's t; t_95 goes on beyond it
+T_95 = {2: 12.71, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262, 11: 2.228,
+        12: 2.201, 13: 2.179, 14: 2.160, 15: 2.145, 16: 2.131, 17: 2.120, 18: 2.110, 19: 2.101, 20: 2.093, 21: 2.086,
+        22: 2.080, 23: 2.074, 24: 2.069, 25: 2.064, 26: 2.060, 27: 2.056, 28: 2.052, 29: 2.048, 30: 2.045, 31: 2.042}
+
+
+# What load_runs reads of a results.json (train.py's or pretrain.py's) and of a retest-*.json
+RESULTS_KEYS, RETEST_KEYS = ("task", "rule", "metric", "test_mean", "test_ci95"), ("way", "shot", "query", "test_mean", "test_ci95")
+
+
+def read_json(path, keys):
+    """A JSON object holding `keys`; a UsageError (one sentence) for a file that is not one."""
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path} is not readable JSON ({err}); move it out of the folder, or run it again.") from err
+    missing = [k for k in keys if k not in found] if isinstance(found, dict) else list(keys)
+    if missing:
+        raise UsageError(f"{path} holds no {', '.join(missing)}, so it is not what train.py, pretrain.py or retest.py "
+                         f"write; move it out of the folder.")
+    return found
 
 
 def load_runs(root):
@@ -63,18 +85,31 @@ def load_runs(root):
             above = above[:-1]
         experiment = above[0] if above else os.path.basename(os.path.abspath(root))
         setting = "/".join(above[1:]) or "-"
-        with open(os.path.join(folder, "results.json")) as f:
-            result = json.load(f)
+        result = read_json(os.path.join(folder, "results.json"), RESULTS_KEYS)
         runs[(experiment, setting, result["task"], result["rule"])].append(result)
         for name in sorted(files):  # retest.py's tests of the same model on other episodes: a row each
-            if re.fullmatch(r"retest-\d+way-\d+shot-\d+query\.json", name):
-                with open(os.path.join(folder, name)) as f:
-                    retest = json.load(f)
+            if re.fullmatch(RETEST_FILE, name):
+                retest = read_json(os.path.join(folder, name), RETEST_KEYS)
+                steps = retest.get("best_step"), result.get("best_step")  # retests kept before best_step: trusted
+                if None not in steps and steps[0] != steps[1]:
+                    print(f"report.py: {os.path.join(folder, name)} left out: it tested best.pt of step "
+                          f"{retest['best_step']}, and the run's best is now step {result['best_step']}; retest it.",
+                          file=sys.stderr)
+                    continue
                 queries = "1 query" if retest["query"] == 1 else f"{retest['query']} queries"
                 label = f"retested {retest['way']}-way {retest['shot']}-shot, {queries} per class"
                 runs[(experiment, label if setting == "-" else f"{setting}, {label}", result["task"], result["rule"])
                      ].append(result | retest)  # the run's parameters and training time, the retest's numbers
     return runs
+
+
+def t_95(n):
+    """t(0.975, n - 1): T_95's value, or beyond 31 values the Cornish-Fisher expansion of t about the normal
+    quantile, within 2e-4 of t there (Abramowitz and Stegun 26.7.5)."""
+    if n in T_95:
+        return T_95[n]
+    z, df = 1.959964, n - 1
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
 def over_seeds(values, own_ci):
@@ -84,7 +119,7 @@ def over_seeds(values, own_ci):
     if n == 1:
         return mean, own_ci[0]
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, T_95.get(n, 1.96) * std / math.sqrt(n)
+    return mean, t_95(n) * std / math.sqrt(n)
 
 
 def number(mean, ci, metric):
@@ -105,24 +140,34 @@ def summary(results):
 
 
 def tables(runs):
+    """Markdown: per experiment, a table per metric (train.py's default runs/ holds copy's MSE beside
+    Omniglot's accuracy), a row per setting and task, a column per rule."""
     lines = []
     for experiment in sorted({key[0] for key in runs}):
-        keys = sorted({(s, t) for (e, s, t, _) in runs if e == experiment})
-        metric = next(r for k, r in runs.items() if k[0] == experiment)[0]["metric"]
-        unit = "accuracy %" if metric == "accuracy" else "MSE"
+        metrics = sorted({results[0]["metric"] for key, results in runs.items() if key[0] == experiment})
         columns = RULES + ((PROTOTYPES,) if any(e == experiment and r == PROTOTYPES for (e, _, _, r) in runs) else ())
-        lines += [f"\n### {experiment}\n", f"test {unit}: mean ± 95% CI (over seeds; one seed: its own, over test episodes); params; seeds; minutes of training per run\n",
-                  "| setting | task | " + " | ".join(columns) + " |", "| --- | --- |" + " --- |" * len(columns)]
-        for setting, task in keys:
-            cells = []
-            for rule in columns:
-                if (experiment, setting, task, rule) not in runs:
-                    cells.append("-")
-                    continue
-                text, params, n, minutes, _ = summary(runs[(experiment, setting, task, rule)])
-                cells.append(f"{text}; {params / 1e6:.2f}M; {n}; {minutes:.1f} min")
-            lines.append(f"| {setting} | {task} | " + " | ".join(cells) + " |")
+        lines.append(f"\n### {experiment}")
+        for metric in metrics:
+            keys = sorted({(s, t) for (e, s, t, _), results in runs.items() if e == experiment and results[0]["metric"] == metric})
+            lines += metric_table(runs, experiment, metric, keys, columns)
     return "\n".join(lines)
+
+
+def metric_table(runs, experiment, metric, keys, columns):
+    """The lines of one experiment's table of one metric: its (setting, task) rows, one cell per rule."""
+    unit = "accuracy %" if metric == "accuracy" else "MSE"
+    lines = [f"\ntest {unit}: mean ± 95% CI (over seeds; one seed: its own, over test episodes); params; seeds; minutes of training per run\n",
+             "| setting | task | " + " | ".join(columns) + " |", "| --- | --- |" + " --- |" * len(columns)]
+    for setting, task in keys:
+        cells = []
+        for rule in columns:
+            if (experiment, setting, task, rule) not in runs:
+                cells.append("-")
+                continue
+            text, params, n, minutes, _ = summary(runs[(experiment, setting, task, rule)])
+            cells.append(f"{text}; {params / 1e6:.2f}M; {n}; {minutes:.1f} min")
+        lines.append(f"| {setting} | {task} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def window_plots(runs, root):
@@ -261,6 +306,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.paired:
         try:
+            twice = next((pair for i, pair in enumerate(args.paired) if pair in args.paired[:i]), None)
+            if twice:
+                raise UsageError(f"the pair {' '.join(twice)} is given twice, which would count it as two seeds; give "
+                                 f"each seed's pair once.")
             lines = [paired_line(*pair) for pair in args.paired]
             metrics = sorted({metric for _, _, metric in lines})
             if len(metrics) > 1:
@@ -275,7 +324,11 @@ def main(argv=None):
             print(over_pairs_line([mean for _, mean, _ in lines], lines[0][2]))
         return 0
     root = args.folder
-    runs = load_runs(root)
+    try:
+        runs = load_runs(root)
+    except UsageError as err:
+        print(f"report.py: {err}", file=sys.stderr)
+        return 2
     if not runs:
         print(f"report.py: no finished run (a folder with results.json) below {root}.", file=sys.stderr)
         return 2

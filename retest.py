@@ -62,8 +62,17 @@ def read_run(run_dir: str) -> dict:
         if not os.path.isfile(os.path.join(run_dir, name)):
             raise UsageError(f"{run_dir} holds no {name}; give a run folder that train.py wrote "
                              "(<out-dir>/<task>-<rule>/) after its first validation.")
-    with open(os.path.join(run_dir, "config.json")) as f:
-        return json.load(f)
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{run_dir}/config.json is not readable JSON ({err}); give a run folder that train.py "
+                         "wrote, or train the run again.") from err
+    if not (isinstance(config, dict) and all(isinstance(config.get(k), dict) for k in ("train", "model", "task"))
+            and "name" in config["task"]):
+        raise UsageError(f"{run_dir}/config.json is not a train.py run's config (train, model and task); give a run "
+                         "folder that train.py wrote.")
+    return config
 
 
 def retest_task(saved_task: dict, rc: RetestConfig) -> TaskConfig:
@@ -128,7 +137,12 @@ def retest(rc: RetestConfig) -> dict:
     device = pick_device(tc.device)
     set_cpu_threads(tc, device)
     model = PlasticGPT(model_cfg)
-    model.load_state_dict(torch.load(os.path.join(rc.run, "best.pt"), map_location="cpu", weights_only=True)["model"])
+    try:
+        best = torch.load(os.path.join(rc.run, "best.pt"), map_location="cpu", weights_only=True)
+        model.load_state_dict(best["model"])
+    except Exception as err:  # a truncated file, or weights of another model
+        raise UsageError(f"{rc.run}/best.pt is not a readable checkpoint of this run's model ({type(err).__name__}); "
+                         "train the run again.") from err
     model.to(device)
 
     way, shot, query = task.ways["test"], task.cfg.shot, task.cfg.query
@@ -140,7 +154,7 @@ def retest(rc: RetestConfig) -> dict:
     seconds = time.perf_counter() - started
     summary, line = summarise_test(values, trace, knocked, fingerprint, task)
     results = dict(run=rc.run, task=task.name, rule=model_cfg.rule, way=way, shot=shot,
-                   query=query, train_way=task.ways["train"], seed=tc.seed, metric=task.metric_name,
+                   query=query, train_way=task.ways["train"], seed=tc.seed, best_step=best["step"], metric=task.metric_name,
                    **summary, device=device_name(device), seconds=seconds)
     queries = "1 query" if query == 1 else f"{query} queries"
     print(f"{task.name} {way}-way {shot}-shot, {queries} per class, rule "

@@ -57,6 +57,9 @@ def test_tests_whose_episodes_do_not_reproduce_are_left_as_they_are(tmp_path, of
     path.write_text(json.dumps({k: v for k, v in test.items() if k not in ("images_md5", "by_episode")}, indent=2))
     assert fingerprint.main([str(tmp_path), "--device", "cpu"]) == 0
     assert "keeps no per-episode scores" in capsys.readouterr().out
+    (run_dir / "retest-3way-1shot-1query.json").write_text("[1, 2]")  # JSON, but not a test
+    assert fingerprint.main([str(tmp_path), "--device", "cpu"]) == 0, "one file that is not a test stops nothing"
+    assert "is not a JSON object: left alone" in capsys.readouterr().out
 
 
 def test_a_missing_folder_is_one_sentence_and_exit_code_2(tmp_path, capsys):

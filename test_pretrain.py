@@ -123,7 +123,7 @@ def test_best_pt_is_the_best_validated_encoder_and_init_encoder_reads_it(tmp_pat
     saved = torch.load(run_dir / "best.pt", weights_only=True)
     assert (saved["step"], results["best_step"], results["best_val"]) == (best["step"], best["step"], best["metric"]), (
         f"best.pt should be the first best validation, step {best['step']}; it is step {saved['step']}")
-    encoder = train.read_encoder(str(run_dir), Config(image_shape=(3, 16, 16), encoder_channels=8))
+    encoder = train.read_encoder(str(run_dir), Config(image_shape=(3, 16, 16), encoder_channels=8), TaskConfig(name="cifar_fs"))
     for name, value in encoder.items():
         assert torch.equal(value, saved["model"]["encoder." + name]), f"--init-encoder should read best.pt's encoder.{name}"
     assert not any(name.startswith("classifier") for name in encoder), "--init-encoder should leave the classifier out"

@@ -39,6 +39,7 @@ def test_a_retest_at_the_runs_own_sizes_gives_its_final_test_again(tmp_path, off
         assert again[key] == results[key], f"{rule}: the retest's {key} {again[key]} is not the run's own {results[key]}"
     assert again == json.loads((run_dir / "retest-3way-1shot-1query.json").read_text()), \
         "retest() should return what it writes"
+    assert again["best_step"] == results["best_step"], "a retest records the step of the best.pt it tested"
     assert {path.name: path.read_bytes() for path in run_dir.iterdir() if path.name in files} == files, \
         "a retest changed a file of the run"
 
@@ -105,7 +106,13 @@ def test_a_run_trained_at_fewer_shots_is_chosen_and_tested_at_its_shot(tmp_path,
 def test_cli_refuses_bad_runs_and_numbers_with_exit_code_2_and_one_sentence(tmp_path, offline, capsys):
     train.train(tiny(tmp_path, "copy", "none"))
     (tmp_path / "empty").mkdir()
+    for name, config in (("damaged", "{not json"), ("other", "{}")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(config)
+        (tmp_path / name / "best.pt").write_bytes(b"")
     for argv, message in [([str(tmp_path / "empty")], "holds no config.json"),
+                          ([str(tmp_path / "damaged")], "config.json is not readable JSON"),
+                          ([str(tmp_path / "other")], "config.json is not a train.py run's config"),
                           ([str(tmp_path / "copy-none")], "is a copy run; retest.py retests few-shot runs"),
                           ([str(tmp_path / "copy-none"), "--shot", "0"], "--shot must be a number above 0, not 0")]:
         assert retest.main(argv + ["--device", "cpu"]) == 2, f"{argv} should exit with code 2"
@@ -134,3 +141,7 @@ def test_a_retest_of_other_episodes_is_never_replaced_silently(tmp_path, offline
     path.write_text("{not json")
     assert retest.main([str(run_dir), "--device", "cpu"]) == 2, "an unreadable file is refused too"
     assert "cannot read as a retest" in capsys.readouterr().err and path.read_text() == "{not json"
+    (run_dir / "best.pt").write_bytes((run_dir / "best.pt").read_bytes()[:1000])  # cut short
+    assert retest.main([str(run_dir), "--device", "cpu", "--overwrite"]) == 2, "a damaged best.pt is refused"
+    err = capsys.readouterr().err
+    assert "best.pt is not a readable checkpoint" in err and err.count("\n") == 1, f"one sentence, got {err!r}"

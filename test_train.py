@@ -126,6 +126,12 @@ def test_compare_trains_three_rules_and_matches_parameters(tmp_path):
     for rule in params:
         assert rule in out["table"] and f"{params[rule]:,}" in out["table"], f"the table lacks {rule}'s row:\n{out['table']}"
     assert (tmp_path / "copy-comparison.txt").read_text().strip() == out["table"]
+    again = train.compare(tiny(tmp_path, "copy", "all", steps=2, resume=True))
+    assert again["runs"] == out["runs"], "--rule all --resume reuses finished runs of the same options as they are"
+    for options, name in ((dict(model=dict(d_model=32)), "d_model"), (dict(seed=1), "--seed"), (dict(test_episodes=16), "--test-episodes")):
+        with pytest.raises(train.UsageError, match=f"{name}.*reuse it with the run's own options"):
+            train.compare(tiny(tmp_path, "copy", "all", steps=2, resume=True, **options))
+    assert (tmp_path / "copy-comparison.txt").read_text().strip() == out["table"], "a refused reuse rewrites no table"
 
 
 @pytest.mark.train
@@ -240,6 +246,31 @@ def test_resume_without_a_checkpoint_or_with_other_options_is_refused(tmp_path):
     train.train(tiny(tmp_path, steps=2))
     with pytest.raises(train.UsageError, match="d_model"):
         train.train(tiny(tmp_path, resume=True, model=dict(d_model=32)))
+    for option, value in (("seed", 3), ("batch_size", 8), ("eval_episodes", 6)):
+        with pytest.raises(train.UsageError, match=f"--{option.replace('_', '-')} .*, not {value}; resume with the run's own"):
+            train.train(tiny(tmp_path, resume=True, **{option: value}))
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("name, kind", [("cpu", "cpu"), ("cpu:0", None), ("mps", None), ("meta", None), ("gpu", None)])
+def test_only_cpu_and_cuda_devices_are_accepted(name, kind):
+    """A checkpoint saved from cpu:0 does not load again, and mps or meta tensors are not what this code runs on."""
+    if kind:
+        assert train.pick_device(name).type == kind
+    else:
+        with pytest.raises(train.UsageError, match="use auto, cpu, cuda or cuda:N"):
+            train.pick_device(name)
+
+
+@pytest.mark.train
+def test_a_log_line_cut_short_is_left_out_and_a_damaged_one_named(tmp_path):
+    """A run killed while writing log.jsonl leaves half a line at its end: read_log keeps the whole lines (so
+    --resume goes on); a damaged line before the end is one sentence naming the file."""
+    (tmp_path / "log.jsonl").write_text('{"split": "train", "step": 1}\n{"split": "train", "st')
+    assert train.read_log(tmp_path) == [{"split": "train", "step": 1}]
+    (tmp_path / "log.jsonl").write_text('{"split": "train", "st\n{"split": "train", "step": 2}\n')
+    with pytest.raises(train.UsageError, match="log.jsonl is damaged at line 1"):
+        train.read_log(tmp_path)
 
 
 @pytest.mark.train
@@ -303,6 +334,30 @@ def test_a_refused_resume_names_the_task_option_not_the_model_size_that_follows_
 
 
 @pytest.mark.train
+def test_init_encoder_refuses_an_encoder_trained_on_the_other_omniglot_split(tmp_path):
+    """Vinyals's training characters include Lake's test characters, Lake's Vinyals's validation ones: an
+    encoder is read only into a run of the split it learnt (config.json beside best.pt says which; train.py's
+    runs saved before --split trained on Lake's), and one without a config.json is not refused."""
+    model_cfg = Config(image_shape=(1, 28, 28))
+    encoder = {f"encoder.{k}": v for k, v in train.Conv4(1, model_cfg.conv4_widths()).state_dict().items()}
+    saved = {"pretrained": {"task": "omniglot", "split": "vinyals"}, "old run": {"train": {}, "task": {"name": "omniglot"}},
+             "bare": None}
+    for name, config in saved.items():
+        (tmp_path / name).mkdir()
+        torch.save({"model": encoder}, tmp_path / name / "best.pt")
+        if config:
+            (tmp_path / name / "config.json").write_text(json.dumps(config))
+    for name, split, refused in (("pretrained", "lake", True), ("pretrained", "vinyals", False),
+                                 ("old run", "vinyals", True), ("old run", "lake", False), ("bare", "lake", False)):
+        read = lambda: train.read_encoder(str(tmp_path / name), model_cfg, TaskConfig(name="omniglot", omniglot_split=split))
+        if refused:
+            with pytest.raises(train.UsageError, match=f"trained on Omniglot's .* split, .* of the {split} split"):
+                read()
+        else:
+            assert read().keys() == {k.removeprefix("encoder.") for k in encoder}, f"{name} should load into a {split} run"
+
+
+@pytest.mark.train
 def test_init_encoder_starts_from_another_runs_encoder_and_the_rest_as_without_it(tmp_path, offline):
     """--init-encoder: the encoder's weights and batch-norm statistics are those of the given run's best.pt;
     every other parameter is what the same seed gives without the option."""
@@ -311,7 +366,7 @@ def test_init_encoder_starts_from_another_runs_encoder_and_the_rest_as_without_i
     source = torch.load(source_dir / "best.pt", weights_only=True)["model"]
     task = synthetic_few_shot(TaskConfig(name="cifar_fs", **TINY_TASKS["cifar_fs"]))
     run = train.resolve(tiny(tmp_path, "cifar_fs", "hebbian"), task)
-    started = train.build_training(run, task, torch.device("cpu"), train.read_encoder(str(source_dir), run.model))[0].state_dict()
+    started = train.build_training(run, task, torch.device("cpu"), train.read_encoder(str(source_dir), run.model, run.task))[0].state_dict()
     fresh = train.build_training(run, task, torch.device("cpu"))[0].state_dict()
     assert any(not torch.equal(source[k], fresh[k]) for k in fresh if k.startswith("encoder.")), "setup: the encoders should differ"
     for name, value in started.items():
@@ -657,6 +712,27 @@ def test_report_puts_each_retest_in_a_row_of_its_own_averaged_over_seeds(tmp_pat
 
 
 @pytest.mark.train
+def test_report_leaves_out_a_retest_of_an_earlier_best_pt(tmp_path, capsys):
+    """A run resumed after retest.py ran may have a new best.pt: a retest whose best_step is not the run's is
+    left out, with one line naming it; retests kept before best_step are trusted."""
+    import report
+    folder = tmp_path / "exp" / "omniglot-none"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(dict(
+        task="omniglot", rule="none", metric="accuracy", test_mean=0.5, test_ci95=0.01, knockout_mean=None,
+        knockout_ci95=None, params=2000, train_time_s=120.0, best_step=8)))
+    for shot, best_step in ((5, 4), (2, 8), (3, None)):
+        (folder / f"retest-5way-{shot}shot-1query.json").write_text(json.dumps(dict(
+            way=5, shot=shot, query=1, test_mean=0.9, test_ci95=0.01, knockout_mean=None, knockout_ci95=None)
+            | (dict(best_step=best_step) if best_step else {})))
+    table = report.tables(report.load_runs(str(tmp_path)))
+    assert "5-way 2-shot" in table and "5-way 3-shot" in table and "5-way 5-shot" not in table, \
+        f"only the retest of an earlier best.pt should be left out:\n{table}"
+    err = capsys.readouterr().err
+    assert "retest-5way-5shot-1query.json left out: it tested best.pt of step 4, and the run's best is now step 8" in err, err
+
+
+@pytest.mark.train
 def test_report_pairs_runs_tested_on_the_same_episodes(tmp_path, offline, capsys):
     """Runs of one seed at other rules and batches share their test episodes (episodes_md5): report.py --paired
     gives A - B episode by episode, mean +- 1.96 std / sqrt(n) against numpy in float64, as a plastic run's
@@ -771,6 +847,19 @@ def test_report_averages_pairs_over_seeds(tmp_path, capsys):
     assert report.main(argv[:3] + ["--paired", str(mse), str(mse)]) == 2, "pairs of two metrics should exit with code 2"
     err = capsys.readouterr().err
     assert "different metrics" in err and err.count("\n") == 1, f"one sentence naming the metrics, got {err!r}"
+    assert report.main(argv + argv[:3]) == 2, "a pair given twice would count as a fourth seed"
+    err = capsys.readouterr().err
+    assert "is given twice" in err and err.count("\n") == 1, f"one sentence naming the pair, got {err!r}"
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("n, t", [(2, 12.706), (11, 2.228), (20, 2.093), (31, 2.042), (32, 2.0395), (41, 2.0211),
+                                  (121, 1.9799), (1001, 1.9623)])
+def test_t_95_is_students_quantile_for_any_number_of_seeds(n, t):
+    """t(0.975, n - 1) from a table of Student's t (scipy.stats.t.ppf gives the same to the digits shown):
+    the table to 31 values, the expansion beyond it; not the normal 1.96, up to 12% narrower at 11 seeds."""
+    import report
+    assert report.t_95(n) == pytest.approx(t, abs=5e-3 if n <= 31 else 2e-4), f"t(0.975, {n - 1}) is {t}, got {report.t_95(n)}"
 
 
 @pytest.mark.train
@@ -953,7 +1042,7 @@ def test_cli_task_defaults_and_choices_are_in_help_and_fill_the_model():
 @pytest.mark.cli
 @pytest.mark.parametrize("option, value", [("--lr", "nan"), ("--lr", "-1"), ("--lr", "0"), ("--eta", "inf"),
                                            ("--decay", "-0.1"), ("--n-head", "0"), ("--dropout", "1.5"), ("--steps", "-5"),
-                                           ("--encoder-lr-scale", "2")])
+                                           ("--encoder-lr-scale", "2"), ("--test-episodes", "1"), ("--eval-episodes", "1")])
 def test_cli_non_finite_or_negative_numbers_exit_2_with_one_sentence(tmp_path, capsys, option, value):
     code = train.main(tiny_argv(tmp_path, "--steps", "2", option, value))
     error = capsys.readouterr().err.strip()
@@ -972,8 +1061,12 @@ def test_an_existing_run_is_refused_unless_resumed_or_overwritten(tmp_path):
     assert all((run_dir / name).read_bytes() == data for name, data in before.items()), "a refused run must change no file"
     with pytest.raises(train.UsageError, match="choose one"):
         train.train(tiny(tmp_path, rule="none", steps=2, resume=True, overwrite=True))
+    (run_dir / "retest-5way-5shot-3query.json").write_text("{}")  # retest.py's test of the model replaced
+    (run_dir / "notes.txt").write_text("mine")
     train.train(tiny(tmp_path, rule="none", steps=2, seed=1, overwrite=True))
     assert json.loads((run_dir / "config.json").read_text())["train"]["seed"] == 1, "--overwrite replaces the run"
+    assert not (run_dir / "retest-5way-5shot-3query.json").exists(), "--overwrite removes the retests of the model it replaces"
+    assert (run_dir / "notes.txt").read_text() == "mine", "--overwrite leaves files that are not the run's alone"
 
 
 @pytest.mark.train
@@ -1097,6 +1190,21 @@ def test_report_reads_train_py_default_layout_and_has_help(tmp_path, capsys):
     assert "### runs" in table and "| - | copy | 0.5 ± 0.01;" in table and "knock-out 0.6" in table, \
         f"runs/<task>-<rule>/ should be experiment 'runs', setting '-', one row per task:\n{table}"
     assert report.main([str(tmp_path)]) == 0 and "### runs" in capsys.readouterr().out, "any depth above the runs works"
+    folder = tmp_path / "runs" / "omniglot-none"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(dict(
+        task="omniglot", rule="none", metric="accuracy", test_mean=0.9, test_ci95=0.01, params=1000, train_time_s=60.0)))
+    assert report.main([str(tmp_path / "runs")]) == 0
+    table = capsys.readouterr().out
+    under = {part.split(":")[0]: part for part in table.split("\ntest ")[1:]}  # each table by its unit
+    assert sorted(under) == ["MSE", "accuracy %"] and "| - | copy |" in under["MSE"] and "| - | omniglot | 90.00" \
+        in under["accuracy %"] and "omniglot" not in under["MSE"] and "copy" not in under["accuracy %"], \
+        f"copy's MSE and Omniglot's accuracy should be two tables, each under its own unit:\n{table}"
+    for text, message in (("{cut sho", "is not readable JSON"), ("{}", "holds no task, rule, metric, test_mean, test_ci95")):
+        (folder / "results.json").write_text(text)
+        assert report.main([str(tmp_path / "runs")]) == 2, f"{text}: a damaged results.json is refused"
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, f"{text}: one sentence naming the file, got {err!r}"
     with pytest.raises(SystemExit) as done:
         report.main(["--help"])
     assert done.value.code == 0 and "folder" in capsys.readouterr().out, "--help prints the usage and exits 0"

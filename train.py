@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import signal
 import sys
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 import memory
+from report import RETEST_FILE
 from plastic import COEF_INITS, INITS, Config, Conv4, PlasticGPT
 from tasks import OMNIGLOT_SPLITS, TASKS, TaskConfig, make_task_from_config
 
@@ -216,6 +218,7 @@ class Stopped(Exception):
 MAY_BE_ZERO = {"warmup", "seed", "min_lr_ratio", "weight_decay", "grad_clip", "delay", "noise", "cue_noise",
                "dropout", "eta", "decay", "n_extra", "jitter", "encoder_lr_scale"}  # every other number an option holds must be above 0
 AT_MOST_ONE = {"min_lr_ratio", "dropout", "jitter", "encoder_lr_scale"}
+AT_LEAST_TWO = {"eval_episodes", "test_episodes"}  # a 95% interval needs two
 
 
 def check_numbers(options: dict) -> None:
@@ -226,8 +229,9 @@ def check_numbers(options: dict) -> None:
             continue
         allowed = "a number of 0 or more" if name in MAY_BE_ZERO else "a number above 0"
         allowed += " and at most 1" if name in AT_MOST_ONE else ""
+        allowed = "2 or more (an interval needs two)" if name in AT_LEAST_TWO else allowed
         if not (math.isfinite(value) and (value > 0 or value == 0 and name in MAY_BE_ZERO)
-                and (value <= 1 or name not in AT_MOST_ONE)):
+                and (value <= 1 or name not in AT_MOST_ONE) and (value >= 2 or name not in AT_LEAST_TWO)):
             raise UsageError(f"--{name.replace('_', '-')} must be {allowed}, not {value}.")
 
 
@@ -283,14 +287,19 @@ def matched_static_width(model_cfg: Config) -> int:
 
 
 def pick_device(name: str) -> torch.device:
+    """auto, cpu or cuda[:N]; other kinds (mps, meta) and numbered CPUs are refused: checkpoints saved from
+    "cpu:0" would not load again."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} was asked for but CUDA is not available; use --device cpu.")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as err:
         raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from err
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index is not None):
+        raise UsageError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} was asked for but CUDA is not available; use --device cpu.")
+    return device
 
 
 def set_cpu_threads(tc: TrainConfig, device: torch.device) -> None:
@@ -325,7 +334,7 @@ def run_folder(tc: TrainConfig, task_name: str) -> str:
 
 
 RUN_FILES = ("config.json", "checkpoint.pt", "best.pt", "log.jsonl", "results.json", "learning_curve.png",
-             "modulation.csv", "modulation.png")  # what a run writes into its folder
+             "modulation.csv", "modulation.png")  # what a run writes into its folder (and retest.py RETEST_FILE)
 
 
 def run_state(run_dir: str) -> str | None:
@@ -347,11 +356,13 @@ def refuse_to_replace(tc: TrainConfig, run_dir: str) -> None:
 
 def make_run_dir(tc: TrainConfig, run_dir: str) -> None:
     """Create <out_dir>/<task>-<rule>/, checked writable now rather than after hours of training; with
-    --overwrite remove the earlier run's files (only those: whatever else lies there stays)."""
+    --overwrite remove the earlier run's files and retest.py's tests of its model (only those: whatever else
+    lies there stays)."""
     try:
         os.makedirs(run_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=run_dir).close()
-        for name in RUN_FILES if tc.overwrite else ():
+        retests = [name for name in os.listdir(run_dir) if re.fullmatch(RETEST_FILE, name)]
+        for name in (*RUN_FILES, *retests) if tc.overwrite else ():
             if os.path.exists(os.path.join(run_dir, name)):
                 os.remove(os.path.join(run_dir, name))
     except OSError as err:
@@ -397,10 +408,26 @@ def load_checkpoint(path: str) -> dict:
                          "with --overwrite instead of --resume.") from err
 
 
-def read_encoder(path: str, model_cfg: Config) -> dict:
+def encoder_classes(file: str) -> tuple[str, str] | None:
+    """(task, Omniglot split) whose training classes the encoder in `file` learnt, from the config.json beside
+    it (train.py's run or pretrain.py's); None where there is none. Runs saved before --split used Lake's."""
+    path = os.path.join(os.path.dirname(os.path.abspath(file)), "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if "train" in saved:  # train.py's
+            return saved["task"]["name"], saved["task"].get("omniglot_split", "lake")
+        return saved["task"], saved["split"]  # pretrain.py's
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_encoder(path: str, model_cfg: Config, task_cfg: TaskConfig) -> dict:
     """The image encoder's weights (and batch-norm statistics) from a run folder's best.pt or a checkpoint
-    file, checked against the encoder this model builds: --init-encoder starts a model from another run's
-    features (README, "Attention window 1")."""
+    file, checked against the encoder this model builds and against this run's classes: --init-encoder starts
+    a model from another run's features (README, "Attention window 1"). An encoder trained on the other
+    Omniglot split has seen this split's test or validation characters (Vinyals's split trains on 236
+    evaluation characters that Lake's tests on; Lake's on the background alphabets Vinyals's validates on)."""
     if model_cfg.image_shape is None:
         raise UsageError("--init-encoder needs an image task (omniglot, cifar_fs): this task has no image encoder.")
     file = os.path.join(path, "best.pt") if os.path.isdir(path) else path
@@ -411,6 +438,11 @@ def read_encoder(path: str, model_cfg: Config) -> dict:
     except Exception as err:
         raise UsageError(f"--init-encoder: {file} is not a readable checkpoint ({type(err).__name__}); give a run's "
                          "best.pt or checkpoint.pt.") from err
+    learnt = encoder_classes(file)
+    if learnt and task_cfg.name == "omniglot" and learnt[0] == "omniglot" and learnt[1] != task_cfg.omniglot_split:
+        raise UsageError(f"--init-encoder: {file} was trained on Omniglot's {learnt[1]} split, whose training characters "
+                         f"include test or validation characters of the {task_cfg.omniglot_split} split; pre-train "
+                         f"on --split {task_cfg.omniglot_split}.")
     state = {name.removeprefix("encoder."): value for name, value in saved.items() if name.startswith("encoder.")}
     built = Conv4(model_cfg.image_shape[0], model_cfg.conv4_widths()).state_dict()
     if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in built.items()}:
@@ -439,15 +471,26 @@ def with_options_added(saved: dict, otherwise: dict) -> dict:
     return saved
 
 
-def check_same_config(saved: dict, current: dict, path: str) -> None:
-    """A resumed run must use the encoder's learning-rate scale (it decides the optimizer's groups), the model
-    and the task it was started with. The task is checked before the model: the model's sizes (d_in, max_len)
-    follow from it, and the option to name is the task's (--train-way, not d_in). A train_shot of None trains
-    at shot, so it is compared as shot (a 1-shot run saved with None resumes under Omniglot's default of 1)."""
-    scale = saved["train"].get("encoder_lr_scale", 1.0)  # 1 before the option
-    if scale != current["train"]["encoder_lr_scale"]:
-        raise UsageError(f"{path} was trained with --encoder-lr-scale {scale}, not {current['train']['encoder_lr_scale']}; "
-                         "resume with the run's own options.")
+# Training options a resumed run must keep, as config.json records one value for the whole run: the seed (the
+# initialisation and the first steps' episodes), the batch, the validation episodes (the best score is compared
+# across the resume) and the encoder's learning-rate scale (it decides the optimizer's groups); a finished run
+# also keeps its test episodes. 1 is the scale before the option. --steps and the learning rate may change.
+KEPT_ON_RESUME = {"seed": None, "batch_size": None, "eval_episodes": None, "encoder_lr_scale": 1.0}
+
+
+def check_same_config(saved: dict, current: dict, path: str, finished: bool = False) -> None:
+    """A resumed run (or a finished one that --rule all --resume reuses) must use the training options of
+    KEPT_ON_RESUME, the model and the task it was started with. The task is checked before the model: the
+    model's sizes (d_in, max_len) follow from it, and the option to name is the task's (--train-way, not d_in).
+    A train_shot of None trains at shot, so it is compared as shot (a 1-shot run saved with None resumes under
+    Omniglot's default of 1)."""
+    kept = KEPT_ON_RESUME | (dict(test_episodes=None) if finished else {})
+    for k, before in kept.items():
+        was = saved["train"].get(k, before)
+        if was != current["train"][k]:
+            raise UsageError(f"{path} was trained with --{k.replace('_', '-')} {was}, not {current['train'][k]}; "
+                             f"{'reuse it' if finished else 'resume'} with the run's own options, or start it "
+                             "again with --overwrite.")
     as_trained = lambda task: task | dict(train_shot=task["train_shot"] or task["shot"])
     saved, current = ({**config, "task": as_trained(config["task"])} for config in (with_options_added(saved, current), current))
     for section in ("task", "model"):
@@ -455,15 +498,25 @@ def check_same_config(saved: dict, current: dict, path: str) -> None:
         if changed:
             k = changed[0]
             raise UsageError(f"{path} was trained with {section} {k}={saved[section].get(k)!r}, not "
-                             f"{current[section][k]!r}; resume with the run's own options.")
+                             f"{current[section][k]!r}; {'reuse it' if finished else 'resume'} with the run's own options.")
 
 
 def read_log(run_dir: str) -> list[dict]:
+    """log.jsonl's records; a last line cut short (the process killed while writing it) is left out."""
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f]
+        lines = f.read().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i < len(lines) - 1:
+                raise UsageError(f"{path} is damaged at line {i + 1} ({err.msg}); start the run again with "
+                                 "--overwrite.") from err
+    return records
 
 
 def rng_states(generator: torch.Generator) -> dict:
@@ -840,7 +893,7 @@ def train(cfg: RunConfig) -> dict:
     if tc.resume:
         state = load_checkpoint(checkpoint_path)
         check_same_config(state["config"], config, checkpoint_path)
-    encoder = read_encoder(tc.init_encoder, model_cfg) if tc.init_encoder and state is None else None
+    encoder = read_encoder(tc.init_encoder, model_cfg, cfg.task) if tc.init_encoder and state is None else None
     check_memory(cfg, task, device)
     make_run_dir(tc, run_dir)
     write_json(os.path.join(run_dir, "config.json"), config)
@@ -966,9 +1019,12 @@ def compare(cfg: RunConfig) -> dict:
         run_dir = run_folder(run.train, cfg.task.name)
         state = run_state(run_dir)
         if run.train.resume and state == "finished":
-            print(f"{run_dir} is finished; its results.json is used as it is")
             with open(os.path.join(run_dir, "results.json")) as f:
-                results.append(json.load(f))
+                finished = json.load(f)
+            config = json.loads(json.dumps(dataclasses.asdict(resolve(run, load_task(run.task)))))
+            check_same_config(finished["config"], config, run_dir, finished=True)
+            print(f"{run_dir} is finished with these options; its results.json is used as it is")
+            results.append(finished)
         else:
             resume = run.train.resume and state is not None
             results.append(train(dataclasses.replace(run, train=dataclasses.replace(run.train, resume=resume))))
