@@ -1,7 +1,7 @@
 """
 Speed: milliseconds per training step of each rule, peak GPU memory, and the aten operations a step launches.
 
-    python train.py --bench --task omniglot --batch-size 64                   # 10 tokens
+    python train.py --bench --task omniglot --batch-size 64                   # 40 tokens: ten classes of 1 + 3 images
     python train.py --bench --task copy --seq-len 20 --delay 40 --d-model 128 --n-layer 4   # 80 tokens
 
 Every rule runs with the same settings and the training step of train.py (forward, backward, gradient
@@ -20,8 +20,9 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from train import (GRAPH_WARMUP, RULES, RunConfig, build_training, device_name, eager_step_on_side_stream,
-                   final_evaluations, load_task, pick_device, record_cuda_graph, resolve, set_cpu_threads)
+from train import (GRAPH_WARMUP, RULES, RunConfig, autocast, build_training, check_memory, device_name,
+                   eager_step_on_side_stream, final_evaluations, load_task, pick_device, record_cuda_graph, resolve,
+                   set_cpu_threads)
 
 
 class OpCounter(TorchDispatchMode):
@@ -49,11 +50,12 @@ class OpCounter(TorchDispatchMode):
         return sum(n for name, n in self.counts.items() if name not in self.views)
 
 
-def count_ops(model, task, batch) -> OpCounter:
-    """The aten operations of one forward pass, its loss and its backward pass, as training runs them.
-    The gradients it leaves are cleared."""
+def count_ops(model, task, batch, amp=False) -> OpCounter:
+    """The aten operations of one forward pass, its loss and its backward pass, as training runs them (with
+    --amp, under bfloat16 autocast). The gradients it leaves are cleared."""
     with OpCounter() as ops:
-        out, _ = model(batch.x, batch.images, fast_norm=False, context=batch.context)
+        with autocast(amp, batch.x.device):
+            out, _ = model(batch.x, batch.images, fast_norm=False, context=batch.context)
         task.loss(out.float(), batch).backward()
     model.zero_grad(set_to_none=True)
     return ops
@@ -93,13 +95,14 @@ def bench(cfg: RunConfig, timed_steps: int = 20) -> list[dict]:
         run = resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rule=rule)), task)
         tc, device = run.train, pick_device(run.train.device)
         set_cpu_threads(tc, device)
+        check_memory(run, task, device)
         if device.type == "cuda":  # peak memory of everything this rule allocates, the graph's pool included
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         model, optimizer, train_step, graphed = build_training(run, task, device)
         generator = torch.Generator(device=device).manual_seed(tc.seed)
         batches = [task.sample(tc.batch_size, "train", device, generator) for _ in range(4)]
-        ops = count_ops(model, task, batches[0])
+        ops, tokens = count_ops(model, task, batches[0], tc.amp), batches[0].x.shape[1]  # a training episode's tokens
         if graphed:
             side_stream = torch.cuda.Stream(device)
             for batch in batches[:GRAPH_WARMUP]:
@@ -109,9 +112,9 @@ def bench(cfg: RunConfig, timed_steps: int = 20) -> list[dict]:
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         test_s = time_final_test(model, task, tc, device)
         rows.append(dict(rule=rule, params=model.num_params(), ms_per_step=ms, per_second=1000 * tc.batch_size / ms,
-                         peak_gib=peak, test_s=test_s, test_episodes=tc.test_episodes, ops=ops.total, ops_per_token=ops.total / task.seq_len, computing_ops=ops.computing,
+                         peak_gib=peak, test_s=test_s, test_episodes=tc.test_episodes, ops=ops.total, ops_per_token=ops.total / tokens, computing_ops=ops.computing,
                          device=device_name(device), cuda_graph=graphed,
-                         fast_form=run.model.fast_form, task=task.name, batch_size=tc.batch_size, tokens=task.seq_len))
+                         fast_form=run.model.fast_form, task=task.name, batch_size=tc.batch_size, tokens=tokens))
         del model, optimizer, train_step
     print_table(rows, cfg, timed_steps)
     return rows

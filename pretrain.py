@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memory import is_out_of_memory
 from plastic import Config, Conv4
 from tasks import OMNIGLOT_SPLITS, TaskConfig
 from train import (FEW_SHOT, TASK_DEFAULTS, Diverged, HelpFormatter, Parser, UsageError, check_numbers, device_name,
@@ -282,6 +283,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("pretrain.py: stopped by Ctrl-C; best.pt, if written, holds the best encoder so far.", file=sys.stderr)
         return 130
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        print(f"pretrain.py: the memory ran out ({str(err).splitlines()[0][:120]}); lower --batch-size (now "
+              f"{args['batch_size']}), and start again with --overwrite.", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -66,6 +66,36 @@ def test_op_counter_counts_every_forward_and_backward_operation():
 
 
 @pytest.mark.train
+@pytest.mark.parametrize("rule", train.RULES)
+def test_op_counts_include_the_backward_pass(rule):
+    """count_ops counts a training step's backward pass too: GELU's backward, and more mms than the forward."""
+    torch.manual_seed(0)
+    model = PlasticGPT(Config(d_in=2, d_out=2, max_len=16, rule=rule, n_layer=2, n_head=2, d_model=16))
+    batch = types.SimpleNamespace(x=torch.randn(2, 4, 2), images=None, context=None)
+    with bench.OpCounter() as forward:
+        model(batch.x, fast_norm=False)
+    both = bench.count_ops(model, types.SimpleNamespace(loss=lambda out, batch: out.pow(2).mean()), batch)
+    assert both.counts["gelu_backward"] > 0 and both.counts["mm"] > forward.counts["mm"], \
+        f"{rule}: the backward pass is not counted ({dict(both.counts)})"
+
+
+@pytest.mark.train
+def test_bench_refuses_a_step_that_cannot_fit_and_an_out_of_memory_is_one_sentence(tmp_path, monkeypatch, capsys):
+    """--bench checks memory as a run does; memory running out anyway ends in one sentence and exit code 2."""
+    monkeypatch.setattr(train.memory, "free_bytes", lambda device: 1000)
+    with pytest.raises(train.UsageError, match="one training step needs about"):
+        bench.bench(tiny(tmp_path, batch_size=4), timed_steps=1)
+    monkeypatch.undo()
+
+    def out_of_memory(cfg):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 921600000000 bytes.")
+    monkeypatch.setattr(bench, "bench", out_of_memory)
+    assert train.main(["--bench", "--task", "copy", "--device", "cpu", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: the memory ran out (") and "lower --batch-size" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.train
 def test_op_counts_do_not_depend_on_the_batch_size_and_grow_linearly_with_tokens(tmp_path):
     """What the bench claims: a CPU counts what a GPU launches, whatever the batch (above 1: a batch of one
     skips a few operations). And each token adds the same number of operations: the token loop costs the

@@ -935,6 +935,21 @@ def test_memory_kept_for_backward_grows_linearly_with_the_sequence(rule):
     assert abs(second - first) <= 0.05 * first, f"bytes kept at 16, 32, 48 tokens: {kept}; the steps should be equal"
 
 
+@pytest.mark.model
+def test_memory_counts_each_tensor_autograd_keeps_once_and_no_parameter():
+    """A linear layer then GELU, counted by hand: the layer keeps its input x (its weight is a parameter, left
+    out) and GELU its input, the layer's output: (2, 5, 3) + (2, 5, 4) float64 values, 560 bytes."""
+    class LinearGelu(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 4, dtype=torch.float64)
+
+        def forward(self, x, images=None, fast_norm=False, context=None):  # PlasticGPT's signature
+            return torch.nn.functional.gelu(self.fc(x))
+    kept = memory.saved_bytes(LinearGelu(), SimpleNamespace(x=random_tokens(B=2, T=5), images=None, context=None))
+    assert kept == (2 * 5 * 3 + 2 * 5 * 4) * 8, f"expected 560 bytes kept for the backward pass, counted {kept}"
+
+
 @pytest.mark.hebbian
 @pytest.mark.gradient
 @pytest.mark.parametrize("rule", PLASTIC_RULES)

@@ -143,6 +143,32 @@ def test_it_is_tested_on_the_episodes_a_train_py_run_of_the_seed_is_tested_on(tm
     assert len(results["by_episode"]) == model_results["test_episodes"] == 6
 
 
+def test_scores_are_best_pts_encoder_in_eval_mode_on_train_pys_seeded_episodes(tmp_path, offline):
+    """results.json's by_episode, and the best validation in log.jsonl, recomputed by the explicit loop:
+    best.pt's encoder with its batch-norm statistics (eval mode: no query's statistics reach another image)
+    on train.draws' episodes of seed + 2 (test) and seed + 1 (validation)."""
+    pc = tiny(tmp_path, seed=3)
+    results = pretrain.pretrain(pc)
+    task = train.load_task(pc.task_config())
+    encoder = pretrain.Conv4(3, pc.widths())
+    saved = torch.load(tmp_path / "pretrain-cifar_fs" / "best.pt", weights_only=True)["model"]
+    encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in saved.items() if k.startswith("encoder.")})
+    encoder.eval()
+
+    def by_loop(split, episodes, seed):
+        with torch.no_grad():
+            return torch.cat([prototype_accuracy_by_loop(encoder(b.images.flatten(0, 1)).view(*b.target.shape, -1),
+                                                         b.target, b.mask, pc.way)
+                              for b in train.draws(task, split, episodes, torch.device("cpu"), seed)])
+    test = by_loop("test", pc.test_episodes, pc.seed + 2)
+    assert np.allclose(results["by_episode"], test.numpy(), atol=1e-6), \
+        f"by_episode {results['by_episode']} is not best.pt's encoder on the test episodes of seed + 2: {test.tolist()}"
+    best = next(json.loads(line) for line in open(tmp_path / "pretrain-cifar_fs" / "log.jsonl")
+                if '"val"' in line and json.loads(line)["step"] == results["best_step"])
+    val = by_loop("val", pc.eval_episodes, pc.seed + 1).mean().item()
+    assert best["metric"] == pytest.approx(val, abs=1e-6), f"the best validation {best['metric']} is not {val} (seed + 1)"
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: one sentence, exit code 2, nothing lost
 
@@ -178,6 +204,16 @@ def test_an_earlier_pretraining_is_kept_without_overwrite(tmp_path, offline, cap
     assert all((run_dir / name).read_bytes() == data for name, data in before.items()), "a refused run changed the folder"
     pretrain.pretrain(tiny(tmp_path, steps=2, overwrite=True))
     assert json.loads((run_dir / "config.json").read_text())["steps"] == 2, "--overwrite should replace the earlier run"
+
+
+def test_memory_running_out_is_one_sentence_and_exit_code_2(tmp_path, offline, capsys, monkeypatch):
+    def out_of_memory(*args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 921600000000 bytes.")
+    monkeypatch.setattr(pretrain, "sample_images", out_of_memory)
+    code = exit_code(["--out-dir", str(tmp_path), "--device", "cpu", "--way", "3", "--steps", "2", "--batch-size", "8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the memory ran out" in err and "lower --batch-size (now 8)" in err and err.count("\n") == 1, \
+        f"exit {code}, {err!r}"
 
 
 def test_a_diverging_loss_stops_naming_the_step_and_the_fix(tmp_path, offline, capsys):

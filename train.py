@@ -1188,6 +1188,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("train.py: stopped by Ctrl-C before training began; nothing of this run was saved.", file=sys.stderr)
         return 128 + signal.SIGINT
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:  # outside a training step (--bench, a test)
+        if not memory.is_out_of_memory(err):
+            raise
+        print(f"train.py: the memory ran out ({str(err).splitlines()[0][:120]}); {memory.REMEDY}.", file=sys.stderr)
+        return 2
     return 0
 
 
