@@ -71,4 +71,4 @@ def free_bytes(device: torch.device) -> int | None:
 
 def is_out_of_memory(error: Exception) -> bool:
     """CUDA's out-of-memory error, Python's MemoryError, or the CPU allocator's failure."""
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)  # torch.cuda.: also before 2.5

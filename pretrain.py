@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("pretrain.py: stopped by Ctrl-C; best.pt, if written, holds the best encoder so far.", file=sys.stderr)
         return 130
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
             raise
         print(f"pretrain.py: the memory ran out ({str(err).splitlines()[0][:120]}); lower --batch-size (now "

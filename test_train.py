@@ -1095,7 +1095,7 @@ def test_a_step_that_cannot_fit_in_memory_is_refused_before_it_runs(tmp_path, mo
     assert not (tmp_path / "copy-hebbian").exists(), "a refused run must not create its folder"
 
     def out_of_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 17.00 GiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 17.00 GiB")
     monkeypatch.setattr(train.memory, "free_bytes", lambda device: None)  # no estimate: the first step fails
     monkeypatch.setattr(train, "make_train_step", lambda *args: out_of_memory)
     with pytest.raises(train.UsageError, match="ran out of memory at step 1; lower --batch-size"):

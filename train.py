@@ -939,7 +939,7 @@ def train(cfg: RunConfig) -> dict:
                     loss, out = eager_step_on_side_stream(train_step, batch, side_stream)
                 else:
                     loss, out = train_step(batch)
-            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+            except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as err:
                 if not memory.is_out_of_memory(err):
                     raise
                 raise UsageError(f"the {device.type} ran out of memory at step {step}; {memory.REMEDY}.") from err
@@ -1188,7 +1188,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("train.py: stopped by Ctrl-C before training began; nothing of this run was saved.", file=sys.stderr)
         return 128 + signal.SIGINT
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:  # outside a training step (--bench, a test)
+    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as err:  # outside a training step (--bench, a test)
         if not memory.is_out_of_memory(err):
             raise
         print(f"train.py: the memory ran out ({str(err).splitlines()[0][:120]}); {memory.REMEDY}.", file=sys.stderr)
