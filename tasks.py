@@ -203,15 +203,16 @@ class Regression(Task):
     """In-context regression: `n_train` points (x, y) of a fresh random function, then `n_test` x alone.
 
     f is a random linear map (Gaussian weights) or, with mode "mlp", a random one-hidden-layer tanh
-    network (pre-activations of unit variance, so it is neither linear nor saturated). Its outputs are
-    standardised per sequence (zero mean, unit variance over the sequence's points); the shown y
+    network (pre-activations of unit variance within a sequence, about a bias of unit variance, so it is
+    neither linear nor mostly saturated). Its outputs are standardised per sequence (zero mean, unit
+    variance over the sequence's points); the shown y
     carry Gaussian noise, the targets do not. Tokens are [x (x_dim), y or 0, 1 if y is shown].
     One sequence with n_train=2, n_test=1, x_dim=1:
 
         t   x                   target   mask
-        0   [ 0.50,  1.07, 1]   [ 1.00]  False   shown: y = f(0.50) + noise
-        1   [-0.90, -1.33, 1]   [-1.37]  False
-        2   [ 0.10,  0.00, 0]   [ 0.37]  True    predict f(0.10)
+        0   [ 0.50,  1.09, 1]   [ 1.02]  False   shown: y = f(0.50) + noise
+        1   [-0.90, -1.30, 1]   [-1.36]  False
+        2   [ 0.10,  0.00, 0]   [ 0.34]  True    predict f(0.10)
     """
 
     def __init__(self, cfg):
@@ -227,7 +228,8 @@ class Regression(Task):
         if self.cfg.mode == "linear":
             y = points @ torch.randn(B, D, 1, **rng)                 # (B, T, 1)
         else:
-            # x_i has variance 1/3, so weights of variance 3/x_dim give pre-activations of variance ~1
+            # x_i has variance 1/3, so weights of variance 3/x_dim give pre-activations of variance ~1 within
+            # a sequence, about a bias of variance 1
             hidden = torch.tanh(points @ (torch.randn(B, D, H, **rng) * (3 / D) ** 0.5)
                                 + torch.randn(B, 1, H, **rng))       # (B, T, hidden)
             y = hidden @ torch.randn(B, H, 1, **rng)                 # (B, T, 1)

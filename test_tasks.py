@@ -177,6 +177,43 @@ def test_cue_reward_rewards_follow_their_cues():
 
 
 @pytest.mark.tasks
+def test_each_sequence_draws_its_own_values_function_and_cues_in_their_ranges():
+    """Within one batch every sequence has its own stored vectors (copy), function (regression, both modes)
+    and cues (cue_reward), drawn over the whole of their ranges: stored values and rewards in [-1, 1] (both
+    signs), x in [-1, 1]; mlp targets standardised per sequence as linear ones are."""
+    g = lambda: torch.Generator().manual_seed(0)
+    copy = make_task("copy", seq_len=5, delay=3, dim=2).sample(16, generator=g())
+    regression = {mode: make_task("regression", mode=mode, noise=0.0, x_dim=2).sample(16, generator=g()) for mode in ("linear", "mlp")}
+    cue = make_task("cue_reward", n_cues=3, cue_dim=4, trial_len=12, cue_noise=0.0).sample(16, generator=g())
+    for name, rows in (("copy's stored vectors", copy.x[:, :5, :2]), ("cue_reward's cues", cue.x[:, :, :4])):
+        assert not any(torch.equal(rows[0], rows[b]) for b in range(1, 16)), f"{name} must differ between sequences"
+    for name, values in (("copy's stored values", copy.x[:, :5, :2]), ("cue_reward's rewards", cue.target)):
+        assert values.abs().max() <= 1 and values.min() < -0.5 and values.max() > 0.5, f"{name} must span [-1, 1]"
+    for mode, batch in regression.items():
+        x, y = batch.x[..., :2].double(), batch.target[..., 0].double()
+        design = torch.cat([x, torch.ones_like(x[..., :1])], -1)
+        slopes = torch.linalg.lstsq(design, y[..., None]).solution[:, :2, 0]     # (B, 2) each sequence's affine fit
+        directions = F.normalize(slopes, dim=-1)                                 # standardising rescales, not turns
+        assert (directions[1:] - directions[0]).abs().max(1).values.min() > 1e-3, f"{mode}: each sequence needs its own function"
+        assert x.abs().max() <= 1 and x.min() < -0.9 and x.max() > 0.9, f"{mode}: x drawn from [-1, 1]"
+        assert y.mean(1).abs().max() < 1e-5 and (y.std(1, correction=0) - 1).abs().max() < 1e-4, \
+            f"{mode}: targets must have zero mean and unit variance per sequence"
+
+
+@pytest.mark.tasks
+def test_cue_noise_is_gaussian_of_its_std_in_both_halves():
+    """The same seed with cue_noise 0.1 and 0 draws the same cues: the difference is the noise, std 0.1 on
+    every step of the trial, the second half (which asks) as the first (which shows the reward)."""
+    clean, noisy = (make_task("cue_reward", cue_noise=noise).sample(64, generator=torch.Generator().manual_seed(0))
+                    for noise in (0.0, 0.1))
+    noise = noisy.x[..., :noisy.x.size(-1) - 2] - clean.x[..., :clean.x.size(-1) - 2]   # (B, T, cue_dim)
+    half = noise.size(1) // 2
+    for name, part in (("first", noise[:, :half]), ("second", noise[:, half:])):
+        assert 0.09 < part.std() < 0.11 and part.mean().abs() < 0.01, f"{name} half: noise std {part.std():.3f}, not 0.1"
+    assert torch.equal(clean.target, noisy.target), "noise changes the cues shown, not the rewards"
+
+
+@pytest.mark.tasks
 def test_episode_layout_and_no_label_leak():
     N, K, Q = 3, 2, 2
     batch = coded_task(N, K, Q).sample(32, generator=torch.Generator().manual_seed(0))
