@@ -508,6 +508,14 @@ def test_splits_are_train_then_validation_and_test_only_at_the_end(sampled):
 
 
 @pytest.mark.train
+def test_every_validation_scores_the_same_episodes(sampled):
+    """The best checkpoint is chosen among validations of the same episodes (seed + 1 each time)."""
+    validations = [sequence for split, sequence in sampled if split == "val"]
+    assert len(validations) == 2 and torch.equal(validations[0], validations[1]), \
+        "the validations at steps 2 and 4 should draw the same first episode"
+
+
+@pytest.mark.train
 def test_training_validation_and_test_episodes_have_their_own_seeds(sampled):
     first = {}
     for split, sequence in sampled:
@@ -893,6 +901,37 @@ def test_the_final_test_pairs_the_model_with_its_knock_out_episode_by_episode():
 
 
 @pytest.mark.train
+def test_the_knock_out_scores_the_tests_own_episodes(monkeypatch):
+    """final_evaluations: the knock-out (eta = 0) is evaluate() on the test's split, number and seed of
+    episodes, so that plasticity_mean pairs them episode by episode; the static model has none."""
+    calls = []
+    monkeypatch.setattr(train, "evaluate", lambda model, task, split, episodes, batch_size, device, seed, eta=None, **kw:
+                        calls.append((split, episodes, seed, eta)) or (torch.zeros(episodes), {}))
+    tc = train.TrainConfig(test_episodes=6, seed=4, batch_size=3)
+    for rule in ("hebbian", "none"):
+        calls.clear()
+        train.final_evaluations(types.SimpleNamespace(config=Config(rule=rule)), None, tc, "cpu")
+        want = [("test", 6, 6, None)] + ([("test", 6, 6, 0.0)] if rule != "none" else [])
+        assert calls == want, f"{rule}: the test and its knock-out should be {want}, got {calls}"
+
+
+@pytest.mark.train
+def test_a_resume_runs_the_optimizer_as_this_run_asks(tmp_path):
+    """A checkpoint's AdamW groups take this run's capturable and weight decay: a state saved capturable (by a
+    CUDA-graph run) steps on a CPU, and a changed --weight-decay is the one used, as config.json records."""
+    params = [torch.nn.Parameter(torch.ones(3))]
+    saved_optimizer = torch.optim.AdamW(params, lr=0.1, weight_decay=0.01, capturable=True)
+    params[0].grad = torch.ones(3)
+    saved = saved_optimizer.state_dict()
+    resumed = torch.optim.AdamW(params, lr=0.1, weight_decay=0.01, capturable=False)
+    resumed.load_state_dict(train.resumed_optimizer_state(saved, train.TrainConfig(weight_decay=0.5), graphed=False))
+    assert [(g["capturable"], g["weight_decay"]) for g in resumed.param_groups] == [(False, 0.5)]
+    resumed.step()  # a capturable state on the CPU would stop here
+    assert torch.allclose(params[0].detach(), torch.full((3,), 1 - 0.1 * 0.5 - 0.1), atol=1e-4), \
+        f"one AdamW step of lr 0.1 with weight decay 0.5 from ones: {params[0].detach().tolist()}"
+
+
+@pytest.mark.train
 def test_evaluate_scores_the_requested_episodes_reproducibly(monkeypatch):
     """evaluate() returns one metric per episode, equal to task.metric on the same seeded episodes (drawn
     EVAL_DRAW at a time, run batch_size at a time), the same ones every time for a seed, and passes the
@@ -936,6 +975,7 @@ def test_evaluate_leaves_batch_norm_statistics_unchanged():
     train.evaluate(model, task, "val", episodes=4, batch_size=4, device="cpu", seed=0)
     changed = [name for name, buffer in model.named_buffers() if not torch.equal(buffer, before[name])]
     assert not changed, f"evaluate() changed the batch-norm buffers {changed}: it must run the model in eval mode"
+    assert model.training, "evaluate() must hand the model back in training mode, for the steps after a validation"
 
 
 @pytest.mark.train

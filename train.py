@@ -757,6 +757,14 @@ def make_optimizer(model, tc: TrainConfig, graphed: bool):
     return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, capturable=graphed)
 
 
+def resumed_optimizer_state(saved: dict, tc: TrainConfig, graphed: bool) -> dict:
+    """A checkpoint's optimizer state, its groups set to this run's capturable (a CUDA graph's step must not
+    wait for the host, an eager one on a CPU cannot run capturable) and weight decay (what config.json records
+    is what the resumed steps use), whatever the saving run's."""
+    groups = [group | dict(capturable=graphed, weight_decay=tc.weight_decay) for group in saved["param_groups"]]
+    return saved | dict(param_groups=groups)
+
+
 def set_learning_rate(optimizer, value: float) -> None:
     """Every group's learning rate to value times its scale (1 where a checkpoint saved before scales had none)."""
     for group in optimizer.param_groups:
@@ -904,7 +912,7 @@ def train(cfg: RunConfig) -> dict:
     step, best, train_time = 0, dict(value=None, step=0), 0.0
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(resumed_optimizer_state(state["optimizer"], tc, graphed))
         for group in optimizer.param_groups:  # a float or a tensor, as this run needs, whatever the saving run used
             group["lr"] = torch.tensor(float(group["lr"]), device=device) if graphed else float(group["lr"])
         set_rng_states(state["rng"], generator)
