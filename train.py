@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 import torch
 
 import memory
-from report import RETEST_FILE
 from plastic import COEF_INITS, INITS, Config, Conv4, PlasticGPT
+from report import RETEST_FILE
 from tasks import OMNIGLOT_SPLITS, TASKS, TaskConfig, make_task_from_config
 
 RULES = ("none", "hebbian", "gradient")
@@ -474,7 +474,8 @@ def with_options_added(saved: dict, otherwise: dict) -> dict:
 # Training options a resumed run must keep, as config.json records one value for the whole run: the seed (the
 # initialisation and the first steps' episodes), the batch, the validation episodes (the best score is compared
 # across the resume) and the encoder's learning-rate scale (it decides the optimizer's groups); a finished run
-# also keeps its test episodes. 1 is the scale before the option. --steps and the learning rate may change.
+# also keeps its test episodes. 1 is the scale before the option. --steps, the learning rate and the weight
+# decay may change (resumed_optimizer_state).
 KEPT_ON_RESUME = {"seed": None, "batch_size": None, "eval_episodes": None, "encoder_lr_scale": 1.0}
 
 
