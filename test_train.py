@@ -508,6 +508,41 @@ def test_splits_are_train_then_validation_and_test_only_at_the_end(sampled):
 
 
 @pytest.mark.train
+def test_each_logged_training_record_is_its_intervals_own(tmp_path, monkeypatch):
+    """With a clock that advances 5 ms per training step and 1 s per validation, every training record of
+    log.jsonl reads 5 ms/step and 4 sequences per 5 ms (validation left out of the interval), and its loss
+    and metric are the means of the steps since the record before."""
+    now, steps, build_training, evaluate = [0.0], [], train.build_training, train.evaluate
+
+    def timed(run, task, device, encoder=None):
+        model, optimizer, train_step, graphed = build_training(run, task, device, encoder)
+
+        def step(batch):
+            now[0] += 0.005
+            loss, out = train_step(batch)
+            steps.append((loss.item(), task.metric(out.float(), batch).mean().item()))
+            return loss, out
+        return model, optimizer, step, graphed
+
+    def slow(*args, **kwargs):
+        now[0] += 1.0
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(train, "build_training", timed)
+    monkeypatch.setattr(train, "evaluate", slow)
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    train.train(tiny(tmp_path, "copy", "none", steps=6, log_interval=3, eval_interval=2))
+    records = [r for r in train.read_log(tmp_path / "copy-none") if r["split"] == "train"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 6], "a record at step 1, each validation and each log_interval"
+    for record, first in zip(records, [0, 1, 2, 3, 4]):
+        interval = steps[first:record["step"]]
+        assert record["ms_per_step"] == pytest.approx(5.0) and record["per_second"] == pytest.approx(4 / 0.005), \
+            f"step {record['step']}: {record['ms_per_step']} ms/step, {record['per_second']}/s; expected 5 and 800"
+        for i, key in enumerate(("loss", "metric")):
+            want = np.mean([values[i] for values in interval])
+            assert record[key] == pytest.approx(want, rel=1e-5), f"step {record['step']}: {key} {record[key]} is not its interval's mean {want}"
+
+
+@pytest.mark.train
 def test_every_validation_scores_the_same_episodes(sampled):
     """The best checkpoint is chosen among validations of the same episodes (seed + 1 each time)."""
     validations = [sequence for split, sequence in sampled if split == "val"]
