@@ -430,6 +430,34 @@ def test_encoder_lr_scale_steps_the_encoder_at_its_fraction_of_each_steps_rate()
         "at scale 1 the optimizer should hold one group of every parameter, as checkpoints from before the option do"
 
 
+def test_encoder_lr_scale_0_trains_the_rest_as_a_model_whose_encoder_takes_no_gradient():
+    """At --encoder-lr-scale 0 the rest of the model steps as it would with the encoder frozen
+    (requires_grad False, one optimizer group): the kept encoder's gradients must not enter the clipping
+    norm. The clip is small, so that every step is clipped, and three steps, since Adam's first step does
+    not depend on the gradient's scale."""
+    task = synthetic_few_shot(TaskConfig(name="cifar_fs", **TINY_TASKS["cifar_fs"]))
+    run = train.resolve(tiny("unused", "cifar_fs", "hebbian", encoder_lr_scale=0.0, grad_clip=1e-3), task)
+    frozen_run = dataclasses.replace(run.train, encoder_lr_scale=1.0)
+    torch.manual_seed(0)
+    model, reference = PlasticGPT(run.model), PlasticGPT(run.model)
+    reference.load_state_dict(model.state_dict())
+    reference.encoder.requires_grad_(False)
+    cpu = torch.device("cpu")
+    step = train.make_train_step(model, train.make_optimizer(model, run.train, graphed=False), task, run.train, cpu)
+    reference_step = train.make_train_step(reference, train.make_optimizer(reference, frozen_run, graphed=False),
+                                           task, frozen_run, cpu)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        batch = task.sample(4, "train", "cpu", generator)
+        step(batch), reference_step(batch)
+        assert any(p.grad is not None and p.grad.norm() > 0 for p in model.encoder.parameters()), \
+            "setup: the kept encoder should have gradients, for the clipping to leave out"
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), \
+            f"{name} at --encoder-lr-scale 0 differs from its value with the encoder frozen by " \
+            f"{(p - q).abs().max():.2e}: the kept encoder's gradients shrank the clipped step"
+
+
 @pytest.mark.train
 def test_encoder_lr_scale_0_keeps_an_init_encoders_weights_and_refuses_a_resume_at_another_scale(tmp_path, offline):
     """At 0 the encoder's weights stay those of --init-encoder's source to the last bit while the rest trains

@@ -776,9 +776,13 @@ def set_learning_rate(optimizer, value: float) -> None:
             group["lr"] = lr
 
 
-def make_train_step(model, forward, optimizer, task, tc: TrainConfig, device):
+def make_train_step(forward, optimizer, task, tc: TrainConfig, device):
     """One optimizer step on a batch: forward, loss, backward, gradient clipping, AdamW.
+    The clipping norm is over the parameters that train: at --encoder-lr-scale 0 the kept encoder's
+    gradients would otherwise shrink every other parameter's clipped step.
     Returns (loss, out), both still on the device: nothing here waits for the GPU."""
+    trained = [p for group in optimizer.param_groups if group.get("scale", 1.0) > 0 for p in group["params"]]
+
     def train_step(batch):
         with autocast(tc.amp, device):
             out, _ = forward(batch.x, batch.images, fast_norm=False, context=batch.context)
@@ -786,7 +790,7 @@ def make_train_step(model, forward, optimizer, task, tc: TrainConfig, device):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trained, tc.grad_clip)
         optimizer.step()
         return loss.detach(), out.detach()
     return train_step
@@ -837,7 +841,7 @@ def build_training(run: RunConfig, task, device, encoder=None):
     graphed = tc.cuda_graph and device.type == "cuda" and not tc.compile
     optimizer = make_optimizer(model, tc, graphed)
     forward = torch.compile(model) if tc.compile else model
-    return model, optimizer, make_train_step(model, forward, optimizer, task, tc, device), graphed
+    return model, optimizer, make_train_step(forward, optimizer, task, tc, device), graphed
 
 
 class StopOnSignal:
