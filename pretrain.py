@@ -60,6 +60,7 @@ class PretrainConfig:
     encoder_widths: tuple[int, ...] | None = None  # the four blocks' channels, as train.py's --encoder-widths; None: encoder_channels in each
     way: int = 5  # validation and test episodes: classes per episode
     shot: int = 1  # validation and test episodes: support images per class
+    query: int | None = None  # validation and test episodes: query images per class; None: the task's default, as train.py's
     eval_interval: int = 500  # steps between validations
     eval_episodes: int = 500  # validation episodes (train.py's: the same ones, seed + 1)
     test_episodes: int = 1000  # test episodes (train.py's: the same ones, seed + 2, for report.py --paired)
@@ -71,9 +72,10 @@ class PretrainConfig:
     overwrite: bool = False  # replace an earlier pre-training in that folder
 
     def task_config(self) -> TaskConfig:
-        """The episodes train.py would validate and test on with these way and shot (the task's default
-        queries per class), and its training images' augmentation."""
-        return TaskConfig(name=self.task, way=self.way, shot=self.shot, query=TASK_DEFAULTS[self.task]["query"],
+        """The episodes train.py would validate and test on with these way, shot and query (None: the task's
+        default), and its training images' augmentation."""
+        query = TASK_DEFAULTS[self.task]["query"] if self.query is None else self.query
+        return TaskConfig(name=self.task, way=self.way, shot=self.shot, query=query,
                           omniglot_split=self.split, augment=self.augment, jitter=self.jitter, data_dir=self.data_dir)
 
     def widths(self) -> tuple[int, int, int, int]:

@@ -131,13 +131,15 @@ def test_best_pt_is_the_best_validated_encoder_and_init_encoder_reads_it(tmp_pat
 
 
 def test_it_is_tested_on_the_episodes_a_train_py_run_of_the_seed_is_tested_on(tmp_path, offline):
-    """results.json's episodes_md5, inputs_md5 and by_episode as train.py writes them, so report.py --paired pairs the two."""
-    results = pretrain.pretrain(tiny(tmp_path / "pre", seed=3))
+    """results.json's episodes_md5, inputs_md5 and by_episode as train.py writes them, so report.py --paired
+    pairs the two; --query as train.py's (two here, the task's default one)."""
+    results = pretrain.pretrain(tiny(tmp_path / "pre", seed=3, query=2))
     run = train.RunConfig(train=train.TrainConfig(rule="none", steps=2, batch_size=4, eval_interval=2, eval_episodes=4,
                                                   test_episodes=6, seed=3, device="cpu", out_dir=str(tmp_path / "gpt")),
                           model=Config(n_layer=1, n_head=2, d_model=8, encoder_channels=8),
-                          task=TaskConfig(name="cifar_fs", way=3, shot=1, query=1))
+                          task=TaskConfig(name="cifar_fs", way=3, shot=1, query=2))
     model_results = train.train(run)
+    assert results["query"] == 2, f"results.json should record the episodes' 2 queries per class, not {results['query']}"
     assert (results["episodes_md5"], results["inputs_md5"]) == (model_results["episodes_md5"], model_results["inputs_md5"]), \
         "the test episodes should be train.py's of the same seed"
     assert len(results["by_episode"]) == model_results["test_episodes"] == 6
@@ -186,6 +188,8 @@ def exit_code(argv) -> int:
     (["--task", "omniglot", "--jitter", "0.4"], "only cifar_fs has them"),
     (["--lr", "0"], "--lr must be a number above 0"),
     (["--encoder-widths", "96", "192"], "channels of the 4 Conv4 blocks"),
+    (["--shot", "3", "--query", "2"], "exceeds the 4 images per cifar_fs class; lower --shot or --query"),
+    (["--query", "0"], "--query must be a number above 0"),
 ])
 def test_bad_options_are_refused_in_one_sentence(tmp_path, offline, capsys, argv, message):
     code = exit_code(argv + ["--out-dir", str(tmp_path), "--device", "cpu"])
