@@ -145,3 +145,29 @@ def test_a_retest_of_other_episodes_is_never_replaced_silently(tmp_path, offline
     assert retest.main([str(run_dir), "--device", "cpu", "--overwrite"]) == 2, "a damaged best.pt is refused"
     err = capsys.readouterr().err
     assert "best.pt is not a readable checkpoint" in err and err.count("\n") == 1, f"one sentence, got {err!r}"
+
+
+def test_a_retest_records_the_seed_and_the_training_way_it_was_asked_for(tmp_path, offline):
+    """--seed 0 retests a run of seed 1 on seed 0's episodes (0 is a seed, not 'the run's own'), and the file
+    records the model's training way (4) beside the test's (3). The reference is train.episodes_fingerprint of
+    seed 0 + 2, as the final test draws."""
+    cfg = tiny(tmp_path, "omniglot", "none", seed=1)
+    train.train(dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, train_way=4)))
+    again = retest.retest(retest.RetestConfig(run=str(tmp_path / "omniglot-none"), way=3, seed=0, device="cpu"))
+    want = train.episodes_fingerprint(synthetic_few_shot(dataclasses.replace(cfg.task, train_way=4)), "test", 8, "cpu", 2)
+    assert again["seed"] == 0 and again["episodes_md5"] == want["episodes_md5"], \
+        f"--seed 0 should draw seed 0's episodes, got seed {again['seed']}, episodes_md5 {again['episodes_md5']} (seed 0's: {want['episodes_md5']})"
+    assert (again["way"], again["train_way"]) == (3, 4), \
+        f"a 3-way retest of a model trained 4-way: way 3, train_way 4; got {again['way']}, {again['train_way']}"
+
+
+def test_a_run_from_before_an_option_is_retested_as_it_ran(tmp_path, offline):
+    """A config.json saved before isolate_queries existed is a run whose queries saw each other (train.OPTIONS_ADDED
+    says False, not today's default True): a retest at the run's own sizes gives its final test again."""
+    run_dir, results = trained(tmp_path, "hebbian", isolate_queries=False)
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["task"]["isolate_queries"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    again = retest.retest(retest.RetestConfig(run=str(run_dir), device="cpu"))
+    for key in ("by_position", "by_episode", "knockout_by_episode", "inputs_md5"):
+        assert again[key] == results[key], f"the retest's {key} {again[key]} is not the run's own {results[key]}"

@@ -12,6 +12,7 @@ or the network.
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -792,13 +793,14 @@ def test_report_leaves_out_a_retest_of_an_earlier_best_pt(tmp_path, capsys):
     (folder / "results.json").write_text(json.dumps(dict(
         task="omniglot", rule="none", metric="accuracy", test_mean=0.5, test_ci95=0.01, knockout_mean=None,
         knockout_ci95=None, params=2000, train_time_s=120.0, best_step=8)))
-    for shot, best_step in ((5, 4), (2, 8), (3, None)):
+    for shot, best_step in ((5, 4), (2, 8), (3, None), (4, 12)):  # 4-shot: best.pt of a resume not yet finished
         (folder / f"retest-5way-{shot}shot-1query.json").write_text(json.dumps(dict(
             way=5, shot=shot, query=1, test_mean=0.9, test_ci95=0.01, knockout_mean=None, knockout_ci95=None)
             | (dict(best_step=best_step) if best_step else {})))
     table = report.tables(report.load_runs(str(tmp_path)))
     assert "5-way 2-shot" in table and "5-way 3-shot" in table and "5-way 5-shot" not in table, \
         f"only the retest of an earlier best.pt should be left out:\n{table}"
+    assert "5-way 4-shot" not in table, f"a retest of a later best.pt than the results' is not theirs either:\n{table}"
     err = capsys.readouterr().err
     assert "retest-5way-5shot-1query.json left out: it tested best.pt of step 4, and the run's best is now step 8" in err, err
 
@@ -931,6 +933,189 @@ def test_t_95_is_students_quantile_for_any_number_of_seeds(n, t):
     the table to 31 values, the expansion beyond it; not the normal 1.96, up to 12% narrower at 11 seeds."""
     import report
     assert report.t_95(n) == pytest.approx(t, abs=5e-3 if n <= 31 else 2e-4), f"t(0.975, {n - 1}) is {t}, got {report.t_95(n)}"
+
+
+def students_t_975(df: int) -> float:
+    """t(0.975, df) from Student's distribution function in closed form for an integer df (Abramowitz and Stegun
+    26.7.3 and 26.7.4: finite sums in theta = atan(t / sqrt(df))), solved by bisection: a reference that shares
+    nothing with report.py's table or its expansion (it agrees with scipy.stats.t.ppf to 1e-13)."""
+    def inside(t):  # P(|T| < t)
+        theta = math.atan(t / math.sqrt(df))
+        c = math.cos(theta)
+        term, total, first = (c, c if df > 1 else 0.0, 3) if df % 2 else (1.0, 1.0, 2)
+        for k in range(first, df - 1, 2):
+            term *= (k - 1) / k * c * c
+            total += term
+        return 2 / math.pi * (theta + math.sin(theta) * total) if df % 2 else math.sin(theta) * total
+    low, high = 1.0, 20.0
+    for _ in range(60):
+        low, high = ((low + high) / 2, high) if inside((low + high) / 2) < 0.95 else (low, (low + high) / 2)
+    return (low + high) / 2
+
+
+@pytest.mark.train
+def test_t_95_is_students_quantile_at_every_number_of_seeds_to_the_digits_it_shows():
+    """Every n from 2 to 201, against the closed form: each table entry is Student's t rounded to the digits it
+    shows (12.71 to two, the rest to three: a wrong digit at 5 seeds moves every 5-seed interval), and the
+    expansion beyond the table is within 2e-4 of it, as its docstring says."""
+    import report
+    for n in range(2, 202):
+        want, got = students_t_975(n - 1), report.t_95(n)
+        if n in report.T_95:
+            shown = round(want, 2 if n == 2 else 3)
+            assert got == pytest.approx(shown, abs=1e-9), f"t(0.975, {n - 1}) is {want:.5f}, {shown} to the digits shown; the table says {got}"
+        else:
+            assert abs(got - want) < 2e-4, f"t(0.975, {n - 1}) is {want:.5f}; the expansion gives {got:.5f}"
+
+
+def write_results(folder, name="results.json", **fields):
+    """A hand-written results.json (or retest-*.json) in folder, made on the way."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(fields))
+
+
+@pytest.mark.train
+def test_report_keeps_one_seeds_own_intervals_and_three_digits_of_mse(tmp_path):
+    """One seed: its test cell and its knock-out each keep their own interval over test episodes (test_ci95 and
+    knockout_ci95, not one for both); an MSE is shown to three significant digits, its interval to two."""
+    import report
+    for task, metric, numbers in (("omniglot", "accuracy", (0.9, 0.004, 0.5, 0.03)),
+                                  ("copy", "mse", (0.012345, 0.00123, 0.4567, 0.0456))):
+        write_results(tmp_path / "one" / f"{task}-hebbian", task=task, rule="hebbian", metric=metric,
+                      **dict(zip(("test_mean", "test_ci95", "knockout_mean", "knockout_ci95"), numbers)),
+                      params=1000, train_time_s=60.0)
+    table = report.tables(report.load_runs(str(tmp_path)))
+    assert "| - | omniglot | - | 90.00 ± 0.40 (knock-out 50.00 ± 3.00); 0.00M; 1; 1.0 min |" in table, \
+        f"one seed: 90.00 ± 0.40, its knock-out 50.00 ± 3.00 (its own knockout_ci95):\n{table}"
+    assert "| - | copy | - | 0.0123 ± 0.0012 (knock-out 0.457 ± 0.046); 0.00M; 1; 1.0 min |" in table, \
+        f"an MSE of 0.012345 ± 0.00123 is 0.0123 ± 0.0012 (three digits, two for the interval):\n{table}"
+
+
+@pytest.mark.train
+def test_report_rows_are_named_by_the_whole_setting_and_retests_by_their_runs_setting(tmp_path):
+    """results/<experiment>/<setting, any depth>/seed<k>/<task>-<rule>/: every folder between the experiment and
+    the seed names the row ('a/x' and 'b/x' are two rows, not one of four seeds), a retest's row is its run's
+    setting and its episodes ('1 query' for one), rows come in order of setting, and the prototypes column is
+    only an experiment's that has an encoder scored alone."""
+    import report
+    settings = {"b/x": 0.60, "a/x": 0.70, "a/y": 0.80}
+    for setting, value in settings.items():
+        for seed, spread in enumerate((0.0, 0.02)):  # two seeds 0.02 apart: half-width 12.71 * 0.02 / 2 = 0.1271
+            folder = tmp_path / "exp" / setting / f"seed{seed}" / "omniglot-none"
+            write_results(folder, task="omniglot", rule="none", metric="accuracy", test_mean=value + spread,
+                          test_ci95=0.01, params=1000, train_time_s=60.0)
+            write_results(folder, "retest-5way-5shot-1query.json", way=5, shot=5, query=1,
+                          test_mean=value - 0.1 + spread, test_ci95=0.01)
+    write_results(tmp_path / "other" / "pretrain-omniglot", task="omniglot", rule="prototypes", metric="accuracy",
+                  test_mean=0.9, test_ci95=0.01, params=1000, train_time_s=60.0)
+    table = report.tables(report.load_runs(str(tmp_path)))
+    exp, other = table.split("### other")
+    rows = {line.split(" | ")[0][2:]: line for line in exp.splitlines() if line.startswith("| ") and "omniglot" in line}
+    want = [f"{setting}{label}" for setting in sorted(settings) for label in ("", ", retested 5-way 5-shot, 1 query per class")]
+    assert list(rows) == want, f"rows {want} in this order (every folder of the setting, a retest under its run's):\n{table}"
+    for setting, value in settings.items():
+        run, retest = rows[setting], rows[f"{setting}, retested 5-way 5-shot, 1 query per class"]
+        assert f"| {100 * value + 1:.2f} ± 12.71; 0.00M; 2;" in run and f"| {100 * value - 9:.2f} ± 12.71; 0.00M; 2;" in retest, \
+            f"{setting}: its two seeds alone, {100 * value + 1:.2f} ± 12.71 and retested {100 * value - 9:.2f} ± 12.71:\n{table}"
+    headers = [line for line in table.splitlines() if line.startswith("| setting")]
+    assert headers == ["| setting | task | none | hebbian | gradient |", "| setting | task | none | hebbian | gradient | prototypes |"], \
+        f"only experiment 'other' has an encoder scored alone, so only its table has a prototypes column:\n{table}"
+
+
+@pytest.mark.train
+def test_report_paired_line_against_an_explicit_computation(tmp_path, capsys):
+    """--paired on hand-written scores of 10 episodes with spread (a tiny run's episodes often all differ by 0, which
+    no interval formula tells apart): A - B's mean, its half-width 1.96 * std(ddof=1) / sqrt(10) (the normal
+    interval of train.mean_ci95, not t: 2.262 here), the episodes where A is higher, lower and level counted
+    apart, and each run's own mean after its letter. Two pairs (two seeds) give the line over the pairs, with
+    t(0.975, 1) = 12.71; the same pair twice in a row is refused."""
+    import report
+    a = [1.0, 0.8, 0.6, 0.6, 0.9, 0.2, 1.0, 0.4, 0.7, 0.5]
+    b = [0.6, 0.8, 0.7, 0.2, 0.9, 0.6, 0.5, 0.4, 0.3, 0.5]  # A higher on 4 episodes, lower on 2, level on 4
+    c = [0.4, 0.8, 0.6, 0.6, 0.9, 0.2, 1.0, 0.4, 0.7, 0.5]  # seed 1: the same but its first episode
+    paths = []
+    for name, scores, md5 in (("a", a, "s0"), ("b", b, "s0"), ("c", c, "s1"), ("d", b, "s1")):
+        write_results(tmp_path, f"{name}.json", task="omniglot", metric="accuracy", test_mean=sum(scores) / 10,
+                      test_episodes=10, episodes_md5=md5, by_episode=scores)
+        paths.append(str(tmp_path / f"{name}.json"))
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = sum(diffs) / 10
+    half = 1.96 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / 9) / math.sqrt(10)
+    assert report.main(["--paired", paths[0], paths[1]]) == 0, "a pair of the same episodes should succeed"
+    line = capsys.readouterr().out.strip()
+    want = (f"A - B: +{100 * mean:.2f} ± {100 * half:.2f} points of accuracy (paired 95% interval over the same 10 "
+            f"test episodes); A 67.00, B 55.00; A higher on 4, lower on 2, level on 4")
+    assert line == want, f"expected\n{want}\ngot\n{line}"
+    second = sum(x - y for x, y in zip(c, b)) / 10
+    assert report.main(["--paired", paths[0], paths[1], "--paired", paths[2], paths[3]]) == 0, "two seeds' pairs"
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    over = 12.71 * abs(mean - second) / math.sqrt(2) / math.sqrt(2)  # std of two values: |x - y| / sqrt(2)
+    assert last.startswith(f"over the 2 pairs: A - B +{50 * (mean + second):.2f} ± {100 * over:.2f} points"), \
+        f"two pairs: their mean and t(0.975, 1) = 12.71 times its standard error, got {last!r}"
+    assert report.main(["--paired", paths[0], paths[1], "--paired", paths[0], paths[1]]) == 2, \
+        "the same pair twice in a row would count as a second seed"
+    assert "is given twice" in capsys.readouterr().err
+
+
+@pytest.mark.train
+def test_report_pairs_only_tests_of_the_same_number_task_and_images(tmp_path, capsys):
+    """same_episodes: the number of episodes and the task are compared besides episodes_md5; where both runs kept
+    images_md5 it decides (the same targets drawn from another split's images are refused, even with the same
+    inputs_md5); and a pretrain.py run's split is the one at the top of its config."""
+    import report
+    test = dict(test_episodes=4, task="omniglot", episodes_md5="t", inputs_md5="v", images_md5="i", split=None)
+    assert report.same_episodes(test, dict(test)), "a test is paired with itself"
+    for change in (dict(test_episodes=5), dict(task="cifar_fs"), dict(images_md5="j")):
+        assert not report.same_episodes(test, test | change), f"{change}: other episodes, which should not be paired"
+    for name, images in (("vinyals", "i"), ("lake", "j")):
+        write_results(tmp_path, f"{name}.json", metric="accuracy", test_mean=0.5, by_episode=[1.0, 0.0, 1.0, 0.0],
+                      **{k: v for k, v in test.items() if k != "split"} | dict(images_md5=images))
+    assert report.main(["--paired", str(tmp_path / "vinyals.json"), str(tmp_path / "lake.json")]) == 2, \
+        "the same targets on other images (another split) should be refused"
+    assert "different episodes" in capsys.readouterr().err
+    for split in ("vinyals", "lake"):  # pretrain.py's results.json from before inputs_md5: its config names the split
+        write_results(tmp_path / f"pretrain-{split}", metric="accuracy", task="omniglot", test_mean=0.5, test_episodes=4,
+                      episodes_md5="t", by_episode=[1.0, 0.0, 1.0, 0.0], config=dict(split=split))
+    assert report.read_test(str(tmp_path / "pretrain-lake"))["split"] == "lake", "pretrain.py's config names the split at its top"
+    assert report.main(["--paired", str(tmp_path / "pretrain-vinyals"), str(tmp_path / "pretrain-lake")]) == 2, \
+        "pretrain.py runs of two splits should be refused"
+    capsys.readouterr()
+
+
+@pytest.mark.train
+def test_report_plots_each_window_task_against_the_window_in_order(tmp_path, monkeypatch):
+    """window-<task>.png of experiment 'window': per rule, each window's mean over seeds with its interval (the
+    table's numbers), in order of the window (4 before 16, full attention last); accuracy on a linear axis, MSE on
+    a log one. Read from the calls to matplotlib, the plot itself being written as it is."""
+    import report
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    drawn, saved = [], {}
+    errorbar, savefig = Axes.errorbar, Figure.savefig
+    monkeypatch.setattr(Axes, "errorbar", lambda self, x, y, yerr=None, **kw: drawn.append(
+        (kw["label"], list(x), list(y), list(yerr))) or errorbar(self, x, y, yerr, **kw))
+    monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: saved.__setitem__(os.path.basename(path), (
+        self.axes[0].get_yscale(), [t.get_text() for t in self.axes[0].get_xticklabels()], list(drawn))) or
+        drawn.clear() or savefig(self, path, **kw))
+    for task, metric, windows in (("omniglot", "accuracy", ("full", "16", "4")), ("copy", "mse", ("full", "2"))):
+        for i, window in enumerate(windows):
+            for seed, spread in enumerate((0.0, 0.02) if window == "16" else (0.0,)):
+                for rule, shift in (("none", 0.0), ("hebbian", 0.1)):
+                    write_results(tmp_path / "window" / f"{task}-w{window}" / f"seed{seed}" / f"{task}-{rule}",
+                                  task=task, rule=rule, metric=metric, test_mean=0.5 + 0.1 * i + shift + spread,
+                                  test_ci95=0.01 * (i + 1), params=1000, train_time_s=60.0)
+    assert report.main([str(tmp_path)]) == 0
+    assert sorted(saved) == ["window-copy.png", "window-omniglot.png"] and (tmp_path / "window-omniglot.png").is_file(), \
+        f"one plot per task of experiment window, got {sorted(saved)}"
+    scale, ticks, lines = saved["window-omniglot.png"]
+    assert ticks == ["4", "16", "full"] and scale == "linear", f"windows 4, 16, full on a linear axis, got {ticks} {scale}"
+    half = 12.71 * 0.02 / 2  # two seeds 0.02 apart at window 16
+    for rule, shift in (("none", 0.0), ("hebbian", 0.1)):
+        label, x, means, cis = next(line for line in lines if line[0] == rule)
+        assert x == [0, 1, 2] and means == pytest.approx([0.7 + shift, 0.61 + shift, 0.5 + shift]) and \
+            cis == pytest.approx([0.03, half, 0.01]), f"{rule}: means and intervals at windows 4, 16, full, got {means} {cis}"
+    scale, ticks, _ = saved["window-copy.png"]
+    assert ticks == ["2", "full"] and scale == "log", f"copy's MSE against windows 2, full on a log axis, got {ticks} {scale}"
 
 
 @pytest.mark.train
@@ -1303,11 +1488,16 @@ def test_report_reads_train_py_default_layout_and_has_help(tmp_path, capsys):
     assert sorted(under) == ["MSE", "accuracy %"] and "| - | copy |" in under["MSE"] and "| - | omniglot | 90.00" \
         in under["accuracy %"] and "omniglot" not in under["MSE"] and "copy" not in under["accuracy %"], \
         f"copy's MSE and Omniglot's accuracy should be two tables, each under its own unit:\n{table}"
-    for text, message in (("{cut sho", "is not readable JSON"), ("{}", "holds no task, rule, metric, test_mean, test_ci95")):
+    for text, message in (("{cut sho", "is not readable JSON"), ("{}", "holds no task, rule, metric, test_mean, test_ci95"),
+                          ("[1, 2]", "holds no task, rule, metric, test_mean, test_ci95")):
         (folder / "results.json").write_text(text)
         assert report.main([str(tmp_path / "runs")]) == 2, f"{text}: a damaged results.json is refused"
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, f"{text}: one sentence naming the file, got {err!r}"
+    (tmp_path / "nothing").mkdir()
+    assert report.main([str(tmp_path / "nothing")]) == 2, "a folder without a finished run is refused"
+    err = capsys.readouterr().err
+    assert "no finished run" in err and err.count("\n") == 1, f"one sentence, got {err!r}"
     with pytest.raises(SystemExit) as done:
         report.main(["--help"])
     assert done.value.code == 0 and "folder" in capsys.readouterr().out, "--help prints the usage and exits 0"
