@@ -56,7 +56,8 @@ T_95 = {2: 12.71, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9:
 
 
 # What load_runs reads of a results.json (train.py's or pretrain.py's) and of a retest-*.json
-RESULTS_KEYS, RETEST_KEYS = ("task", "rule", "metric", "test_mean", "test_ci95"), ("way", "shot", "query", "test_mean", "test_ci95")
+RESULTS_KEYS = ("task", "rule", "metric", "test_mean", "test_ci95", "params", "train_time_s")  # what a table row shows
+RETEST_KEYS = ("way", "shot", "query", "test_mean", "test_ci95")  # the rest of a retest's row is its run's
 
 
 def read_json(path, keys):
@@ -170,27 +171,32 @@ def metric_table(runs, experiment, metric, keys, columns):
     return lines
 
 
+WINDOW_SETTING = r"(?:.*[-/])?w(\d+|full)"  # experiment window's settings: <task>-w<tokens> or -wfull
+
+
 def window_plots(runs, root):
-    """One plot per task of experiment 'window': test metric against the attention window, per rule."""
+    """One plot per task of experiment 'window': test metric against the attention window, per rule, each
+    window at one place on the axis (full attention last) whichever rules ran it. Settings that name no
+    window (a retest's row) are not plotted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    for task in sorted({t for (e, _, t, _) in runs if e == "window"}):
+    windowed = {}  # (task, rule) -> {window: (mean, ci)}
+    for (e, setting, t, r), results in runs.items():
+        found = re.fullmatch(WINDOW_SETTING, setting)
+        if e == "window" and found:
+            windowed.setdefault((t, r), {})[found.group(1)] = summary(results)[4]
+    for task in sorted({t for t, _ in windowed}):
+        windows = sorted({w for (t, _), points in windowed.items() if t == task for w in points},
+                         key=lambda w: math.inf if w == "full" else int(w))
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for rule in RULES:
-            points = []  # (label, sort key: full attention last, (mean, ci))
-            for (e, setting, t, r), results in runs.items():
-                if e == "window" and t == task and r == rule:
-                    window = setting.rsplit("w", 1)[-1]
-                    points.append((window, math.inf if window == "full" else int(window), summary(results)[4]))
-            if not points:
-                continue
-            points.sort(key=lambda p: p[1])
-            labels = [p[0] for p in points]
-            means = [p[2][0] for p in points]
-            cis = [p[2][1] for p in points]
-            ax.errorbar(range(len(points)), means, cis, marker="o", capsize=3, label=rule)
-            ax.set_xticks(range(len(points)), labels)
+            points = windowed.get((task, rule), {})
+            if points:
+                ran = sorted(points, key=windows.index)
+                ax.errorbar([windows.index(w) for w in ran], [points[w][0] for w in ran],
+                            [points[w][1] for w in ran], marker="o", capsize=3, label=rule)
+        ax.set_xticks(range(len(windows)), windows)
         metric = next(r for k, r in runs.items() if k[0] == "window" and k[2] == task)[0]["metric"]
         ax.set(xlabel="attention window (tokens)", ylabel=f"test {metric}", title=task)
         if metric != "accuracy":
@@ -233,10 +239,15 @@ def same_episodes(a, b):
     return a["split"] == b["split"]
 
 
+def test_file(path):
+    """The file of a final test given as a run folder (its results.json) or as the file itself."""
+    return os.path.realpath(os.path.join(path, "results.json") if os.path.isdir(path) else path)
+
+
 def read_test(path):
     """A final test's numbers: a run folder's results.json, or a results.json or retest-*.json file, with
     the split its episodes came from ("split", split_of)."""
-    file = os.path.join(path, "results.json") if os.path.isdir(path) else path
+    file = test_file(path)
     try:
         with open(file) as f:
             test = json.load(f)
@@ -306,7 +317,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.paired:
         try:
-            twice = next((pair for i, pair in enumerate(args.paired) if pair in args.paired[:i]), None)
+            files = [tuple(test_file(path) for path in pair) for pair in args.paired]  # a folder and its results.json alike
+            twice = next((pair for pair, f in zip(args.paired, files) if files.count(f) > 1), None)
             if twice:
                 raise UsageError(f"the pair {' '.join(twice)} is given twice, which would count it as two seeds; give "
                                  f"each seed's pair once.")

@@ -1055,6 +1055,12 @@ def test_report_paired_line_against_an_explicit_computation(tmp_path, capsys):
     assert report.main(["--paired", paths[0], paths[1], "--paired", paths[0], paths[1]]) == 2, \
         "the same pair twice in a row would count as a second seed"
     assert "is given twice" in capsys.readouterr().err
+    for name in ("a", "b"):  # run folders: the folder and its results.json are one test
+        write_results(tmp_path / name, **json.loads((tmp_path / f"{name}.json").read_text()))
+    spelled = [str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a" / "results.json"), str(tmp_path / "b") + "/"]
+    assert report.main(["--paired", *spelled[:2], "--paired", paths[2], paths[3], "--paired", *spelled[2:]]) == 2, \
+        "the same pair given as folders and as their results.json would count as a second seed"
+    assert "is given twice" in capsys.readouterr().err
 
 
 @pytest.mark.train
@@ -1082,12 +1088,9 @@ def test_report_pairs_only_tests_of_the_same_number_task_and_images(tmp_path, ca
     capsys.readouterr()
 
 
-@pytest.mark.train
-def test_report_plots_each_window_task_against_the_window_in_order(tmp_path, monkeypatch):
-    """window-<task>.png of experiment 'window': per rule, each window's mean over seeds with its interval (the
-    table's numbers), in order of the window (4 before 16, full attention last); accuracy on a linear axis, MSE on
-    a log one. Read from the calls to matplotlib, the plot itself being written as it is."""
-    import report
+def window_plot_calls(monkeypatch) -> dict:
+    """{file name: (y scale, x tick labels, [(rule, x, means, intervals) per errorbar])} of the window plots that
+    report.py saves from now on, read from its calls to matplotlib (the plots themselves are written as usual)."""
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
     drawn, saved = [], {}
@@ -1097,6 +1100,16 @@ def test_report_plots_each_window_task_against_the_window_in_order(tmp_path, mon
     monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: saved.__setitem__(os.path.basename(path), (
         self.axes[0].get_yscale(), [t.get_text() for t in self.axes[0].get_xticklabels()], list(drawn))) or
         drawn.clear() or savefig(self, path, **kw))
+    return saved
+
+
+@pytest.mark.train
+def test_report_plots_each_window_task_against_the_window_in_order(tmp_path, monkeypatch):
+    """window-<task>.png of experiment 'window': per rule, each window's mean over seeds with its interval (the
+    table's numbers), in order of the window (4 before 16, full attention last); accuracy on a linear axis, MSE on
+    a log one."""
+    import report
+    saved = window_plot_calls(monkeypatch)
     for task, metric, windows in (("omniglot", "accuracy", ("full", "16", "4")), ("copy", "mse", ("full", "2"))):
         for i, window in enumerate(windows):
             for seed, spread in enumerate((0.0, 0.02) if window == "16" else (0.0,)):
@@ -1116,6 +1129,31 @@ def test_report_plots_each_window_task_against_the_window_in_order(tmp_path, mon
             cis == pytest.approx([0.03, half, 0.01]), f"{rule}: means and intervals at windows 4, 16, full, got {means} {cis}"
     scale, ticks, _ = saved["window-copy.png"]
     assert ticks == ["2", "full"] and scale == "log", f"copy's MSE against windows 2, full on a log axis, got {ticks} {scale}"
+
+
+@pytest.mark.train
+def test_report_plots_a_rule_that_skipped_a_window_at_its_own_windows(tmp_path, monkeypatch):
+    """Each window has one place on the axis whichever rules ran it: the static model at windows 1, 4 and full,
+    the Hebbian rule at 4 and full only, so its points go at places 1 and 2, not 0 and 1. A retest in the
+    experiment, and a setting that names no window, are left out of the plot rather than crashing it."""
+    import report
+    saved = window_plot_calls(monkeypatch)
+    for rule, windows in (("none", ("1", "4", "full")), ("hebbian", ("4", "full"))):
+        for i, window in enumerate(windows):
+            folder = tmp_path / "window" / f"omniglot-w{window}" / "seed0" / f"omniglot-{rule}"
+            write_results(folder, task="omniglot", rule=rule, metric="accuracy", test_mean=0.5 + 0.1 * i,
+                          test_ci95=0.01, params=1000, train_time_s=60.0)
+    write_results(tmp_path / "window" / "omniglot-w4" / "seed0" / "omniglot-none", "retest-20way-1shot-3query.json",
+                  way=20, shot=1, query=3, test_mean=0.3, test_ci95=0.01)
+    write_results(tmp_path / "window" / "omniglot-way20" / "seed0" / "omniglot-none", task="omniglot", rule="none",
+                  metric="accuracy", test_mean=0.3, test_ci95=0.01, params=1000, train_time_s=60.0)
+    assert report.main([str(tmp_path)]) == 0, "a retest or a setting without a window should not stop the plots"
+    _, ticks, lines = saved["window-omniglot.png"]
+    assert ticks == ["1", "4", "full"], f"the windows any rule ran, in order: 1, 4, full; got {ticks}"
+    placed = {rule: (x, means) for rule, x, means, _ in lines}
+    assert placed["none"] == ([0, 1, 2], pytest.approx([0.5, 0.6, 0.7])) and \
+        placed["hebbian"] == ([1, 2], pytest.approx([0.5, 0.6])), \
+        f"the Hebbian rule's windows 4 and full belong at places 1 and 2 (the static model's 1, 4, full at 0-2): {placed}"
 
 
 @pytest.mark.train
@@ -1488,8 +1526,10 @@ def test_report_reads_train_py_default_layout_and_has_help(tmp_path, capsys):
     assert sorted(under) == ["MSE", "accuracy %"] and "| - | copy |" in under["MSE"] and "| - | omniglot | 90.00" \
         in under["accuracy %"] and "omniglot" not in under["MSE"] and "copy" not in under["accuracy %"], \
         f"copy's MSE and Omniglot's accuracy should be two tables, each under its own unit:\n{table}"
+    no_size = dict(task="omniglot", rule="none", metric="accuracy", test_mean=0.9, test_ci95=0.01)
     for text, message in (("{cut sho", "is not readable JSON"), ("{}", "holds no task, rule, metric, test_mean, test_ci95"),
-                          ("[1, 2]", "holds no task, rule, metric, test_mean, test_ci95")):
+                          ("[1, 2]", "holds no task, rule, metric, test_mean, test_ci95"),
+                          (json.dumps(no_size), "holds no params, train_time_s")):
         (folder / "results.json").write_text(text)
         assert report.main([str(tmp_path / "runs")]) == 2, f"{text}: a damaged results.json is refused"
         err = capsys.readouterr().err
