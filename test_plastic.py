@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import memory
-from plastic import (AppendRow, CausalSelfAttention, Config, FactoredRead, InnerGradient, PlasticGPT, PlasticLinear,
+from plastic import (AppendRow, CausalSelfAttention, Config, FactoredRead, InnerGradient, KVCache, PlasticGPT, PlasticLinear,
                      TokenLinears, factored_read, update_norm)
 
 RULES = ("none", "hebbian", "gradient")
@@ -125,12 +125,45 @@ def test_conv4_block_widths_are_the_given_ones_and_one_width_means_it_in_every_b
     assert same(one) == same(four), "encoder_channels=12 should build the model of encoder_widths 12 12 12 12"
 
 
+@pytest.mark.encoder
+def test_conv4_computes_conv_batchnorm_relu_maxpool_in_each_block():
+    """Each Conv4 block is 3x3 convolution (padding 1), batch norm, ReLU, 2x2 max pool, in that order: the encoder's
+    output equals those four operations written out with its own parameters, in training mode (batch statistics)
+    and in eval mode (running statistics, after one training pass has moved them)."""
+    from plastic import Conv4
+    torch.manual_seed(0)
+    encoder = Conv4(2, (3, 4, 5, 6)).double()
+    images = torch.randn(5, 2, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) + 0.3
+    convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(convs) == len(norms) == 4, f"expected 4 convolutions and 4 batch norms, got {len(convs)} and {len(norms)}"
+
+    def reference(z, training):
+        for conv, bn in zip(convs, norms):
+            z = torch.nn.functional.conv2d(z, conv.weight, conv.bias, padding=1)
+            if training:
+                mean, var = z.mean(dim=(0, 2, 3)), z.var(dim=(0, 2, 3), correction=0)
+            else:
+                mean, var = bn.running_mean, bn.running_var
+            z = (z - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn.eps) * bn.weight[:, None, None] + bn.bias[:, None, None]
+            z = torch.nn.functional.max_pool2d(torch.relu(z), 2)
+        return z.flatten(1)
+    for training in (True, False):
+        encoder.train(training)
+        with torch.no_grad():
+            want = reference(images, training)  # before the call: in training it moves the running statistics
+            got = encoder(images)
+        err = (got - want).abs().max().item()
+        assert err < 1e-10, f"Conv4 (training={training}) differs from conv -> batch norm -> ReLU -> max pool by {err:.2e}"
+
+
 @pytest.mark.model
 @pytest.mark.parametrize("options, words", [
     (dict(rule="hebbain"), "unknown rule"),
     (dict(d_model=30, n_head=4), "divisible"),
     (dict(plastic_blocks=(7,)), "plastic_blocks"),
     (dict(plastic_blocks=()), "plastic_blocks"),
+    (dict(n_layer=4, plastic_blocks=(4,)), "plastic_blocks"),  # one past the last block
     (dict(attn_window=0), "attn_window"),
     (dict(coef_init="gaussian"), "coef_init"),
     (dict(image_shape=(3, 32, 32), encoder_widths=(96, 192, 384)), "4 Conv4 blocks"),
@@ -172,6 +205,58 @@ def test_sequence_longer_than_max_len_is_rejected():
     model = tiny_model("hebbian", max_len=4)
     with pytest.raises(ValueError, match="max_len"):
         model(random_tokens(T=5))
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("rule", ["none", "hebbian"])
+def test_a_sequence_of_max_len_tokens_and_a_context_of_all_of_them_are_accepted(rule):
+    """The bounds are inclusive: T = max_len tokens run, and context = T (every token a context token, no query)
+    computes what no context does."""
+    model = tiny_model(rule, max_len=6)
+    x = random_tokens(T=6)
+    plain = model(x)[0]
+    err = (model(x, context=6)[0] - plain).abs().max().item()
+    assert err < 1e-12, f"{rule}: context = T (no queries) should change nothing, moved the outputs by {err:.2e}"
+
+
+@pytest.mark.model
+def test_config_defaults_are_the_documented_ones():
+    """The defaults DESIGN.md and the README state: decay 0.1, max_norm 1, n_extra 4, modulation on, attention over the
+    whole sequence, every block plastic, the rule's own eta and A (checked in their own tests)."""
+    cfg = Config()
+    got = dict(decay=cfg.decay, max_norm=cfg.max_norm, n_extra=cfg.n_extra, modulation=cfg.modulation,
+               attn_window=cfg.attn_window, plastic_blocks=cfg.plastic_blocks, eta=cfg.eta, coef_init=cfg.coef_init)
+    want = dict(decay=0.1, max_norm=1.0, n_extra=4, modulation=True, attn_window=None, plastic_blocks=None, eta=None, coef_init=None)
+    assert got == want, f"Config's defaults changed: {({k: v for k, v in got.items() if want[k] != v})} (documented: {want})"
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("rule, modulation, units", [("none", True, 2), ("hebbian", True, 2 + 1), ("hebbian", False, 2),
+                                                      ("gradient", True, 2 + 4 + 1), ("gradient", False, 2 + 4)])
+def test_head_has_task_extra_and_modulator_units(rule, modulation, units):
+    """The head has d_out task units, n_extra (4) extra units under the gradient rule only (they feed its inner
+    loss, nothing else), and one modulator unit m_t, last, when a plastic rule is modulated."""
+    model = tiny_model(rule, modulation=modulation)
+    assert model.head.out_features == units, f"{rule}, modulation={modulation}: the head should have {units} units, got {model.head.out_features}"
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("rule", PLASTIC_RULES)
+@pytest.mark.parametrize("plastic_blocks, plastic", [(None, [True, True, True]), ((1,), [False, True, False]),
+                                                      ((2, 0), [True, False, True])])
+def test_plastic_blocks_makes_exactly_those_blocks_plastic(rule, plastic_blocks, plastic):
+    """plastic_blocks names the blocks whose MLPs have fast weights and a coefficient A, and no others: the plastic
+    layers are those blocks' fc and proj, in block order, and one fast weight is returned for each."""
+    model = tiny_model(rule, n_layer=3, plastic_blocks=plastic_blocks)
+    got = [block.plastic for block in model.blocks]
+    assert got == plastic, f"{rule}, plastic_blocks={plastic_blocks}: blocks should be plastic as {plastic}, got {got}"
+    for i, block in enumerate(model.blocks):
+        has_coef = [layer.coef is not None for layer in (block.mlp.fc, block.mlp.proj)]
+        assert has_coef == [plastic[i]] * 2, f"{rule}, plastic_blocks={plastic_blocks}: block {i} should {'' if plastic[i] else 'not '}own A"
+    want = [layer for block, p in zip(model.blocks, plastic) if p for layer in (block.mlp.fc, block.mlp.proj)]
+    assert model.plastic_layers == want, f"{rule}, plastic_blocks={plastic_blocks}: plastic_layers are not the named blocks' fc and proj"
+    info = model(random_tokens(T=5))[1]
+    assert len(info["fast_weights"]) == 2 * sum(plastic), f"{rule}: one fast weight per plastic layer, got {len(info['fast_weights'])}"
 
 
 @pytest.mark.model
@@ -415,6 +500,32 @@ def test_windowed_static_model_is_causal(window):
             changed[:, k:] += 1.0
             moved = (model(changed)[0][:, :k] - before[:, :k]).abs().max().item()
             assert moved < 1e-12, f"window {window}: an output before t={k} moved by {moved:.1e} when later inputs changed"
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("path", ["parallel", "step"])
+def test_attention_dropout_acts_in_training_only(path):
+    """dropout > 0 drops attention weights in training (two draws differ) and in neither path in eval (the same
+    output as dropout 0). Checked on the attention module alone, so the residual dropout cannot stand in for it."""
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(Config(d_model=16, n_head=2, dropout=0.5)).double()
+    x = random_tokens(B=2, T=6, d=16)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        if path == "parallel":
+            return attn(x)
+        cache, linears = KVCache(6, detach=True), TokenLinears([attn.qkv, attn.proj])
+        return torch.stack([attn.step(x[:, t], cache, linears) for t in range(6)], 1)
+    with torch.no_grad():
+        attn.eval()
+        plain = run(0)
+        attn.dropout = 0.0
+        assert torch.allclose(run(1), plain, atol=1e-12), f"{path}: in eval mode dropout must change nothing"
+        attn.dropout = 0.5
+        attn.train()
+        first, second = run(1), run(2)
+    assert not torch.allclose(first, second), f"{path}: with dropout 0.5 in training two draws should differ: attention dropout does nothing"
 
 
 @pytest.mark.attention
@@ -715,6 +826,105 @@ def test_gradient_rule_runs_with_frozen_slow_weights(fast_form):
     assert err < 1e-12, f"the linear probe computes something else (difference {err:.2e})"
     err = (model.head.weight.grad - head_grad).abs().max().item()
     assert err < 1e-12, f"the probe's head gradient differs from the whole model's by {err:.2e}"
+
+
+@pytest.mark.gradient
+def test_inner_loss_weight_is_a_learned_vector_of_ones_over_every_head_unit():
+    """w of L_t = mean((o_t ⊙ w)^2) starts at ones (Duan et al.), one entry per head unit (task, extra, modulator),
+    and is trained."""
+    model = tiny_model("gradient")
+    w = model.inner_loss_weight
+    assert isinstance(w, torch.nn.Parameter) and w.requires_grad, "w should be a trainable nn.Parameter"
+    assert w.shape == (model.head.out_features,), f"w should have one entry per head unit ({model.head.out_features}), got {tuple(w.shape)}"
+    assert torch.equal(w.detach(), torch.ones_like(w)), f"w should start at ones, got {w.detach().tolist()}"
+
+
+def explicit_plastic_forward(model, x):
+    """The plastic model written out as one differentiable loop over tokens and blocks, in plain tensor operations:
+    attention over the keys and values of tokens <= t (within the window), each MLP layer y = u (W + F_t) + b with a
+    dense F_t (B, in, out), the head output o_t, and F_{t+1} = (1 - lambda_t) F_t + eta_t A ⊙ G_t with
+    eta_t, lambda_t = (eta, decay) 2 sigmoid(m_t) and the global norm bound. Hebbian G_t = pre ⊗ post; gradient
+    G_t = dL_t/dF_t by torch.autograd.grad with create_graph=True, so that every parameter's gradient, through
+    every write, is autograd's. Returns the outputs (B, T, d_out) and the final fast weights."""
+    cfg = model.config
+    B, T, _ = x.shape
+    C, heads = cfg.d_model, cfg.n_head
+    hs = C // heads
+    eta = cfg.base_rate()
+    fast = [x.new_zeros(B, layer.in_features, layer.out_features, requires_grad=True) for layer in model.plastic_layers]
+    history = [([], []) for _ in model.blocks]  # per block: keys and values of tokens so far, (B, C) each, with their graph
+    outputs = []
+    for t in range(T):
+        h = model.embed(x[:, t]) + model.pos.weight[t]  # (B, C)
+        layers, records = iter(fast), []
+        for block, (keys, values) in zip(model.blocks, history):
+            q, k, v = block.attn.qkv(block.ln_1(h)).split(C, dim=-1)
+            keys.append(k)
+            values.append(v)
+            first = 0 if cfg.attn_window is None else max(0, len(keys) - cfg.attn_window)
+            K = torch.stack(keys[first:], 1).view(B, -1, heads, hs)  # (B, L, nh, hs)
+            V = torch.stack(values[first:], 1).view(B, -1, heads, hs)
+            weights = (torch.einsum("bhd,blhd->bhl", q.view(B, heads, hs), K) / hs ** 0.5).softmax(-1)
+            h = h + block.attn.proj(torch.einsum("bhl,blhd->bhd", weights, V).reshape(B, C))
+            u = block.ln_2(h)
+            fc, proj = block.mlp.fc, block.mlp.proj
+            F1, F2 = (next(layers), next(layers)) if block.plastic else (None, None)
+            y1 = u @ fc.weight + fc.bias + (torch.bmm(u[:, None], F1)[:, 0] if F1 is not None else 0)
+            a1 = torch.nn.functional.gelu(y1)
+            y2 = a1 @ proj.weight + proj.bias + (torch.bmm(a1[:, None], F2)[:, 0] if F2 is not None else 0)
+            h = h + y2
+            if block.plastic:
+                records += [(u, y1, a1), (a1, y2, y2)]  # (pre, linear output, post)
+        o = model.head(model.ln_f(h))  # (B, units)
+        outputs.append(o[:, :cfg.d_out])
+        gate = 2 * torch.sigmoid(o[:, -1])  # 2 sigmoid(m_t), (B,)
+        if cfg.rule == "hebbian":
+            G = [pre[:, :, None] * post[:, None, :] for pre, _, post in records]
+        else:
+            G = torch.autograd.grad(((o * model.inner_loss_weight) ** 2).mean(-1).sum(), fast, create_graph=True)
+        norm = torch.sqrt(sum((g ** 2).sum(dim=(1, 2)) for g in G))  # (B,)
+        step = eta * gate * torch.clamp(cfg.max_norm / norm, max=1.0)
+        fast = [(1 - cfg.decay * gate)[:, None, None] * f + step[:, None, None] * layer.coef * g
+                for f, g, layer in zip(fast, G, model.plastic_layers)]
+    return torch.stack(outputs, 1), fast
+
+
+@pytest.mark.hebbian
+@pytest.mark.gradient
+@pytest.mark.parametrize("rule", PLASTIC_RULES)
+@pytest.mark.parametrize("fast_form", ["dense", "factored"])
+@pytest.mark.parametrize("plastic_blocks", [None, (0,)], ids=["all-plastic", "bottom-plastic"])
+def test_plastic_models_outputs_and_gradients_match_an_explicit_differentiable_loop(rule, fast_form, plastic_blocks):
+    """Two blocks (both plastic, or only the lower one, whose dL_t/dy_t then passes a static block), an attention
+    window, modulation and the norm bound (active at some tokens only): the outputs, the final fast weights and every
+    parameter's gradient (through every token's write: pre, post, eta_t, lambda_t, ||G_t||, and for the gradient
+    rule dL_t/dF_t's own dependence on the slow weights, second order) are those of an explicit differentiable loop.
+    Catches an update that is right in value but cut off from backprop (a detached factor, rate, modulator or fast
+    weight), which the tests of values alone cannot see."""
+    max_norm = {"hebbian": 12.0, "gradient": 0.7}[rule]  # ||G_t|| is ~7-22 (Hebbian), ~0.5-1.1 (gradient) here
+    model = tiny_model(rule, d_model=8, fast_form=fast_form, attn_window=3, eta=0.5, decay=0.2, max_norm=max_norm,
+                       plastic_blocks=plastic_blocks)
+    if rule == "gradient":
+        with torch.no_grad():
+            model.inner_loss_weight.uniform_(0.5, 1.5)  # a w other than ones
+    x = random_tokens(B=2, T=6)
+    out, info = model(x)
+    want_out, want_fast = explicit_plastic_forward(model, x)
+    err = (out - want_out).abs().max().item()
+    assert err < 1e-12, f"{rule}, {fast_form}: outputs differ from the explicit loop's by {err:.2e}"
+    for i, (got, want) in enumerate(zip(info["fast_weights"], want_fast)):
+        err = (got - want).abs().max().item()
+        assert err < 1e-12, f"{rule}, {fast_form}: final fast weight {i} differs from the explicit loop's by {err:.2e}"
+    bounded = info["update_norm"] > model.config.max_norm
+    assert bounded.any() and not bounded.all(), f"setup: the norm bound should act at some tokens only, got {bounded.tolist()}"
+    weights = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    params = list(model.parameters())
+    got = torch.autograd.grad((out * weights).sum(), params)
+    want = torch.autograd.grad((want_out * weights).sum(), params)
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
+        err = (a - b).abs().max().item()
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8), \
+            f"{rule}, {fast_form}: the gradient of {name} differs from the explicit loop's by {err:.2e} (is a write cut off from backprop?)"
 
 
 @pytest.mark.hebbian
