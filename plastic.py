@@ -108,6 +108,12 @@ class Config:
                                  f"(e.g. 96 192 384 512), got {' '.join(map(str, self.encoder_widths))}.")
         if min(self.d_in, self.d_out, self.n_layer, self.n_head, self.max_len) < 1 or self.max_norm <= 0:
             raise ValueError("d_in, d_out, n_layer, n_head, max_len must be positive and max_norm > 0.")
+        if self.n_extra < 0:
+            raise ValueError(f"n_extra must be 0 or more, got {self.n_extra}.")
+        most = 0.5 if self.modulation else 1.0  # lambda_t = decay * 2 sigmoid(m_t) stays below 2 decay
+        if not 0 <= self.decay <= most:
+            raise ValueError(f"decay must lie in [0, {most}] so that 1 - lambda_t stays at or above 0 "
+                             f"({'with' if self.modulation else 'without'} modulation), got {self.decay}.")
 
     def conv4_widths(self) -> tuple[int, int, int, int]:
         """The channels of the encoder's four blocks: encoder_widths, or encoder_channels in each."""

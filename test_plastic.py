@@ -165,6 +165,9 @@ def test_conv4_computes_conv_batchnorm_relu_maxpool_in_each_block():
     (dict(plastic_blocks=()), "plastic_blocks"),
     (dict(n_layer=4, plastic_blocks=(4,)), "plastic_blocks"),  # one past the last block
     (dict(attn_window=0), "attn_window"),
+    (dict(n_extra=-1), "n_extra must be 0 or more"),  # the last task unit would also be the modulator
+    (dict(decay=0.6), r"decay must lie in \[0, 0.5\]"),  # lambda_t up to 1.2: the fast weights would flip sign
+    (dict(decay=1.1, modulation=False), r"decay must lie in \[0, 1.0\]"),
     (dict(coef_init="gaussian"), "coef_init"),
     (dict(image_shape=(3, 32, 32), encoder_widths=(96, 192, 384)), "4 Conv4 blocks"),
     (dict(image_shape=(3, 32, 32), encoder_widths=(96, 192, 384, 0)), "4 Conv4 blocks"),
