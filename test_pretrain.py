@@ -8,7 +8,9 @@ The encoder trains on test_train's small synthetic image set (tasks.FewShot over
 8 training, 4 validation and 4 test classes of 4 images), so no test needs the real data or the network.
 """
 
+import dataclasses
 import json
+import math
 import os
 
 import numpy as np
@@ -83,6 +85,9 @@ def test_training_images_are_their_classes_images_prepared_as_episodes_are(offli
         assert any(torch.equal(image, candidate) for candidate in prepared[c]), f"an image labelled {int(c)} is none of its class's"
     counts = torch.bincount(classes, minlength=8)
     assert counts.min() > 0 and counts.max() < 100, f"classes should be drawn uniformly, got counts {counts.tolist()}"
+    drawn = {(int(c), next(i for i, candidate in enumerate(prepared[c]) if torch.equal(image, candidate)))
+             for image, c in zip(images, classes)}
+    assert len(drawn) == 8 * 4, f"every image of every class should come up in 400 draws, {32 - len(drawn)} never did"
 
 
 def test_training_images_are_augmented_as_training_episodes_are(offline, monkeypatch):
@@ -171,6 +176,82 @@ def test_scores_are_best_pts_encoder_in_eval_mode_on_train_pys_seeded_episodes(t
     assert best["metric"] == pytest.approx(val, abs=1e-6), f"the best validation {best['metric']} is not {val} (seed + 1)"
 
 
+def test_the_test_runs_on_the_first_strictly_best_validated_encoder(tmp_path, offline, monkeypatch):
+    """Validation scores 0.5, 0.5, 0.2 at steps 2, 4, 6: a tie is no improvement, so best.pt is step 2's encoder
+    and the test scores it (not step 6's, the last); best_val is 0.5."""
+    scores, tested, evaluate = iter([0.5, 0.5, 0.2]), [], pretrain.evaluate_prototypes
+
+    def scripted(encoder, task, split, episodes, device, seed):
+        if split == "val":
+            return torch.full((episodes,), next(scores))
+        tested.append({name: value.clone() for name, value in encoder.state_dict().items()})
+        return evaluate(encoder, task, split, episodes, device, seed)
+    monkeypatch.setattr(pretrain, "evaluate_prototypes", scripted)
+    results = pretrain.pretrain(tiny(tmp_path, steps=6))
+    saved = torch.load(tmp_path / "pretrain-cifar_fs" / "best.pt", weights_only=True)["model"]
+    assert (results["best_step"], results["best_val"]) == (2, pytest.approx(0.5)), \
+        f"the best of 0.5, 0.5, 0.2 is step 2's 0.5 (a tie keeps the first), got step {results['best_step']} ({results['best_val']})"
+    assert len(tested) == 1, f"one test, got {len(tested)}"
+    different = [name for name, value in tested[0].items() if not torch.equal(value, saved["encoder." + name])]
+    assert not different, f"the test should score best.pt's (step 2's) encoder, not the last; differs in {different}"
+    assert results["train_time_s"] > 0, f"train_time_s should be the training's time, got {results['train_time_s']}"
+    encoder_params = sum(p.numel() for p in pretrain.Conv4(3, tiny(tmp_path).widths()).parameters())
+    assert results["params"] == encoder_params, f"params should count the encoder alone ({encoder_params}), got {results['params']}"
+
+
+def test_validation_and_test_episodes_take_train_pys_default_queries():
+    """--query left unset: the task's default of train.py (Omniglot 3 queries per class, CIFAR-FS 1), so that the
+    test episodes are a train.py run's and report.py --paired pairs them."""
+    for task, query in (("omniglot", 3), ("cifar_fs", 1)):
+        got = PretrainConfig(task=task).task_config().query
+        assert got == query, f"{task}: pretrain.py's episodes should have train.py's {query} queries per class, not {got}"
+
+
+def test_each_logged_training_record_is_its_intervals_own(tmp_path, offline, monkeypatch):
+    """4 steps validated at 2 and 4: records at steps 1, 2 and 4, each the mean loss of the steps since the record
+    before (step 1; step 2; steps 3 and 4), not of every step so far."""
+    losses, cross_entropy = [], pretrain.F.cross_entropy
+
+    def recorded(*args, **kwargs):
+        loss = cross_entropy(*args, **kwargs)
+        losses.append(loss.item())
+        return loss
+    monkeypatch.setattr(pretrain.F, "cross_entropy", recorded)
+    pretrain.pretrain(tiny(tmp_path))
+    records = [json.loads(line) for line in open(tmp_path / "pretrain-cifar_fs" / "log.jsonl") if '"train"' in line]
+    want = {1: losses[0], 2: losses[1], 4: (losses[2] + losses[3]) / 2}
+    got = {r["step"]: r["loss"] for r in records}
+    assert got == pytest.approx(want, rel=1e-5), f"each record's loss should be its interval's mean {want}, got {got}"
+
+
+def test_validation_hands_the_encoder_back_in_training_mode(offline):
+    """evaluate_prototypes runs in eval mode, and the steps after a validation train with batch statistics again."""
+    pc = tiny("unused")
+    task = train.load_task(pc.task_config())
+    encoder = pretrain.Conv4(3, pc.widths())
+    pretrain.evaluate_prototypes(encoder, task, "val", 4, torch.device("cpu"), 0)
+    assert encoder.training, "after a validation the encoder must be back in training mode"
+
+
+def test_steps_follow_train_pys_schedule_and_a_seed_repeats_the_run(tmp_path, offline, monkeypatch):
+    """40 steps: 2 of linear warm-up (5%) to lr, then cosine decay to lr * min_lr_ratio at step 40, written out
+    here; and a second pre-training of the same seed gives the same test scores."""
+    rates, AdamW = [], torch.optim.AdamW
+
+    class Recorded(AdamW):
+        def step(self, *args, **kwargs):
+            rates.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kwargs)
+    monkeypatch.setattr(torch.optim, "AdamW", Recorded)
+    pc = tiny(tmp_path / "a", steps=40, eval_interval=40, lr=1e-3, min_lr_ratio=0.1)
+    results = pretrain.pretrain(pc)
+    want = [1e-3 * s / 2 if s <= 2 else 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 38))) for s in range(1, 41)]
+    assert rates == pytest.approx(want, rel=1e-6), f"the rates should warm up over 2 steps, then decay by cosine: {rates[:4]}..."
+    torch.manual_seed(123)  # another global RNG state: the run must seed itself
+    again = pretrain.pretrain(dataclasses.replace(pc, out_dir=str(tmp_path / "b")))
+    assert again["by_episode"] == results["by_episode"], "the same seed should repeat the pre-training and its test scores"
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: one sentence, exit code 2, nothing lost
 
@@ -197,6 +278,12 @@ def test_bad_options_are_refused_in_one_sentence(tmp_path, offline, capsys, argv
     assert code == 2, f"{argv} should exit with 2, not {code}"
     assert message in err and err.count("\n") == 1, f"{argv} should give one line naming the fix, got: {err!r}"
     assert not os.listdir(tmp_path), f"{argv} wrote {os.listdir(tmp_path)}"
+
+
+def test_a_task_without_images_is_refused_from_python_too(tmp_path):
+    with pytest.raises(train.UsageError, match="--task must be one of omniglot, cifar_fs, not copy"):
+        pretrain.pretrain(tiny(tmp_path, task="copy"))
+    assert not os.listdir(tmp_path), f"a refused pre-training wrote {os.listdir(tmp_path)}"
 
 
 def test_an_earlier_pretraining_is_kept_without_overwrite(tmp_path, offline, capsys):

@@ -201,23 +201,29 @@ class Interrupted(Exception):
     pass
 
 
+def kill_at_step(monkeypatch, step: int):
+    """From now on the process 'dies' (Interrupted) as step `step` begins, with no chance to save; returns
+    the function that brings train.learning_rate back, for the resume."""
+    learning_rate = train.learning_rate
+
+    def killed(at, tc):
+        if at == step:
+            raise Interrupted
+        return learning_rate(at, tc)
+    monkeypatch.setattr(train, "learning_rate", killed)
+    return lambda: monkeypatch.setattr(train, "learning_rate", learning_rate)
+
+
 @pytest.mark.train
 def test_resume_reaches_the_same_parameters_as_an_uninterrupted_run(tmp_path, monkeypatch):
     straight = tiny(tmp_path / "straight", "copy", "hebbian", steps=6, eval_interval=3, log_interval=1)
     train.train(straight)
 
-    learning_rate = train.learning_rate
-
-    def killed_at_step_5(step, tc):  # the process dies after the step-3 checkpoint, having logged step 4
-        if step == 5:
-            raise Interrupted
-        return learning_rate(step, tc)
-
-    monkeypatch.setattr(train, "learning_rate", killed_at_step_5)
+    revive = kill_at_step(monkeypatch, 5)  # the process dies after the step-3 checkpoint, having logged step 4
     interrupted = tiny(tmp_path / "resumed", "copy", "hebbian", steps=6, eval_interval=3, log_interval=1)
     with pytest.raises(Interrupted):
         train.train(interrupted)
-    monkeypatch.setattr(train, "learning_rate", learning_rate)
+    revive()
     interrupted.train.resume = True
     resumed = train.train(interrupted)
 
@@ -628,6 +634,160 @@ def test_final_test_uses_the_weights_of_best_pt(tmp_path, monkeypatch):
 
 
 @pytest.mark.train
+@pytest.mark.parametrize("task", ["copy", "omniglot"], ids=["mse-lower", "accuracy-higher"])
+def test_only_a_strictly_better_validation_replaces_the_best_and_best_val_is_its_score(tmp_path, monkeypatch, offline, task):
+    """Validation scores 0.3, 0.3, 0.2 at steps 2, 4, 6 (copy: 0.3 is worse than 0.2; omniglot: better): a tie
+    keeps the earlier best, and results.json's best_val is the best score, not the last."""
+    scripted_validation(monkeypatch, [0.3, 0.3, 0.2])
+    results = train.train(tiny(tmp_path, task, "none", steps=6))
+    best_step, best_val = (6, 0.2) if task == "copy" else (2, 0.3)
+    saved = torch.load(tmp_path / f"{task}-none" / "best.pt", weights_only=True)
+    assert results["best_step"] == saved["step"] == best_step, \
+        f"{task}: a tie is no improvement, so the best of 0.3, 0.3, 0.2 is at step {best_step}, not {results['best_step']}"
+    assert results["best_val"] == pytest.approx(best_val), f"{task}: best_val should be {best_val}, the best step's score, not {results['best_val']}"
+    flagged = [r["step"] for r in train.read_log(tmp_path / f"{task}-none") if r["split"] == "val" and r["best"]]
+    assert flagged == ([2, 6] if task == "copy" else [2]), f"{task}: log.jsonl should flag only strict improvements, flagged {flagged}"
+
+
+@pytest.mark.train
+def test_validation_scores_eval_episodes_of_seed_plus_one(tmp_path, monkeypatch):
+    """Every validation evaluates --eval-episodes episodes of the validation split with seed + 1 (the episodes
+    pretrain.py validates on too), and the test --test-episodes of seed + 2."""
+    calls, evaluate = [], train.evaluate
+
+    def recorded(model, task, split, episodes, batch_size, device, seed, **kwargs):
+        calls.append((split, episodes, seed, kwargs.get("eta")))
+        return evaluate(model, task, split, episodes, batch_size, device, seed, **kwargs)
+    monkeypatch.setattr(train, "evaluate", recorded)
+    train.train(tiny(tmp_path, "copy", "none", seed=5, eval_episodes=3, test_episodes=6))
+    want = [("val", 3, 6, None), ("val", 3, 6, None), ("test", 6, 7, None)]
+    assert calls == want, f"validations at steps 2 and 4 on 3 episodes of seed 6, the test on 6 of seed 7: want {want}, got {calls}"
+    rates = {r["step"]: r["lr"] for r in train.read_log(tmp_path / "copy-none") if r["split"] == "train"}
+    want_rates = {step: 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / 4))) for step in (1, 2, 4)}  # no warm-up: 4 // 20
+    assert rates == pytest.approx(want_rates), f"log.jsonl's lr should be each step's scheduled rate {want_rates}, got {rates}"
+
+
+@pytest.mark.train
+def test_a_resume_keeps_the_best_so_far_and_the_training_time_before_it(tmp_path, monkeypatch):
+    """MSE validations 0.1 (step 2), 0.5 (step 4), killed at step 5, resumed from the step-4 checkpoint, 0.3 at
+    step 6: the best stays step 2's (the checkpoint carries it), and train_time_s counts the steps before the
+    resume too. A clock that advances 10 s per training step: 6 steps, 60 s."""
+    now, build_training = [0.0], train.build_training
+
+    def timed(run, task, device, encoder=None):
+        model, optimizer, train_step, graphed = build_training(run, task, device, encoder)
+
+        def step(batch):
+            now[0] += 10.0
+            return train_step(batch)
+        return model, optimizer, step, graphed
+
+    scripted_validation(monkeypatch, [0.1, 0.5, 0.3])
+    monkeypatch.setattr(train, "build_training", timed)
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    revive = kill_at_step(monkeypatch, 5)
+    cfg = tiny(tmp_path, "copy", "none", steps=6)
+    with pytest.raises(Interrupted):
+        train.train(cfg)
+    revive()
+    cfg.train.resume = True
+    results = train.train(cfg)
+    saved = torch.load(tmp_path / "copy-none" / "best.pt", weights_only=True)
+    assert (results["best_step"], saved["step"]) == (2, 2) and results["best_val"] == pytest.approx(0.1), \
+        f"after the resume the best should stay step 2's 0.1, got step {results['best_step']} ({results['best_val']}), best.pt step {saved['step']}"
+    assert results["train_time_s"] == pytest.approx(60.0), \
+        f"6 steps of 10 s, 4 before the resume: train_time_s should be 60, got {results['train_time_s']}"
+
+
+@pytest.mark.train
+def test_only_match_params_widens_the_static_model():
+    task = tasks.make_task("copy")
+    for rule, match, widened in (("none", False, False), ("none", True, True), ("hebbian", True, False)):
+        cfg = RunConfig(train=TrainConfig(rule=rule, steps=700, match_params=match), model=Config(d_model=64, n_layer=2),
+                        task=TaskConfig("copy"))
+        d_model = train.resolve(cfg, task).model.d_model
+        assert (d_model != 64) == widened, f"rule {rule}, match_params={match}: d_model should {'' if widened else 'not '}change, got {d_model}"
+
+
+@pytest.mark.train
+def test_compare_checks_every_rules_folder_before_training_any(tmp_path):
+    (tmp_path / "copy-gradient").mkdir()
+    (tmp_path / "copy-gradient" / "config.json").write_text("{}")
+    with pytest.raises(train.UsageError, match="copy-gradient holds an unfinished run"):
+        train.compare(tiny(tmp_path, "copy", "all", steps=2))
+    assert sorted(os.listdir(tmp_path)) == ["copy-gradient"], \
+        f"a refused --rule all should train nothing, yet wrote {sorted(os.listdir(tmp_path))}"
+
+
+@pytest.mark.train
+def test_a_warmup_of_0_is_allowed_and_starts_at_the_full_rate():
+    task = tasks.make_task("copy")
+    tc = train.resolve(RunConfig(train=TrainConfig(steps=700, warmup=0), task=TaskConfig("copy")), task).train
+    assert tc.warmup == 0, f"--warmup 0 should stay 0, got {tc.warmup}"
+    assert train.learning_rate(1, tc) == pytest.approx(tc.lr, rel=1e-4), "without warm-up step 1 runs at about the peak rate"
+
+
+@pytest.mark.train
+def test_resume_with_dropout_restores_the_global_rng_and_reaches_the_same_parameters(tmp_path, monkeypatch):
+    """Dropout draws from torch's global generator: a resume must restore it from the checkpoint, as it does the
+    sequences' generator, so that 2 steps + resume + 2 steps give the parameters of 4 straight steps."""
+    options = dict(model=dict(dropout=0.5), steps=4, eval_interval=2)
+    train.train(tiny(tmp_path / "straight", "copy", "none", **options))
+    revive = kill_at_step(monkeypatch, 3)
+    cfg = tiny(tmp_path / "resumed", "copy", "none", **options)
+    with pytest.raises(Interrupted):
+        train.train(cfg)
+    revive()
+    torch.manual_seed(1234)  # the resumed process's global generator is wherever it happens to be
+    cfg.train.resume = True
+    train.train(cfg)
+    a = torch.load(tmp_path / "straight/copy-none/checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed/copy-none/checkpoint.pt", weights_only=True)["model"]
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"with dropout, 2 steps + resume + 2 steps differ from 4 straight steps in {different}"
+
+
+@pytest.mark.train
+def test_rule_all_resume_reuses_a_finished_rule_and_starts_the_ones_not_started(tmp_path):
+    first = train.train(tiny(tmp_path, "copy", "none", steps=2, match_params=True))
+    out = train.compare(tiny(tmp_path, "copy", "all", steps=2, resume=True))
+    assert [r["rule"] for r in out["runs"]] == ["none", "hebbian", "gradient"], "every rule should have its results"
+    assert out["runs"][0] == first, "the finished static run should be reused as it is"
+
+
+@pytest.mark.cli
+def test_the_resume_command_drops_overwrite_and_adds_resume_once():
+    assert train.resume_command(["--task", "copy", "--overwrite"]) == "python train.py --task copy --resume", \
+        "--overwrite with --resume is refused, so the printed command must drop it"
+    assert train.resume_command(["--task", "copy", "--resume"]) == "python train.py --task copy --resume"
+
+
+@pytest.mark.train
+def test_results_json_holds_the_modulation_trace_of_modulation_csv(tmp_path):
+    """A plastic run's results.json keeps the test's trace per token position (the README's analyses read it),
+    the same numbers as modulation.csv; the static model has none."""
+    results = train.train(tiny(tmp_path, "copy", "hebbian"))
+    rows = [line.split(",") for line in (tmp_path / "copy-hebbian" / "modulation.csv").read_text().splitlines()]
+    columns = rows[0][1:]
+    assert "trace" in results and set(results["trace"]) == {"eta", "step", "update_norm", "fast_norm", "scored"}, \
+        f"results.json should hold the trace of eta, step, update_norm, fast_norm and scored, has {results.get('trace', {}).keys()}"
+    for i, column in enumerate(columns):
+        csv = [float(row[1 + i]) for row in rows[1:]]
+        assert results["trace"][column] == pytest.approx(csv, rel=1e-5, abs=1e-6), \
+            f"results.json's {column} trace {results['trace'][column]} is not modulation.csv's {csv}"
+
+
+@pytest.mark.train
+def test_a_resume_may_find_the_data_in_another_folder(tmp_path):
+    """--data-dir says where the files are, not what the run trains on: a resume from another folder is not refused."""
+    train.train(tiny(tmp_path, "copy", "none", steps=2))
+    cfg = tiny(tmp_path, "copy", "none", steps=2, resume=True)
+    cfg.task = dataclasses.replace(cfg.task, data_dir=str(tmp_path / "moved"))
+    results = train.train(cfg)
+    assert results["best_step"] == 2, f"the resumed run should finish as it was, got {results}"
+
+
+@pytest.mark.train
 def test_default_warmup_is_five_percent_of_the_steps(tmp_path, monkeypatch):
     """80 steps: the rate rises linearly to lr over the first 4, then decays."""
     rates, set_learning_rate = [], train.set_learning_rate
@@ -645,8 +805,10 @@ def test_default_warmup_is_five_percent_of_the_steps(tmp_path, monkeypatch):
 
 
 @pytest.mark.train
-def test_gradients_are_clipped_before_every_optimizer_step(tmp_path, monkeypatch):
-    """With grad_clip = 1e-3 (far below the gradients of an untrained model) every step sees a gradient of norm 1e-3."""
+@pytest.mark.parametrize("grad_clip", [1e-3, 0.0])
+def test_gradients_are_clipped_before_every_optimizer_step(tmp_path, monkeypatch, grad_clip):
+    """With grad_clip = 1e-3 (far below the gradients of an untrained model) every step sees a gradient of norm 1e-3;
+    --grad-clip 0 means no clipping: the full gradient (far from 0), not one scaled to a norm of 0."""
     norms, make_optimizer = [], train.make_optimizer
 
     def recording_optimizer(model, tc, graphed):
@@ -660,9 +822,12 @@ def test_gradients_are_clipped_before_every_optimizer_step(tmp_path, monkeypatch
         optimizer.step = recorded_step
         return optimizer
     monkeypatch.setattr(train, "make_optimizer", recording_optimizer)
-    train.train(tiny(tmp_path, "copy", "none", grad_clip=1e-3))
+    train.train(tiny(tmp_path, "copy", "none", grad_clip=grad_clip))
     assert len(norms) == 4, f"expected one optimizer step per training step (4), got {len(norms)}"
-    assert norms == pytest.approx([1e-3] * 4, rel=1e-3), f"every step's gradient norm should be clipped to 1e-3, got {norms}"
+    if grad_clip:
+        assert norms == pytest.approx([1e-3] * 4, rel=1e-3), f"every step's gradient norm should be clipped to 1e-3, got {norms}"
+    else:
+        assert all(n > 1e-3 for n in norms), f"with --grad-clip 0 the gradients should not be clipped, norms {norms}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1163,6 +1328,8 @@ def test_mean_ci95_is_the_normal_interval_of_the_mean():
     want = 1.96 * np.std(values.numpy(), ddof=1) / np.sqrt(5)
     assert abs(mean - 0.54) < 1e-12, f"mean should be 0.54, got {mean}"
     assert abs(ci - want) < 1e-12, f"95% CI half-width should be 1.96 * sample std / sqrt(n) = {want:.6f}, got {ci:.6f}"
+    two = train.mean_ci95(torch.tensor([0.0, 1.0]))  # the fewest episodes allowed (--eval-episodes 2) still have an interval
+    assert two == pytest.approx((0.5, 1.96 * math.sqrt(0.5) / math.sqrt(2))), f"two values 0 and 1: mean 0.5, CI 0.98, got {two}"
     same = torch.full((100,), 0.2)  # float32, as episodes score: 100 x 0.2 has no spread at all
     assert train.mean_ci95(same)[1] == 0.0, f"identical values have a CI of exactly 0, got {train.mean_ci95(same)[1]}"
 
@@ -1184,6 +1351,8 @@ def test_the_final_test_pairs_the_model_with_its_knock_out_episode_by_episode():
     assert "the model minus it +0.083 ± 0.06 (paired)" in line, f"the printed line should give the paired effect: {line}"
     assert results["by_episode"] == pytest.approx(values.tolist(), abs=1e-6) and results["episodes_md5"] == "md5"
     assert results["inputs_md5"] == "inputs", "the episodes' whole fingerprint should be kept"
+    assert results["knockout_by_episode"] == pytest.approx(knocked.tolist(), abs=1e-6), \
+        f"knockout_by_episode should be the knock-out's own scores {knocked.tolist()}, got {results['knockout_by_episode']}"
 
 
 @pytest.mark.train
@@ -1466,13 +1635,7 @@ def test_sigterm_saves_the_current_step_and_resume_reaches_the_uninterrupted_par
 
 @pytest.mark.train
 def test_checkpoints_also_follow_the_clock(tmp_path, monkeypatch):
-    learning_rate = train.learning_rate
-
-    def killed_at_step_4(step, tc):
-        if step == 4:
-            raise Interrupted
-        return learning_rate(step, tc)
-    monkeypatch.setattr(train, "learning_rate", killed_at_step_4)
+    kill_at_step(monkeypatch, 4)
     with pytest.raises(Interrupted):  # a kill -9 with no chance to save: only the clock's checkpoints remain
         train.train(tiny(tmp_path, rule="none", steps=6, eval_interval=100, log_interval=1, checkpoint_minutes=1e-9))
     checkpoint = torch.load(tmp_path / "copy-none/checkpoint.pt", weights_only=True)
