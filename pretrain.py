@@ -39,9 +39,9 @@ from torch import nn
 from memory import is_out_of_memory
 from plastic import Config, Conv4
 from tasks import OMNIGLOT_SPLITS, TaskConfig
-from train import (FEW_SHOT, TASK_DEFAULTS, Diverged, HelpFormatter, Parser, UsageError, check_numbers, device_name,
-                   draws, episodes_fingerprint, field_comments, learning_rate, load_task, mean_ci95, optional, pick_device,
-                   protocol_note, save_checkpoint, set_cpu_threads, write_json)
+from train import (FEW_SHOT, TASK_DEFAULTS, Diverged, HelpFormatter, Parser, UsageError, check_numbers, check_warmup,
+                   device_name, draws, episodes_fingerprint, field_comments, learning_rate, load_task, mean_ci95, optional,
+                   pick_device, protocol_note, save_checkpoint, set_cpu_threads, write_json)
 
 
 @dataclass
@@ -171,6 +171,7 @@ def pretrain(pc: PretrainConfig) -> dict:
     """Pre-train, validate and keep the best encoder, test it; write the folder and return results.json's contents."""
     check(pc)
     pc = dataclasses.replace(pc, warmup=pc.steps // 20 if pc.warmup is None else pc.warmup)  # as train.py's
+    check_warmup(pc.warmup, pc.steps)
     try:
         task_cfg, widths = pc.task_config(), pc.widths()
     except ValueError as err:

@@ -268,6 +268,7 @@ def exit_code(argv) -> int:
     (["--task", "copy"], "invalid choice: 'copy'"),
     (["--task", "omniglot", "--jitter", "0.4"], "only cifar_fs has them"),
     (["--lr", "0"], "--lr must be a number above 0"),
+    (["--steps", "4", "--warmup", "5"], "--warmup 5 is not below --steps 4"),
     (["--encoder-widths", "96", "192"], "channels of the 4 Conv4 blocks"),
     (["--shot", "3", "--query", "2"], "exceeds the 4 images per cifar_fs class; lower --shot or --query"),
     (["--query", "0"], "--query must be a number above 0"),

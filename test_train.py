@@ -872,6 +872,8 @@ def test_cli_rejects_bad_arguments_with_exit_code_2(capsys, argv, message):
     ("--task copy --device cuda:7", "CUDA is not available"),
     ("--task copy --device gpu", "unknown device 'gpu'"),
     ("--task copy --plastic-blocks 5", "plastic_blocks"),
+    ("--task copy --steps 50 --warmup 50", "--warmup 50 is not below --steps 50"),
+    ("--task copy --decay 0.7", "decay must lie in [0, 0.5]"),
     ("--task copy --rule gradient --compile", "--compile cannot run the gradient rule"),
     ("--task copy --rule all --compile", "--compile cannot run the gradient rule"),
     ("--task copy --bench --compile", "--compile cannot run the gradient rule"),

@@ -235,6 +235,13 @@ def check_numbers(options: dict) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be {allowed}, not {value}.")
 
 
+def check_warmup(warmup: int, steps: int) -> None:
+    """A warm-up as long as the run would never reach the peak rate, nor decay from it."""
+    if warmup >= steps:
+        raise UsageError(f"--warmup {warmup} is not below --steps {steps}: the learning rate would never reach its "
+                         f"peak nor decay; lower --warmup.")
+
+
 def is_smoke_run(tc: TrainConfig) -> bool:
     return tc.steps < SMOKE_RUN["steps"]
 
@@ -250,6 +257,7 @@ def resolve(cfg: RunConfig, task) -> RunConfig:
     for section in (tc, cfg.model, cfg.task):
         check_numbers(dataclasses.asdict(section))
     tc = dataclasses.replace(tc, warmup=tc.steps // 20 if tc.warmup is None else tc.warmup)
+    check_warmup(tc.warmup, tc.steps)
     if tc.encoder_lr_scale != 1 and task.image_shape is None:
         raise UsageError(f"--encoder-lr-scale sets the image encoder's learning rate, and {task.name} has no images; drop it.")
     try:
