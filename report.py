@@ -239,7 +239,7 @@ def same_episodes(a, b):
     return a["split"] == b["split"]
 
 
-def test_file(path):
+def final_test_file(path):
     """The file of a final test given as a run folder (its results.json) or as the file itself."""
     return os.path.realpath(os.path.join(path, "results.json") if os.path.isdir(path) else path)
 
@@ -247,7 +247,7 @@ def test_file(path):
 def read_test(path):
     """A final test's numbers: a run folder's results.json, or a results.json or retest-*.json file, with
     the split its episodes came from ("split", split_of)."""
-    file = test_file(path)
+    file = final_test_file(path)
     try:
         with open(file) as f:
             test = json.load(f)
@@ -317,7 +317,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.paired:
         try:
-            files = [tuple(test_file(path) for path in pair) for pair in args.paired]  # a folder and its results.json alike
+            files = [tuple(final_test_file(path) for path in pair) for pair in args.paired]  # a folder and its results.json alike
             twice = next((pair for pair, f in zip(args.paired, files) if files.count(f) > 1), None)
             if twice:
                 raise UsageError(f"the pair {' '.join(twice)} is given twice, which would count it as two seeds; give "
