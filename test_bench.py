@@ -16,16 +16,17 @@ from test_train import tiny
 
 @pytest.mark.train
 def test_bench_times_the_timed_steps_of_every_rule(tmp_path, monkeypatch, capsys):
-    """With a clock that advances 5 ms per training step and 1 s per evaluation, every rule reads 5 ms/step and
-    4 sequences / 5 ms: bench() times exactly `timed_steps` steps, after its warm-up steps; and the final test
-    as a run's: the test, then the knock-out for a plastic rule."""
-    now, build_training = [0.0], train.build_training
+    """With a clock that advances 5, 10 and 15 ms per training step of none, hebbian and gradient and 1 s per
+    evaluation, the rules read 5, 10 and 15 ms/step and 4 sequences / 5, 10, 15 ms: bench() times exactly `timed_steps`
+    steps, after its warm-up steps; and the final test as a run's: the test, then the knock-out for a plastic rule."""
+    now, build_training, stepped = [0.0], train.build_training, []
 
     def steps_of_5_ms(run, task, device):
         model, optimizer, train_step, graphed = build_training(run, task, device)
 
         def step(batch):
-            now[0] += 0.005
+            now[0] += 0.005 * (1 + list(train.RULES).index(run.train.rule))
+            stepped.append((run.train.rule, batch.x.data_ptr()))
             return train_step(batch)
         return model, optimizer, step, graphed
     def evaluations_of_1_s(*args, **kwargs):
@@ -36,14 +37,25 @@ def test_bench_times_the_timed_steps_of_every_rule(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     rows = bench.bench(tiny(tmp_path, batch_size=4), timed_steps=3)
     assert [r["rule"] for r in rows] == list(train.RULES), "one row per rule: none, hebbian, gradient"
-    for r in rows:
-        assert r["ms_per_step"] == pytest.approx(5.0), f"{r['rule']}: 3 timed steps of 5 ms should read 5 ms/step, got {r['ms_per_step']}"
-        assert r["per_second"] == pytest.approx(4 / 0.005), f"{r['rule']}: 4 sequences per 5 ms are 800/s, got {r['per_second']}"
+    for r, ms in zip(rows, (5, 10, 15)):
+        assert r["ms_per_step"] == pytest.approx(ms), f"{r['rule']}: 3 timed steps of {ms} ms should read {ms} ms/step, got {r['ms_per_step']}"
+        assert r["per_second"] == pytest.approx(4000 / ms), f"{r['rule']}: 4 sequences per {ms} ms are {4000 / ms:.0f}/s, got {r['per_second']}"
         assert r["ops_per_token"] == pytest.approx(r["ops"] / r["tokens"]) and r["ops"] > 0, f"{r['rule']}: no operations counted"
         evaluations = 1 if r["rule"] == "none" else 2  # the test, and a plastic rule's knock-out
         assert r["test_s"] == pytest.approx(evaluations), f"{r['rule']}: the final test is {evaluations} evaluations of 1 s, got {r['test_s']}"
+        steps = [batch for rule, batch in stepped if rule == r["rule"]]
+        assert len(steps) == 2 + 3 and len(set(steps[2:])) == 3, \
+            f"{r['rule']}: 2 warm-up steps, then 3 timed steps on 3 different batches, got {len(steps)} steps on {steps}"
+        seq_len = train.load_task(tiny(tmp_path).task).seq_len
+        assert r["tokens"] == seq_len, f"{r['rule']}: a training episode has {seq_len} tokens, not {r['tokens']}"
+        assert 0 < r["computing_ops"] < r["ops"], f"{r['rule']}: without views {r['computing_ops']} of {r['ops']}"
     out = capsys.readouterr().out
     assert "ms/step" in out and "ops/token" in out, "bench prints its table with times and operation counts"
+    table = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split() and line.split()[0] in train.RULES}
+    for r, ms, per_second in zip(rows, ("5.0", "10.0", "15.0"), ("800", "400", "267")):  # params, ms/step, sequences/s,
+        # peak GiB, x none, test s, 1k steps s (1,000 x ms = ms s), ops, ops/token, no views
+        assert table[r["rule"]] == [f"{r['params']:,}", ms, per_second, "-", f"{float(ms) / 5:.1f}", f"{r['test_s']:.1f}", ms, f"{r['ops']:,}",
+                                    f"{r['ops_per_token']:,.0f}", f"{r['computing_ops']:,}"], f"{r['rule']}'s row: {table[r['rule']]}"
 
 
 @pytest.mark.train

@@ -13,7 +13,9 @@ import json
 import pytest
 
 import fingerprint
+import pretrain
 import retest
+from test_pretrain import tiny as tiny_pretraining
 from test_retest import trained
 from test_train import offline, no_network  # noqa: F401 (fixtures)
 
@@ -28,16 +30,18 @@ def without_images_md5(path):
 
 
 def test_images_md5_comes_back_as_the_test_wrote_it_and_nothing_else_changes(tmp_path, offline, capsys):
-    run_dir, _ = trained(tmp_path / "runs", "none", train_way=4)
+    run_dir, _ = trained(tmp_path / "runs", "none", train_way=4, query=2)  # query != shot: each read as its own
     retest.retest(retest.RetestConfig(run=str(run_dir), way=4, device="cpu"))
-    files = [run_dir / "results.json", run_dir / "retest-4way-1shot-1query.json"]
+    files = [run_dir / "results.json", run_dir / "retest-4way-1shot-2query.json"]
     kept = [without_images_md5(path) for path in files]
+    files[0].write_text(json.dumps(json.loads(files[0].read_text()) | dict(images_md5=None), indent=2))  # null: as missing
     assert all(test["images_md5"] for test in kept), "train.py and retest.py should write images_md5"
     assert fingerprint.main([str(tmp_path), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for path, test in zip(files, kept):
         assert json.loads(path.read_text()) == test, f"{path.name}: images_md5 should come back as written, the rest alike"
         assert f"{path}: images_md5 added (episodes_md5 and inputs_md5 reproduced)" in out, out
+    assert "config.json:" not in out, f"only results.json and retest-*.json are tests: {out}"
     before = [path.read_bytes() for path in files]
     assert fingerprint.main([str(tmp_path), "--device", "cpu"]) == 0
     assert [path.read_bytes() for path in files] == before and capsys.readouterr().out.count("has images_md5") == 2, \
@@ -57,9 +61,45 @@ def test_tests_whose_episodes_do_not_reproduce_are_left_as_they_are(tmp_path, of
     path.write_text(json.dumps({k: v for k, v in test.items() if k not in ("images_md5", "by_episode")}, indent=2))
     assert fingerprint.main([str(tmp_path), "--device", "cpu"]) == 0
     assert "keeps no per-episode scores" in capsys.readouterr().out
+    path.write_text(json.dumps({k: v for k, v in test.items() if k not in ("images_md5", "episodes_md5", "inputs_md5")}, indent=2))
+    before = path.read_bytes()
+    assert fingerprint.main([str(tmp_path), "--device", "cpu"]) == 0
+    assert path.read_bytes() == before, "a test without episodes_md5 has nothing to prove its episodes by: left as it is"
+    assert "keeps no per-episode scores" in capsys.readouterr().out
+    for changed, said in ((dict(task="copy"), "not a few-shot test: left alone"),
+                          (dict(images_md5="0" * 32), "has images_md5")):
+        path.write_text(json.dumps({k: v for k, v in test.items() if k != "images_md5"} | changed, indent=2))
+        before = path.read_bytes()
+        assert fingerprint.main([str(tmp_path), "--device", "cpu"]) == 0
+        assert path.read_bytes() == before, f"{changed}: should be left as it is"
+        assert f"{path}: {said}" in capsys.readouterr().out, f"{changed}: it should say {said!r}"
+    path.write_text('{"task": "omniglot", "by_ep')  # cut short, as by a full disk
+    assert fingerprint.main([str(tmp_path), "--device", "cpu"]) == 0, "one damaged file stops nothing"
+    assert path.read_text() == '{"task": "omniglot", "by_ep'
+    assert f"{path}: cannot read it or its run's config.json" in capsys.readouterr().out
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "loose" / "results.json").write_text(json.dumps(test))  # no config.json beside it: not a run's
+    assert fingerprint.main([str(tmp_path), "--device", "cpu"]) == 0
+    assert "loose" not in capsys.readouterr().out, "only results.json beside a config.json are tests"
     (run_dir / "retest-3way-1shot-1query.json").write_text("[1, 2]")  # JSON, but not a test
     assert fingerprint.main([str(tmp_path), "--device", "cpu"]) == 0, "one file that is not a test stops nothing"
     assert "is not a JSON object: left alone" in capsys.readouterr().out
+    path.write_text(json.dumps({k: v for k, v in test.items() if k != "images_md5"}, indent=2))
+    before, config = path.read_bytes(), json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(config | dict(train={k: v for k, v in config["train"].items() if k != "seed"})))
+    assert fingerprint.main([str(tmp_path), "--device", "cpu"]) == 0, "a config.json this code cannot read stops nothing"
+    assert path.read_bytes() == before and f"{path}: its run's config.json is not one this code reads" in capsys.readouterr().out
+
+
+def test_a_pretrainings_test_gets_its_images_md5_back(tmp_path, offline, capsys):
+    """pretrain.py's folder keeps its options flat (no "train"): its test is drawn with its own seed, as train.py's."""
+    pretrain.pretrain(tiny_pretraining(tmp_path, seed=3))
+    [path] = tmp_path.glob("*/results.json")
+    test = without_images_md5(path)
+    assert test["images_md5"], "pretrain.py should write images_md5"
+    assert fingerprint.main([str(tmp_path), "--device", "cpu"]) == 0
+    assert json.loads(path.read_text()) == test, "images_md5 should come back as pretrain.py wrote it, the rest alike"
+    assert f"{path}: images_md5 added (episodes_md5 and inputs_md5 reproduced)" in capsys.readouterr().out
 
 
 def test_a_missing_folder_is_one_sentence_and_exit_code_2(tmp_path, capsys):

@@ -1163,6 +1163,58 @@ def test_memory_counts_each_tensor_autograd_keeps_once_and_no_parameter():
     assert kept == (2 * 5 * 3 + 2 * 5 * 4) * 8, f"expected 560 bytes kept for the backward pass, counted {kept}"
 
 
+@pytest.mark.model
+def test_memory_leaves_out_what_an_inner_backward_pass_saved_and_dropped():
+    """As the gradient rule does, the forward pass runs a backward pass of its own (tanh keeps its (2, 5, 3) output
+    for it) and drops that graph: only the 560 bytes of the linear layer and GELU are still kept."""
+    class InnerThenLinearGelu(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 4, dtype=torch.float64)
+
+        def forward(self, x, images=None, fast_norm=False, context=None):
+            t = x.detach().clone().requires_grad_()
+            torch.autograd.grad(torch.tanh(t).sum(), t)  # its graph, and what tanh saved, are dropped
+            return torch.nn.functional.gelu(self.fc(x))
+    kept = memory.saved_bytes(InnerThenLinearGelu(), SimpleNamespace(x=random_tokens(B=2, T=5), images=None, context=None))
+    assert kept == 560, f"expected 560 bytes still kept (what the inner backward pass saved is freed), counted {kept}"
+
+
+@pytest.mark.model
+def test_a_step_is_estimated_at_twice_the_batch_of_one_sequence_plus_four_copies_of_the_parameters():
+    """step_bytes = 2 (BACKWARD, as measured on an H100) x batch x one sequence's saved bytes + parameters,
+    gradients and AdamW's two moments (4 x 4 bytes per float32 parameter)."""
+    task = SimpleNamespace(sample=lambda n, split, device, generator: SimpleNamespace(
+        x=torch.randn(n, 6, 3, generator=generator), images=None, context=None))
+    cfg = Config(d_in=3, d_out=3, max_len=6, rule="none", n_layer=1, n_head=2, d_model=16)
+    model = PlasticGPT(cfg)
+    one = memory.saved_bytes(model, task.sample(1, "train", "cpu", torch.Generator().manual_seed(0)))
+    n = sum(p.numel() for p in model.parameters())
+    for batch_size in (1, 8):
+        got = memory.step_bytes(cfg, task, batch_size, torch.device("cpu"))
+        assert got == 2 * batch_size * one + 16 * n, \
+            f"batch {batch_size}: expected 2 x {batch_size} x {one} + 16 x {n} parameters = {2 * batch_size * one + 16 * n}, got {got}"
+
+
+@pytest.mark.model
+def test_free_memory_on_linux_is_memavailable_in_bytes(monkeypatch):
+    """/proc/meminfo gives kB (of 1,024 bytes); what a process can still take is MemAvailable, not MemFree."""
+    import io
+    if not memory.os.path.exists("/proc/meminfo"):
+        pytest.skip("no /proc/meminfo")
+    meminfo = "MemTotal:       16000 kB\nMemFree:          1000 kB\nMemAvailable:     3000 kB\nBuffers:  10 kB\n"
+    monkeypatch.setattr(memory, "open", lambda path: io.StringIO(meminfo), raising=False)
+    assert memory.free_bytes(torch.device("cpu")) == 3000 * 1024, "MemAvailable's 3000 kB should read 3,072,000 bytes"
+
+
+@pytest.mark.model
+def test_out_of_memory_errors_are_told_from_other_errors():
+    assert memory.is_out_of_memory(MemoryError()), "Python's MemoryError is running out of memory"
+    assert memory.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory."))
+    assert memory.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes."))
+    assert not memory.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")), "a bug is not memory"
+
+
 @pytest.mark.hebbian
 @pytest.mark.gradient
 @pytest.mark.parametrize("rule", PLASTIC_RULES)

@@ -1600,6 +1600,24 @@ def test_a_step_that_cannot_fit_in_memory_is_refused_before_it_runs(tmp_path, mo
 
 
 @pytest.mark.train
+def test_the_refusal_says_what_a_step_needs_what_is_free_and_what_batch_would_fit(tmp_path, monkeypatch):
+    """A step of 2 GiB for 8 sequences against 1 GiB free: refused, in GiB, with 80% of the 4 sequences that fit
+    (3); a step that needs exactly what is free runs."""
+    cfg, task = tiny(tmp_path, batch_size=8), types.SimpleNamespace(seq_len=10)
+    monkeypatch.setattr(train.memory, "step_bytes", lambda *args: 2 * 2**30)
+    monkeypatch.setattr(train.memory, "free_bytes", lambda device: 2**30)
+    with pytest.raises(train.UsageError) as refused:
+        train.check_memory(cfg, task, torch.device("cpu"))
+    assert str(refused.value) == ("one training step needs about 2.0 GiB (8 sequences of 10 tokens), but the cpu has 1.0 GiB "
+                                  f"free; {train.memory.REMEDY} (--batch-size 3 would fit with a margin)."), str(refused.value)
+    monkeypatch.setattr(train.memory, "free_bytes", lambda device: 2 * 2**30)
+    train.check_memory(cfg, task, torch.device("cpu"))  # fits exactly: no error
+    monkeypatch.setattr(train.memory, "free_bytes", lambda device: 2 * 2**30 - 1)
+    with pytest.raises(train.UsageError, match="one training step needs about"):
+        train.check_memory(cfg, task, torch.device("cpu"))
+
+
+@pytest.mark.train
 def test_the_memory_estimate_scales_one_sequence_by_the_batch_size():
     """memory.py assumes what autograd saves grows in proportion to the batch: checked against a real batch."""
     task = tasks.make_task("copy", seq_len=4, delay=4)
