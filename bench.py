@@ -95,9 +95,10 @@ def bench(cfg: RunConfig, timed_steps: int = 20) -> list[dict]:
         run = resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rule=rule)), task)
         tc, device = run.train, pick_device(run.train.device)
         set_cpu_threads(tc, device)
+        if device.type == "cuda":  # the last rule's cached blocks are free to this one
+            torch.cuda.empty_cache()
         check_memory(run, task, device)
         if device.type == "cuda":  # peak memory of everything this rule allocates, the graph's pool included
-            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         model, optimizer, train_step, graphed = build_training(run, task, device)
         generator = torch.Generator(device=device).manual_seed(tc.seed)
@@ -115,7 +116,7 @@ def bench(cfg: RunConfig, timed_steps: int = 20) -> list[dict]:
                          peak_gib=peak, test_s=test_s, test_episodes=tc.test_episodes, ops=ops.total, ops_per_token=ops.total / tokens, computing_ops=ops.computing,
                          device=device_name(device), cuda_graph=graphed,
                          fast_form=run.model.fast_form, task=task.name, batch_size=tc.batch_size, tokens=tokens))
-        del model, optimizer, train_step
+        del model, optimizer, train_step, batches  # before the next rule's memory check: what this one held is free
     print_table(rows, cfg, timed_steps)
     return rows
 

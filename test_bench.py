@@ -4,6 +4,7 @@
 """
 
 import types
+import weakref
 
 import pytest
 import torch
@@ -56,6 +57,34 @@ def test_bench_times_the_timed_steps_of_every_rule(tmp_path, monkeypatch, capsys
         # peak GiB, x none, test s, 1k steps s (1,000 x ms = ms s), ops, ops/token, no views
         assert table[r["rule"]] == [f"{r['params']:,}", ms, per_second, "-", f"{float(ms) / 5:.1f}", f"{r['test_s']:.1f}", ms, f"{r['ops']:,}",
                                     f"{r['ops_per_token']:,.0f}", f"{r['computing_ops']:,}"], f"{r['rule']}'s row: {table[r['rule']]}"
+
+
+@pytest.mark.train
+def test_each_rules_memory_check_sees_the_last_rules_model_and_batches_freed(tmp_path, monkeypatch):
+    """bench() checks each rule's memory before building it: by then the previous rule's model and training
+    batches must be gone, or their memory would be counted as taken and a batch that fits refused."""
+    held, build_training, sample = [], train.build_training, None
+
+    def recorded_build(run, task, device):
+        built = build_training(run, task, device)
+        held.append(weakref.ref(built[0]))
+        return built
+
+    def recorded_task(task_cfg):
+        nonlocal sample
+        task = train.load_task(task_cfg)
+        sample = task.sample
+        task.sample = lambda *args, **kwargs: (lambda batch: held.append(weakref.ref(batch.x)) or batch)(sample(*args, **kwargs))
+        return task
+
+    def check(run, task, device):
+        alive = [ref() for ref in held if ref() is not None]
+        assert not alive, f"{run.train.rule}: the last rule's {[type(a).__name__ for a in alive]} still held at its memory check"
+    monkeypatch.setattr(bench, "build_training", recorded_build)
+    monkeypatch.setattr(bench, "load_task", recorded_task)
+    monkeypatch.setattr(bench, "check_memory", check)
+    bench.bench(tiny(tmp_path, batch_size=4), timed_steps=1)
+    assert len(held) >= 3 * 5, f"setup: three models and their batches should have been recorded, got {len(held)}"
 
 
 @pytest.mark.train
