@@ -20,9 +20,9 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from train import (GRAPH_WARMUP, RULES, RunConfig, autocast, build_training, check_memory, device_name,
-                   eager_step_on_side_stream, final_evaluations, load_task, pick_device, record_cuda_graph, resolve,
-                   set_cpu_threads)
+from train import (GRAPH_WARMUP, RULES, RunConfig, autocast, build_training, check_memory, deterministic_algorithms,
+                   device_name, eager_step_on_side_stream, final_evaluations, load_task, pick_device, record_cuda_graph,
+                   resolve, set_cpu_threads)
 
 
 class OpCounter(TorchDispatchMode):
@@ -86,37 +86,40 @@ def time_final_test(model, task, tc, device) -> float:
     return time.perf_counter() - started
 
 
+def bench_rule(run: RunConfig, task, timed_steps: int) -> dict:
+    """One rule's row of the table; what it held is free once it returns, before the next rule's memory check."""
+    tc, device = run.train, pick_device(run.train.device)
+    set_cpu_threads(tc, device)
+    if device.type == "cuda":  # the last rule's cached blocks are free to this one
+        torch.cuda.empty_cache()
+    check_memory(run, task, device)
+    if device.type == "cuda":  # peak memory of everything this rule allocates, the graph's pool included
+        torch.cuda.reset_peak_memory_stats(device)
+    model, optimizer, train_step, graphed = build_training(run, task, device)
+    generator = torch.Generator(device=device).manual_seed(tc.seed)
+    batches = [task.sample(tc.batch_size, "train", device, generator) for _ in range(4)]
+    ops, tokens = count_ops(model, task, batches[0], tc.amp), batches[0].x.shape[1]  # a training episode's tokens
+    if graphed:
+        side_stream = torch.cuda.Stream(device)
+        for batch in batches[:GRAPH_WARMUP]:
+            eager_step_on_side_stream(train_step, batch, side_stream)
+        train_step = record_cuda_graph(train_step, batches[0])
+    ms = time_steps(train_step, batches, device, timed_steps)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    test_s = time_final_test(model, task, tc, device)
+    return dict(rule=run.train.rule, params=model.num_params(), ms_per_step=ms, per_second=1000 * tc.batch_size / ms,
+                peak_gib=peak, test_s=test_s, test_episodes=tc.test_episodes, ops=ops.total, ops_per_token=ops.total / tokens, computing_ops=ops.computing,
+                device=device_name(device), cuda_graph=graphed,
+                fast_form=run.model.fast_form, task=task.name, batch_size=tc.batch_size, tokens=tokens)
+
+
 def bench(cfg: RunConfig, timed_steps: int = 20) -> list[dict]:
     """--bench: each rule's ms/step, sequences/s, peak GPU memory, the final test's seconds and aten operations
-    per token; one table."""
+    per token; one table. --deterministic measures its kernels."""
     task = load_task(cfg.task)
-    rows = []
-    for rule in RULES:
-        run = resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rule=rule)), task)
-        tc, device = run.train, pick_device(run.train.device)
-        set_cpu_threads(tc, device)
-        if device.type == "cuda":  # the last rule's cached blocks are free to this one
-            torch.cuda.empty_cache()
-        check_memory(run, task, device)
-        if device.type == "cuda":  # peak memory of everything this rule allocates, the graph's pool included
-            torch.cuda.reset_peak_memory_stats(device)
-        model, optimizer, train_step, graphed = build_training(run, task, device)
-        generator = torch.Generator(device=device).manual_seed(tc.seed)
-        batches = [task.sample(tc.batch_size, "train", device, generator) for _ in range(4)]
-        ops, tokens = count_ops(model, task, batches[0], tc.amp), batches[0].x.shape[1]  # a training episode's tokens
-        if graphed:
-            side_stream = torch.cuda.Stream(device)
-            for batch in batches[:GRAPH_WARMUP]:
-                eager_step_on_side_stream(train_step, batch, side_stream)
-            train_step = record_cuda_graph(train_step, batches[0])
-        ms = time_steps(train_step, batches, device, timed_steps)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        test_s = time_final_test(model, task, tc, device)
-        rows.append(dict(rule=rule, params=model.num_params(), ms_per_step=ms, per_second=1000 * tc.batch_size / ms,
-                         peak_gib=peak, test_s=test_s, test_episodes=tc.test_episodes, ops=ops.total, ops_per_token=ops.total / tokens, computing_ops=ops.computing,
-                         device=device_name(device), cuda_graph=graphed,
-                         fast_form=run.model.fast_form, task=task.name, batch_size=tc.batch_size, tokens=tokens))
-        del model, optimizer, train_step, batches  # before the next rule's memory check: what this one held is free
+    with deterministic_algorithms(cfg.train.deterministic):
+        rows = [bench_rule(resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rule=rule)), task), task,
+                           timed_steps) for rule in RULES]
     print_table(rows, cfg, timed_steps)
     return rows
 

@@ -12,7 +12,7 @@ import torch
 import bench
 import train
 from plastic import Config, PlasticGPT
-from test_train import tiny
+from test_train import DETERMINISTIC, deterministic_state, record_deterministic_state, tiny
 
 
 @pytest.mark.train
@@ -156,3 +156,13 @@ def test_op_counts_do_not_depend_on_the_batch_size_and_grow_linearly_with_tokens
             assert counts[rule, T, 2] == counts[rule, T, 5], f"{rule}, {T} tokens: batch 2 and 5 count {counts[rule, T, 2]} and {counts[rule, T, 5]}"
         first, second = counts[rule, 8, 2] - counts[rule, 4, 2], counts[rule, 12, 2] - counts[rule, 8, 2]
         assert first == second, f"{rule}: tokens 5-8 add {first} operations, tokens 9-12 add {second}: the cost per token grows with t"
+
+
+@pytest.mark.train
+def test_bench_measures_deterministic_kernels_when_asked(tmp_path, monkeypatch, capsys):
+    """bench(--deterministic) times every rule under deterministic_algorithms, so its ms/step is their cost, and
+    leaves the process's settings as it found them."""
+    before, during = deterministic_state(), record_deterministic_state(monkeypatch, bench)
+    bench.bench(tiny(tmp_path, batch_size=4, deterministic=True), timed_steps=1)
+    assert during == [DETERMINISTIC] * len(train.RULES), f"each rule should be timed with deterministic kernels: {during}"
+    assert deterministic_state() == before, f"bench should restore {before}, left {deterministic_state()}"

@@ -287,6 +287,27 @@ def test_a_task_without_images_is_refused_from_python_too(tmp_path):
     assert not os.listdir(tmp_path), f"a refused pre-training wrote {os.listdir(tmp_path)}"
 
 
+def test_deterministic_holds_during_pretraining_is_recorded_and_undone_after(tmp_path, offline, monkeypatch):
+    """pretrain.py --deterministic enters train.py's deterministic_algorithms: on while it trains, in
+    config.json, and the previous settings back once main() returns."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    during, sample_images = [], pretrain.sample_images
+
+    def sample_and_record(*args, **kwargs):
+        during.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                       os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return sample_images(*args, **kwargs)
+    monkeypatch.setattr(pretrain, "sample_images", sample_and_record)
+    argv = ["--out-dir", str(tmp_path), "--device", "cpu", "--steps", "2", "--eval-interval", "2", "--eval-episodes", "4",
+            "--test-episodes", "6", "--way", "3", "--batch-size", "16", "--encoder-channels", "8", "--deterministic"]
+    assert exit_code(argv) == 0
+    assert during == [(True, True, ":4096:8")] * 2, f"every step should run deterministic: {during}"
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ, \
+        "main() should restore the settings it found"
+    assert json.loads((tmp_path / "pretrain-cifar_fs" / "config.json").read_text())["deterministic"] is True, \
+        "config.json should record --deterministic"
+
+
 def test_an_earlier_pretraining_is_kept_without_overwrite(tmp_path, offline, capsys):
     pretrain.pretrain(tiny(tmp_path))
     run_dir = tmp_path / "pretrain-cifar_fs"

@@ -253,7 +253,7 @@ def test_resume_without_a_checkpoint_or_with_other_options_is_refused(tmp_path):
     train.train(tiny(tmp_path, steps=2))
     with pytest.raises(train.UsageError, match="d_model"):
         train.train(tiny(tmp_path, resume=True, model=dict(d_model=32)))
-    for option, value in (("seed", 3), ("batch_size", 8), ("eval_episodes", 6)):
+    for option, value in (("seed", 3), ("batch_size", 8), ("eval_episodes", 6), ("deterministic", True)):
         with pytest.raises(train.UsageError, match=f"--{option.replace('_', '-')} .*, not {value}; resume with the run's own"):
             train.train(tiny(tmp_path, resume=True, **{option: value}))
 
@@ -908,6 +908,70 @@ def test_cli_runs_end_to_end_in_a_subprocess(tmp_path):
     assert all((tmp_path / "copy-hebbian" / name).is_file() for name in RUN_FILES + TRACE_FILES)
     imported = subprocess.run([sys.executable, "-c", "import train"], cwd=HERE, capture_output=True, text=True, env=env)
     assert imported.returncode == 0 and imported.stdout == "" and imported.stderr == "", "importing train.py should run nothing"
+
+
+def deterministic_state() -> dict:
+    """The process-wide settings --deterministic changes."""
+    return dict(algorithms=torch.are_deterministic_algorithms_enabled(), cudnn=torch.backends.cudnn.deterministic,
+                benchmark=torch.backends.cudnn.benchmark, workspace=os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+
+DETERMINISTIC = dict(algorithms=True, cudnn=True, benchmark=False, workspace=":4096:8", warn_only=False)
+
+
+def record_deterministic_state(monkeypatch, module) -> list[dict]:
+    """Patches module.build_training to note deterministic_state() (and warn-only) each time it is called."""
+    during, build_training = [], module.build_training
+
+    def build_and_record(*args, **kwargs):
+        during.append(deterministic_state() | dict(warn_only=torch.is_deterministic_algorithms_warn_only_enabled()))
+        return build_training(*args, **kwargs)
+    monkeypatch.setattr(module, "build_training", build_and_record)
+    return during
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("entry", ["command line", "python"])
+def test_deterministic_is_on_during_the_run_and_the_previous_settings_come_back(tmp_path, monkeypatch, entry):
+    """--deterministic holds while the run trains (error mode, not a warning), from main() and from train()
+    alike, and the process is left as it was found: later tests in this process would otherwise run
+    deterministic."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # a previous setting other than the default
+    before, during = deterministic_state(), record_deterministic_state(monkeypatch, train)
+    if entry == "command line":
+        assert train.main(tiny_argv(tmp_path, "--steps", "2", "--deterministic")) == 0
+    else:
+        train.train(tiny(tmp_path, rule="none", steps=2, deterministic=True))
+    assert during == [DETERMINISTIC], \
+        f"during the run deterministic algorithms (raising, not warning), cuDNN's and cuBLAS's should be on: {during}"
+    assert deterministic_state() == before, f"the run should restore {before}, left {deterministic_state()}"
+
+
+@pytest.mark.cli
+def test_deterministic_keeps_a_cublas_workspace_config_already_set(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the other setting cuBLAS documents as deterministic
+    with train.deterministic_algorithms(True):
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8", "a workspace the user chose should be kept"
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8", "leaving should not remove a workspace the user set"
+    with train.deterministic_algorithms(False):
+        assert not torch.are_deterministic_algorithms_enabled(), "without the option nothing should change"
+
+
+@pytest.mark.cli
+def test_deterministic_runs_repeat_and_record_the_option(tmp_path):
+    """Two runs with --deterministic give the same test numbers, and config.json and results.json say it was on.
+    On a CPU these kernels are deterministic anyway, so this checks the plumbing; that a GPU run repeats bit for
+    bit was measured on an H200 (README), not here."""
+    runs = []
+    for name in ("a", "b"):
+        assert train.main(tiny_argv(tmp_path / name, "--steps", "4", "--deterministic")) == 0
+        runs.append(json.loads((tmp_path / name / "copy-none" / "results.json").read_text()))
+    assert (runs[0]["test_mean"], runs[0]["by_episode"]) == (runs[1]["test_mean"], runs[1]["by_episode"]), \
+        "two runs with --deterministic should score every test episode the same"
+    config = json.loads((tmp_path / "a" / "copy-none" / "config.json").read_text())
+    assert config["train"]["deterministic"] is True and runs[0]["config"]["train"]["deterministic"] is True, \
+        "config.json and results.json should record --deterministic"
 
 
 @pytest.mark.train

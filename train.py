@@ -20,6 +20,7 @@ From Python: `train(RunConfig(...)) -> dict`, `compare(RunConfig(...)) -> dict`.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -184,6 +185,7 @@ class TrainConfig:
     amp: bool = False  # bfloat16 autocast of the encoder and parallel blocks, the token loop in float32 (CUDA only; ignored on the CPU); 10-23% slower per step at the Omniglot size (README, Speed)
     init_encoder: str | None = None  # image tasks: a run folder (its best.pt) or checkpoint whose Conv4 encoder starts this model; the rest starts fresh
     encoder_lr_scale: float = 1.0  # image tasks: the encoder's learning rate as a fraction of the rest's, at every step (0.1 fine-tunes an --init-encoder gently; 0 keeps its weights, while its batch-norm statistics still follow the training images)
+    deterministic: bool = False  # deterministic kernels (deterministic_algorithms): a run repeats bit for bit on one GPU, where two runs of one command differed by 0.39 test points; off by default, as they are 12-19% slower per step on an H200
 
 
 @dataclass
@@ -317,6 +319,37 @@ def set_cpu_threads(tc: TrainConfig, device: torch.device) -> None:
     leaves that headroom."""
     if device.type == "cpu":
         torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // 2))
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """Within it, when enabled, every operation takes a deterministic implementation, and one that has none
+    raises an error rather than silently breaking the promise: a run repeats bit for bit on the same device
+    and software. Without it two runs of one command on a GPU differed by 0.39 test points (README, "Few-shot
+    on the literature's splits"), as some GPU kernels (cuDNN's convolution backward passes, cuBLAS's split
+    reductions) sum in an order that changes from run to run; with it two runs on an H200 scored every test
+    episode the same, 12-19% slower per step. cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, at its first call,
+    so train(), pretrain() and bench() enter this before their first CUDA work (in a process that has already
+    multiplied on the GPU without it, set the variable before starting Python). The previous settings come
+    back on leaving: tests train many times in one process."""
+    if not enabled:
+        yield
+        return
+    previous = (os.environ.get("CUBLAS_WORKSPACE_CONFIG"), torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.deterministic,
+                torch.backends.cudnn.benchmark)
+    try:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # a fixed cuBLAS workspace, as its deterministic matmuls need
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        yield
+    finally:
+        workspace, algorithms, warn_only, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous
+        torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
 
 
 def device_name(device: torch.device) -> str:
@@ -481,10 +514,11 @@ def with_options_added(saved: dict, otherwise: dict) -> dict:
 
 # Training options a resumed run must keep, as config.json records one value for the whole run: the seed (the
 # initialisation and the first steps' episodes), the batch, the validation episodes (the best score is compared
-# across the resume) and the encoder's learning-rate scale (it decides the optimizer's groups); a finished run
-# also keeps its test episodes. 1 is the scale before the option. --steps, the learning rate and the weight
-# decay may change (resumed_optimizer_state).
-KEPT_ON_RESUME = {"seed": None, "batch_size": None, "eval_episodes": None, "encoder_lr_scale": 1.0}
+# across the resume), the encoder's learning-rate scale (it decides the optimizer's groups) and --deterministic
+# (a run repeats bit for bit only if every part of it ran deterministic); a finished run also keeps its test
+# episodes. A run saved before these options had scale 1 and was not deterministic. --steps, the learning rate
+# and the weight decay may change (resumed_optimizer_state).
+KEPT_ON_RESUME = {"seed": None, "batch_size": None, "eval_episodes": None, "encoder_lr_scale": 1.0, "deterministic": False}
 
 
 def check_same_config(saved: dict, current: dict, path: str, finished: bool = False) -> None:
@@ -895,11 +929,9 @@ def cpu_hint(tc: TrainConfig, model_cfg: Config, ms_per_step: float) -> str:
             f"this CPU; --steps {steps}{smaller} takes 5 minutes or less (the task defaults are sized for a GPU)")
 
 
-def train(cfg: RunConfig) -> dict:
+def train_rule(cfg: RunConfig) -> dict:
     """Train one rule (cfg.train.rule in none | hebbian | gradient), test the best model, write the
-    run folder, and return what results.json holds. Rule "all": compare()."""
-    if cfg.train.rule == "all":
-        return compare(cfg)
+    run folder, and return what results.json holds."""
     task = load_task(cfg.task)
     cfg = resolve(cfg, task)
     tc, model_cfg = cfg.train, cfg.model
@@ -1062,6 +1094,12 @@ def compare(cfg: RunConfig) -> dict:
     with open(os.path.join(cfg.train.out_dir, f"{cfg.task.name}-comparison.txt"), "w") as f:
         f.write(table + "\n")
     return dict(runs=results, table=table)
+
+
+def train(cfg: RunConfig) -> dict:
+    """train_rule(), or compare() for rule "all", with deterministic kernels where --deterministic asks."""
+    with deterministic_algorithms(cfg.train.deterministic):
+        return compare(cfg) if cfg.train.rule == "all" else train_rule(cfg)
 
 
 # ----------------------------------------------------------------------------------------------
