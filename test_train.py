@@ -1071,6 +1071,24 @@ def test_report_pairs_runs_tested_on_the_same_episodes(tmp_path, offline, capsys
 
 
 @pytest.mark.train
+def test_images_md5_tells_apart_episodes_that_differ_only_in_which_tokens_count(monkeypatch):
+    """images_md5 covers the mask (which tokens are scored queries) as its docstring says: the same targets,
+    tokens and images with one query fewer scored are other episodes, with another images_md5."""
+    task = synthetic_few_shot(TaskConfig(name="omniglot", **TINY_TASKS["omniglot"]))
+    first, sample = train.episodes_fingerprint(task, "test", 12, "cpu", 2), task.sample
+
+    def one_query_fewer(*args, **kwargs):
+        batch = sample(*args, **kwargs)
+        mask = batch.mask.clone()
+        mask[:, mask[0].nonzero()[-1]] = False  # the last query of every episode no longer scored
+        return dataclasses.replace(batch, mask=mask)
+    monkeypatch.setattr(task, "sample", one_query_fewer)
+    fewer = train.episodes_fingerprint(task, "test", 12, "cpu", 2)
+    assert fewer["episodes_md5"] == first["episodes_md5"] and fewer["images_md5"] != first["images_md5"], \
+        f"the same targets and images under another mask: the same episodes_md5, another images_md5; got {first} and {fewer}"
+
+
+@pytest.mark.train
 def test_the_fingerprint_tells_the_same_targets_on_other_images_apart(tmp_path, capsys):
     """episodes_fingerprint: a seed's episodes drawn again give the same md5s; the same targets drawn from other
     images (another split; here another synthetic dataset of the same counts) the same episodes_md5 but another
