@@ -117,9 +117,9 @@ def bench(cfg: RunConfig, timed_steps: int = 20) -> list[dict]:
     """--bench: each rule's ms/step, sequences/s, peak GPU memory, the final test's seconds and aten operations
     per token; one table. --deterministic measures its kernels."""
     task = load_task(cfg.task)
+    runs = [resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rule=rule)), task) for rule in RULES]
     with deterministic_algorithms(cfg.train.deterministic):
-        rows = [bench_rule(resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rule=rule)), task), task,
-                           timed_steps) for rule in RULES]
+        rows = [bench_rule(run, task, timed_steps) for run in runs]
     print_table(rows, cfg, timed_steps)
     return rows
 

@@ -245,18 +245,18 @@ def pretrain_encoder(pc: PretrainConfig) -> dict:
     return results
 
 
+def pretrain(pc: PretrainConfig) -> dict:
+    """pretrain_encoder(), with deterministic kernels where --deterministic asks."""
+    with deterministic_algorithms(pc.deterministic):
+        return pretrain_encoder(pc)
+
+
 # ----------------------------------------------------------------------------------------------
 # The command line, one flag per field of PretrainConfig, help from its comment
 
 
 CHOICES = dict(task=FEW_SHOT, split=OMNIGLOT_SPLITS)
 
-
-
-def pretrain(pc: PretrainConfig) -> dict:
-    """pretrain_encoder(), with deterministic kernels where --deterministic asks."""
-    with deterministic_algorithms(pc.deterministic):
-        return pretrain_encoder(pc)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(description="Pre-train the Conv4 image encoder on every training class, for train.py --init-encoder.",
