@@ -70,7 +70,7 @@ class PretrainConfig:
     data_dir: str | None = None  # folder with omniglot/ and cifar100/; None: $PLASTIC_DATA or ./data
     out_dir: str = "runs"  # writes <out_dir>/pretrain-<task>/
     overwrite: bool = False  # replace an earlier pre-training in that folder
-    deterministic: bool = False  # deterministic kernels, as train.py's --deterministic: a run repeats bit for bit on one GPU, where two runs differed by 0.39 test points; off by default, as they are 19% slower per step on an H200
+    deterministic: bool = False  # deterministic kernels, as train.py's --deterministic: a run repeats bit for bit on one GPU, where two runs differed by 0.39 test points; off by default, as they are 16-19% slower on an H200
 
     def task_config(self) -> TaskConfig:
         """The episodes train.py would validate and test on with these way, shot and query (None: the task's

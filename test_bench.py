@@ -162,6 +162,8 @@ def test_op_counts_do_not_depend_on_the_batch_size_and_grow_linearly_with_tokens
 def test_bench_measures_deterministic_kernels_when_asked(tmp_path, monkeypatch, capsys):
     """bench(--deterministic) times every rule under deterministic_algorithms, so its ms/step is their cost, and
     leaves the process's settings as it found them."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # a previous setting other than the default
     before, during = deterministic_state(), record_deterministic_state(monkeypatch, bench)
     bench.bench(tiny(tmp_path, batch_size=4, deterministic=True), timed_steps=1)
     assert during == [DETERMINISTIC] * len(train.RULES), f"each rule should be timed with deterministic kernels: {during}"

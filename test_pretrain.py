@@ -22,7 +22,7 @@ import train
 from plastic import Config
 from pretrain import PretrainConfig
 from tasks import TaskConfig
-from test_train import no_network, offline  # noqa: F401 (fixtures: few-shot tasks on test_train's synthetic images)
+from test_train import DETERMINISTIC, deterministic_state, no_network, offline  # noqa: F401 (fixtures: few-shot tasks on test_train's synthetic images)
 
 
 def tiny(out_dir, **options) -> PretrainConfig:
@@ -291,19 +291,18 @@ def test_deterministic_holds_during_pretraining_is_recorded_and_undone_after(tmp
     """pretrain.py --deterministic enters train.py's deterministic_algorithms: on while it trains, in
     config.json, and the previous settings back once main() returns."""
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    during, sample_images = [], pretrain.sample_images
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # a previous setting other than the default
+    before, during, sample_images = deterministic_state(), [], pretrain.sample_images
 
     def sample_and_record(*args, **kwargs):
-        during.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-                       os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        during.append(deterministic_state() | dict(warn_only=torch.is_deterministic_algorithms_warn_only_enabled()))
         return sample_images(*args, **kwargs)
     monkeypatch.setattr(pretrain, "sample_images", sample_and_record)
     argv = ["--out-dir", str(tmp_path), "--device", "cpu", "--steps", "2", "--eval-interval", "2", "--eval-episodes", "4",
             "--test-episodes", "6", "--way", "3", "--batch-size", "16", "--encoder-channels", "8", "--deterministic"]
     assert exit_code(argv) == 0
-    assert during == [(True, True, ":4096:8")] * 2, f"every step should run deterministic: {during}"
-    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ, \
-        "main() should restore the settings it found"
+    assert during == [DETERMINISTIC] * 2, f"every step should run deterministic: {during}"
+    assert deterministic_state() == before, f"main() should restore {before}, left {deterministic_state()}"
     assert json.loads((tmp_path / "pretrain-cifar_fs" / "config.json").read_text())["deterministic"] is True, \
         "config.json should record --deterministic"
 

@@ -185,7 +185,7 @@ class TrainConfig:
     amp: bool = False  # bfloat16 autocast of the encoder and parallel blocks, the token loop in float32 (CUDA only; ignored on the CPU); 10-23% slower per step at the Omniglot size (README, Speed)
     init_encoder: str | None = None  # image tasks: a run folder (its best.pt) or checkpoint whose Conv4 encoder starts this model; the rest starts fresh
     encoder_lr_scale: float = 1.0  # image tasks: the encoder's learning rate as a fraction of the rest's, at every step (0.1 fine-tunes an --init-encoder gently; 0 keeps its weights, while its batch-norm statistics still follow the training images)
-    deterministic: bool = False  # deterministic kernels (deterministic_algorithms): a run repeats bit for bit on one GPU, where two runs of one command differed by 0.39 test points; off by default, as they are 12-19% slower per step on an H200
+    deterministic: bool = False  # deterministic kernels (deterministic_algorithms): a run repeats bit for bit on one GPU, where two runs of one command differed by 0.39 test points; off by default, as they are 14-19% slower on an H200
 
 
 @dataclass
@@ -328,7 +328,7 @@ def deterministic_algorithms(enabled: bool):
     and software. Without it two runs of one command on a GPU differed by 0.39 test points (README, "Few-shot
     on the literature's splits"), as some GPU kernels (cuDNN's convolution backward passes, cuBLAS's split
     reductions) sum in an order that changes from run to run; with it two runs on an H200 scored every test
-    episode the same, 12-19% slower per step. cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, at its first call,
+    episode the same, 14-19% slower. cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, at its first call,
     so train(), pretrain() and bench() enter this before their first CUDA work (in a process that has already
     multiplied on the GPU without it, set the variable before starting Python). The previous settings come
     back on leaving: tests train many times in one process."""
@@ -531,9 +531,11 @@ def check_same_config(saved: dict, current: dict, path: str, finished: bool = Fa
     for k, before in kept.items():
         was = saved["train"].get(k, before)
         if was != current["train"][k]:
-            raise UsageError(f"{path} was trained with --{k.replace('_', '-')} {was}, not {current['train'][k]}; "
-                             f"{'reuse it' if finished else 'resume'} with the run's own options, or start it "
-                             "again with --overwrite.")
+            flag = "--" + k.replace("_", "-")
+            trained = (f"with {flag}" if was else f"without {flag}") if isinstance(was, bool) else \
+                f"with {flag} {was}, not {current['train'][k]}"  # an on/off flag takes no value
+            raise UsageError(f"{path} was trained {trained}; {'reuse it' if finished else 'resume'} with the run's own "
+                             "options, or start it again with --overwrite.")
     as_trained = lambda task: task | dict(train_shot=task["train_shot"] or task["shot"])
     saved, current = ({**config, "task": as_trained(config["task"])} for config in (with_options_added(saved, current), current))
     for section in ("task", "model"):
