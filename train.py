@@ -326,12 +326,12 @@ def deterministic_algorithms(enabled: bool):
     """Within it, when enabled, every operation takes a deterministic implementation, and one that has none
     raises an error rather than silently breaking the promise: a run repeats bit for bit on the same device
     and software. Without it two runs of one command on a GPU differed by 0.39 test points (README, "Few-shot
-    on the literature's splits"), as some GPU kernels (PyTorch's reproducibility notes name
-    cuDNN's convolution backward passes and cuBLAS) sum in an order that changes from run to run; with it two runs on an H200 scored every test
-    episode the same, 14-19% slower. cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, at its first call,
-    so train(), pretrain() and bench() enter this before their first CUDA work (in a process that has already
-    multiplied on the GPU without it, set the variable before starting Python). The previous settings come
-    back on leaving: tests train many times in one process."""
+    on the literature's splits"), as some GPU kernels (PyTorch's reproducibility notes name cuDNN's
+    convolution backward passes and cuBLAS) sum in an order that changes from run to run; with it two runs
+    on an H200 scored every test episode the same, 14-19% slower. cuBLAS reads CUBLAS_WORKSPACE_CONFIG once,
+    at its first call, so train(), pretrain() and bench() enter this before their first CUDA work (in a
+    process that has already multiplied on the GPU without it, set the variable before starting Python).
+    The previous settings come back on leaving: tests train many times in one process."""
     if not enabled:
         yield
         return
