@@ -185,7 +185,7 @@ class TrainConfig:
     amp: bool = False  # bfloat16 autocast of the encoder and parallel blocks, the token loop in float32 (CUDA only; ignored on the CPU); 10-23% slower per step at the Omniglot size (README, Speed)
     init_encoder: str | None = None  # image tasks: a run folder (its best.pt) or checkpoint whose Conv4 encoder starts this model; the rest starts fresh
     encoder_lr_scale: float = 1.0  # image tasks: the encoder's learning rate as a fraction of the rest's, at every step (0.1 fine-tunes an --init-encoder gently; 0 keeps its weights, while its batch-norm statistics still follow the training images)
-    deterministic: bool = False  # deterministic kernels (deterministic_algorithms): a run repeats bit for bit on one GPU, where two runs of one command differed by 0.39 test points; off by default, as they are 14-19% slower on an H200
+    deterministic: bool = False  # deterministic kernels (deterministic_algorithms): a run repeats bit for bit on one GPU, where two runs of one command differed by 0.39 test points; off by default, as they are 10-19% slower on an H200
 
 
 @dataclass
@@ -328,9 +328,10 @@ def deterministic_algorithms(enabled: bool):
     and software. Without it two runs of one command on a GPU differed by 0.39 test points (README, "Few-shot
     on the literature's splits"), as some GPU kernels (PyTorch's reproducibility notes name cuDNN's
     convolution backward passes and cuBLAS) sum in an order that changes from run to run; with it two runs
-    on an H200 scored every test episode the same, 14-19% slower. cuBLAS reads CUBLAS_WORKSPACE_CONFIG once,
-    at its first call, so train(), pretrain() and bench() enter this before their first CUDA work (in a
-    process that has already multiplied on the GPU without it, set the variable before starting Python).
+    on an H200 scored every test episode the same, with every rule, 10-19% slower. cuBLAS reads
+    CUBLAS_WORKSPACE_CONFIG once, at its first call, so train(), pretrain() and bench() enter this before
+    their first CUDA work (in a process that has already multiplied on the GPU without it, set the variable
+    before starting Python).
     The previous settings come back on leaving: tests train many times in one process."""
     if not enabled:
         yield
