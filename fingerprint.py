@@ -98,9 +98,13 @@ def main(argv=None) -> int:
     try:
         if not os.path.isdir(args.folder):
             raise UsageError(f"{args.folder} is not a folder; give a folder of run folders, such as results.")
-        device, tasks = pick_device(args.device), {}
+        device, tasks, found = pick_device(args.device), {}, 0
         for file, run in tests_below(args.folder):
             print(f"{file}: {add_images_md5(file, run, device, args.data_dir, tasks)}", flush=True)
+            found += 1
+        if not found:
+            raise UsageError(f"{args.folder} holds no test (a results.json or retest-*.json beside a config.json) at "
+                             "any depth; give a folder of run folders, such as results.")
     except UsageError as err:
         print(f"fingerprint.py: {err}", file=sys.stderr)
         return 2

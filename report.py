@@ -254,7 +254,10 @@ def read_test(path):
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot read a final test from {path} ({err}); give a run folder, a results.json or a "
                          f"retest-*.json.") from err
-    if test.get("by_episode") is None:
+    if not (isinstance(test, dict) and all(k in test for k in ("metric", "test_mean", "test_episodes"))):
+        raise UsageError(f"{path} holds no final test (metric, test_mean, test_episodes); give a run folder, a "
+                         f"results.json or a retest-*.json.")
+    if not test.get("by_episode"):
         raise UsageError(f"{path} keeps no per-episode scores (runs tested before they were kept); test it again "
                          f"(retest.py for a few-shot run) to pair it.")
     return test | dict(split=split_of(test, file))

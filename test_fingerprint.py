@@ -106,3 +106,11 @@ def test_a_missing_folder_is_one_sentence_and_exit_code_2(tmp_path, capsys):
     assert fingerprint.main([str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "is not a folder" in err and err.count("\n") == 1, f"one sentence, got {err!r}"
+
+
+def test_a_folder_without_tests_is_one_sentence_and_exit_code_2(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("{}")  # no config.json beside it: not a run's test
+    assert fingerprint.main([str(tmp_path)]) == 2, "a folder holding no test did nothing: not a success"
+    err = capsys.readouterr().err
+    assert "holds no test" in err and err.count("\n") == 1, f"one sentence, got {err!r}"

@@ -501,6 +501,12 @@ def test_encoder_lr_scale_0_keeps_an_init_encoders_weights_and_refuses_a_resume_
         "the encoder's batch-norm statistics should follow the training images"
     with pytest.raises(train.UsageError, match="trained with --encoder-lr-scale 0.0, not 1.0"):
         train.train(tiny(tmp_path, "cifar_fs", "hebbian", init_encoder=str(source_dir), resume=True))
+    for init_encoder, trained_with in ((None, f"with --init-encoder {source_dir}; resume"),
+                                       (str(tmp_path / "source"), f"with --init-encoder {source_dir}, not")):
+        with pytest.raises(train.UsageError, match=trained_with):  # a resume would ignore it, and config.json record it
+            train.train(tiny(tmp_path, "cifar_fs", "hebbian", init_encoder=init_encoder, encoder_lr_scale=0.0, resume=True))
+    with pytest.raises(train.UsageError, match="cifar_fs-none/checkpoint.pt was trained without --init-encoder; resume"):
+        train.train(tiny(tmp_path / "source", "cifar_fs", "none", init_encoder=str(source_dir), resume=True))
     with pytest.raises(train.UsageError, match="copy has no images; drop it"):
         train.train(tiny(tmp_path / "copy", "copy", encoder_lr_scale=0.5))
     assert not (tmp_path / "copy").exists(), "a refused --encoder-lr-scale wrote a run folder"
@@ -772,6 +778,35 @@ def test_rule_all_resume_reuses_a_finished_rule_and_starts_the_ones_not_started(
     out = train.compare(tiny(tmp_path, "copy", "all", steps=2, resume=True))
     assert [r["rule"] for r in out["runs"]] == ["none", "hebbian", "gradient"], "every rule should have its results"
     assert out["runs"][0] == first, "the finished static run should be reused as it is"
+
+
+@pytest.mark.train
+def test_a_resume_that_would_relabel_or_retest_a_finished_run_is_refused_and_changes_no_file(tmp_path):
+    """--steps below the checkpoint's step would train nothing and record the fewer steps in config.json; other
+    --test-episodes would replace a finished run's results.json with a test of other episodes."""
+    train.train(tiny(tmp_path, steps=4))
+    run_dir = tmp_path / "copy-hebbian"
+    before = {name: (run_dir / name).read_bytes() for name in RUN_FILES}
+    with pytest.raises(train.UsageError, match="is at step 4, past --steps 2; resume with --steps 4 or more"):
+        train.train(tiny(tmp_path, steps=2, resume=True))
+    with pytest.raises(train.UsageError, match="is finished, tested on 8 episodes, .*; resume with --test-episodes 8, or start it again with --overwrite"):
+        train.train(tiny(tmp_path, test_episodes=16, resume=True))
+    assert all((run_dir / name).read_bytes() == data for name, data in before.items()), "a refused resume must change no file"
+
+
+@pytest.mark.train
+def test_rule_all_refuses_a_damaged_results_json_or_a_file_for_a_folder_before_training_anything(tmp_path):
+    train.train(tiny(tmp_path, "copy", "none", steps=2, match_params=True))
+    results = tmp_path / "copy-none/results.json"
+    results.write_text(results.read_text()[:30])  # cut short
+    with pytest.raises(train.UsageError, match="copy-none/results.json is damaged .*move it away .* --resume"):
+        train.compare(tiny(tmp_path, "copy", "all", steps=2, resume=True))
+    assert not (tmp_path / "copy-hebbian").exists(), "nothing may train before every folder is checked"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b/copy-gradient").write_text("notes")
+    with pytest.raises(train.UsageError, match="copy-gradient is a file, not a run folder; move it"):
+        train.compare(tiny(tmp_path / "b", "copy", "all", steps=2))
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["copy-gradient"], "nothing may train before every folder is checked"
 
 
 @pytest.mark.cli
@@ -1089,9 +1124,12 @@ def test_report_pairs_runs_tested_on_the_same_episodes(tmp_path, offline, capsys
     assert static["plasticity_mean"] is None and plastic["plasticity_mean"] is not None, \
         "a plastic run pairs itself with its knock-out, the static one has none"
     (tmp_path / "old.json").write_text(json.dumps({k: v for k, v in static.items() if k != "by_episode"}))
+    (tmp_path / "list.json").write_text("[]")
     for pair, message in (([runs[0], str(tmp_path / "c" / "omniglot-none")], "were tested on different episodes"),
                           ([str(tmp_path / "old.json"), runs[0]], "keeps no per-episode"),
-                          ([str(tmp_path / "nowhere"), runs[0]], "cannot read a final test")):
+                          ([str(tmp_path / "nowhere"), runs[0]], "cannot read a final test"),
+                          ([runs[0] + "/config.json", runs[0]], "holds no final test"),  # not the results.json beside it
+                          ([str(tmp_path / "list.json"), runs[0]], "holds no final test")):
         assert report.main(["--paired", *pair]) == 2, f"--paired {pair} should exit with code 2"
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, f"--paired {pair}: one sentence with {message!r}, got {err!r}"

@@ -390,6 +390,8 @@ def refuse_to_replace(tc: TrainConfig, run_dir: str) -> None:
     """A run folder is never replaced silently: without --resume or --overwrite an existing run is refused."""
     if tc.resume and tc.overwrite:
         raise UsageError("--resume continues the run in its folder and --overwrite replaces it; choose one.")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UsageError(f"{run_dir} is a file, not a run folder; move it, or choose another --out-dir.")
     state = run_state(run_dir)
     if state and not tc.resume and not tc.overwrite:
         raise UsageError(f"{run_dir} holds {'a finished' if state == 'finished' else 'an unfinished'} run already; "
@@ -517,9 +519,11 @@ def with_options_added(saved: dict, otherwise: dict) -> dict:
 # initialisation and the first steps' episodes), the batch, the validation episodes (the best score is compared
 # across the resume), the encoder's learning-rate scale (it decides the optimizer's groups) and --deterministic
 # (a run repeats bit for bit only if every part of it ran deterministic); a finished run also keeps its test
-# episodes. A run saved before these options had scale 1 and was not deterministic. --steps, the learning rate
-# and the weight decay may change (resumed_optimizer_state).
-KEPT_ON_RESUME = {"seed": None, "batch_size": None, "eval_episodes": None, "encoder_lr_scale": 1.0, "deterministic": False}
+# episodes. --init-encoder is kept too: it only starts a run, so a resume ignores it, and config.json must name
+# the encoder the run started from. A run saved before these options had scale 1 and was not deterministic.
+# --steps, the learning rate and the weight decay may change (resumed_optimizer_state).
+KEPT_ON_RESUME = {"seed": None, "batch_size": None, "eval_episodes": None, "encoder_lr_scale": 1.0, "deterministic": False,
+                  "init_encoder": None}
 
 
 def check_same_config(saved: dict, current: dict, path: str, finished: bool = False) -> None:
@@ -532,9 +536,11 @@ def check_same_config(saved: dict, current: dict, path: str, finished: bool = Fa
     for k, before in kept.items():
         was = saved["train"].get(k, before)
         if was != current["train"][k]:
-            flag = "--" + k.replace("_", "-")
-            trained = (f"with {flag}" if was else f"without {flag}") if isinstance(was, bool) else \
-                f"with {flag} {was}, not {current['train'][k]}"  # an on/off flag takes no value
+            flag, now = "--" + k.replace("_", "-"), current["train"][k]
+            if isinstance(was, bool) or was is None:  # an on/off flag, or an option not given, takes no value
+                trained = f"with {flag}" if was else f"without {flag}"
+            else:
+                trained = f"with {flag} {was}" + (f", not {now}" if now is not None else "")
             raise UsageError(f"{path} was trained {trained}; {'reuse it' if finished else 'resume'} with the run's own "
                              "options, or start it again with --overwrite.")
     as_trained = lambda task: task | dict(train_shot=task["train_shot"] or task["shot"])
@@ -949,6 +955,13 @@ def train_rule(cfg: RunConfig) -> dict:
     if tc.resume:
         state = load_checkpoint(checkpoint_path)
         check_same_config(state["config"], config, checkpoint_path)
+        tested = state["config"]["train"].get("test_episodes")
+        if run_state(run_dir) == "finished" and tested != tc.test_episodes:  # its results.json would be replaced
+            raise UsageError(f"{run_dir} is finished, tested on {tested} episodes, and a resume would replace that test; "
+                             f"resume with --test-episodes {tested}, or start it again with --overwrite.")
+        if state["step"] > tc.steps:  # nothing would train, and config.json would record fewer steps than the model took
+            raise UsageError(f"{checkpoint_path} is at step {state['step']}, past --steps {tc.steps}; resume with --steps "
+                             f"{state['step']} or more.")
     encoder = read_encoder(tc.init_encoder, model_cfg, cfg.task) if tc.init_encoder and state is None else None
     check_memory(cfg, task, device)
     make_run_dir(tc, run_dir)
@@ -1062,27 +1075,44 @@ def train_rule(cfg: RunConfig) -> dict:
     return results
 
 
+def read_finished(run: RunConfig, run_dir: str) -> dict:
+    """A finished run's results.json, for --rule all --resume to reuse as it is; one that cannot be read, or
+    was run with other options (check_same_config), is refused in one sentence."""
+    path = os.path.join(run_dir, "results.json")
+    try:
+        with open(path) as f:
+            finished = json.load(f)
+    except (OSError, ValueError):
+        finished = None
+    saved = finished.get("config") if isinstance(finished, dict) else None
+    if not (isinstance(saved, dict) and all(isinstance(saved.get(k), dict) for k in ("train", "model", "task"))):
+        raise UsageError(f"{path} is damaged (no readable config); move it away to test the run again from its "
+                         "checkpoint with --resume, or start the run again with --overwrite.")
+    config = json.loads(json.dumps(dataclasses.asdict(resolve(run, load_task(run.task)))))
+    check_same_config(saved, config, run_dir, finished=True)
+    return finished
+
+
 def compare(cfg: RunConfig) -> dict:
     """Train none (widened to the Hebbian model's parameter count), hebbian and gradient with the same
     settings; print and return one table. With --resume a finished rule's results.json is used as it
     is, an unfinished one resumes and one not started yet starts."""
     runs = [dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rule=rule, match_params=True)) for rule in RULES]
-    for run in runs:  # every folder is checked before anything is trained
-        refuse_to_replace(run.train, run_folder(run.train, cfg.task.name))
+    finished = {}
+    for run in runs:  # every folder is checked, and every finished run to reuse read, before anything is trained
+        run_dir = run_folder(run.train, cfg.task.name)
+        refuse_to_replace(run.train, run_dir)
+        if run.train.resume and run_state(run_dir) == "finished":
+            finished[run.train.rule] = read_finished(run, run_dir)
     results = []
     for run in runs:
         print(f"\n=== rule {run.train.rule} ===")
         run_dir = run_folder(run.train, cfg.task.name)
-        state = run_state(run_dir)
-        if run.train.resume and state == "finished":
-            with open(os.path.join(run_dir, "results.json")) as f:
-                finished = json.load(f)
-            config = json.loads(json.dumps(dataclasses.asdict(resolve(run, load_task(run.task)))))
-            check_same_config(finished["config"], config, run_dir, finished=True)
+        if run.train.rule in finished:
             print(f"{run_dir} is finished with these options; its results.json is used as it is")
-            results.append(finished)
+            results.append(finished[run.train.rule])
         else:
-            resume = run.train.resume and state is not None
+            resume = run.train.resume and run_state(run_dir) is not None
             results.append(train(dataclasses.replace(run, train=dataclasses.replace(run.train, resume=resume))))
     metric = results[0]["metric"]
     header = f"{'rule':<9} {'params':>10}   {'test ' + metric + ' (95% CI)':<24} {'knock-out (eta=0)':<20} {'train time':>10}"
