@@ -90,10 +90,9 @@ def retest_task(saved_task: dict, rc: RetestConfig) -> TaskConfig:
         raise UsageError(str(err)) from err
 
 
-def retest_model(saved_model: dict, task) -> Config:
+def retest_model(model_cfg: Config, task) -> Config:
     """The run's model, reading the task's longest episode: without position embeddings no parameter
     depends on the length, so max_len grows to it; with them the learned length is the limit."""
-    model_cfg = Config(**saved_model)
     if task.seq_len > model_cfg.max_len:
         if model_cfg.positions:
             raise UsageError(f"the run learned position embeddings for episodes of up to {model_cfg.max_len} tokens, and "
@@ -128,12 +127,17 @@ def retest(rc: RetestConfig) -> dict:
         raise UsageError(f"{rc.run} is a {config['task']['name']} run; retest.py retests few-shot runs ({', '.join(FEW_SHOT)}).")
     defaults = dict(model=dataclasses.asdict(Config()), task=dataclasses.asdict(TaskConfig()))
     saved = with_options_added(config, defaults)
-    task = load_task(retest_task(saved["task"], rc))
-    model_cfg = retest_model(saved["model"], task)
-    saved_train = config["train"]
-    tc = TrainConfig(rule=model_cfg.rule, seed=saved_train["seed"] if rc.seed is None else rc.seed,
-                     test_episodes=rc.test_episodes or saved_train["test_episodes"],
-                     batch_size=rc.batch_size or saved_train["batch_size"], amp=saved_train.get("amp", False), device=rc.device)
+    try:  # a config.json edited by hand, or written by another version of the code
+        task_cfg, saved_model, saved_train = retest_task(saved["task"], rc), Config(**saved["model"]), config["train"]
+        tc = TrainConfig(rule=saved_model.rule, seed=saved_train["seed"] if rc.seed is None else rc.seed,
+                         test_episodes=rc.test_episodes or saved_train["test_episodes"],
+                         batch_size=rc.batch_size or saved_train["batch_size"], amp=saved_train.get("amp", False),
+                         device=rc.device)
+    except (KeyError, TypeError) as err:
+        raise UsageError(f"{rc.run}/config.json is not one this code reads ({type(err).__name__}: {err}); retest the "
+                         "run with the code that trained it.") from err
+    task = load_task(task_cfg)
+    model_cfg = retest_model(saved_model, task)
     device = pick_device(tc.device)
     set_cpu_threads(tc, device)
     model = PlasticGPT(model_cfg)

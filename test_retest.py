@@ -120,6 +120,26 @@ def test_cli_refuses_bad_runs_and_numbers_with_exit_code_2_and_one_sentence(tmp_
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, f"{argv}: one sentence, got {err!r}"
 
 
+@pytest.mark.cli
+def test_a_config_json_this_code_cannot_read_is_one_sentence_and_exit_code_2(tmp_path, offline, capsys):
+    """A config.json edited by hand or written by another version of the code: a missing training option, an
+    option this code does not know, a value of the wrong type."""
+    run_dir, _ = trained(tmp_path, "none")
+    saved = json.loads((run_dir / "config.json").read_text())
+    edits = {"no-seed": lambda c: c["train"].pop("seed"), "unknown": lambda c: c["task"].update(new_option=3),
+             "model-unknown": lambda c: c["model"].update(new_option=3), "text-way": lambda c: c["task"].update(way="five")}
+    for name, edit in edits.items():
+        config = json.loads(json.dumps(saved))
+        edit(config)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        (tmp_path / name / "best.pt").write_bytes((run_dir / "best.pt").read_bytes())
+        assert retest.main([str(tmp_path / name), "--device", "cpu"]) == 2, f"{name}: should exit with code 2"
+        err = capsys.readouterr().err
+        assert "config.json is not one this code reads" in err and err.count("\n") == 1, f"{name}: one sentence, got {err!r}"
+        assert not list((tmp_path / name).glob("retest-*.json")), f"{name}: a refused retest wrote a file"
+
+
 def test_a_retest_of_other_episodes_is_never_replaced_silently(tmp_path, offline, capsys):
     """The same retest again replaces its file (the same numbers); one of other episodes (another seed, or fewer
     episodes, as a quick check would be) is refused before it runs, in one sentence, the file untouched, and
