@@ -394,8 +394,10 @@ def refuse_to_replace(tc: TrainConfig, run_dir: str) -> None:
         raise UsageError(f"{run_dir} is a file, not a run folder; move it, or choose another --out-dir.")
     state = run_state(run_dir)
     if state and not tc.resume and not tc.overwrite:
+        resumable = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))  # not where a run was killed before its first
         raise UsageError(f"{run_dir} holds {'a finished' if state == 'finished' else 'an unfinished'} run already; "
-                         f"continue it with --resume, replace it with --overwrite, or choose another --out-dir.")
+                         + ("continue it with --resume, replace it" if resumable else "it has no checkpoint.pt to resume "
+                            "from: replace it") + " with --overwrite, or choose another --out-dir.")
 
 
 def make_run_dir(tc: TrainConfig, run_dir: str) -> None:
