@@ -244,6 +244,13 @@ def test_corrupted_checkpoint_gives_a_clear_error(tmp_path):
     (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(train.UsageError, match="not a readable checkpoint"):
         train.train(tiny(tmp_path, resume=True))
+    train.train(tiny(tmp_path, rule="none", steps=2))
+    whole = torch.load(tmp_path / "copy-none/checkpoint.pt", weights_only=True)
+    for foreign in ({"weights": torch.zeros(2)}, [whole], {k: v for k, v in whole.items() if k != "rng"},
+                    whole | dict(config={"train": {}})):  # readable, but not what train.py saves
+        torch.save(foreign, run_dir / "checkpoint.pt")
+        with pytest.raises(train.UsageError, match="is not a checkpoint train.py wrote"):
+            train.train(tiny(tmp_path, resume=True))
 
 
 @pytest.mark.train
@@ -280,6 +287,10 @@ def test_a_log_line_cut_short_is_left_out_and_a_damaged_one_named(tmp_path):
     (tmp_path / "log.jsonl").write_text('{"split": "train", "st\n{"split": "train", "step": 2}\n')
     with pytest.raises(train.UsageError, match="log.jsonl is damaged at line 1"):
         train.read_log(tmp_path)
+    for line in ('[1, 2]', '{"split": "train"}', '"step"'):  # JSON, but not a record of a step
+        (tmp_path / "log.jsonl").write_text('{"split": "train", "step": 1}\n' + line + '\n')
+        with pytest.raises(train.UsageError, match="log.jsonl is damaged at line 2 \\(not a record with a step\\)"):
+            train.read_log(tmp_path)
 
 
 @pytest.mark.train

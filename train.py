@@ -448,10 +448,16 @@ def load_checkpoint(path: str) -> dict:
         raise UsageError(f"there is no checkpoint {path} to resume from; run without --resume (with --overwrite "
                          f"where an earlier run left files).")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise UsageError(f"{path} is not a readable checkpoint ({type(err).__name__}); start the run again "
                          "with --overwrite instead of --resume.") from err
+    keys = ("model", "step", "config", "optimizer", "best", "train_time", "rng")  # what train_rule's save() writes
+    if not (isinstance(state, dict) and all(k in state for k in keys) and isinstance(state["config"], dict)
+            and all(isinstance(state["config"].get(k), dict) for k in ("train", "model", "task"))):
+        raise UsageError(f"{path} is not a checkpoint train.py wrote (it lacks {', '.join(keys)} or a config); start "
+                         "the run again with --overwrite instead of --resume.")
+    return state
 
 
 def encoder_classes(file: str) -> tuple[str, str] | None:
@@ -565,11 +571,16 @@ def read_log(run_dir: str) -> list[dict]:
     records = []
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             if i < len(lines) - 1:
                 raise UsageError(f"{path} is damaged at line {i + 1} ({err.msg}); start the run again with "
                                  "--overwrite.") from err
+            continue
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            raise UsageError(f"{path} is damaged at line {i + 1} (not a record with a step); start the run again "
+                             "with --overwrite.")
+        records.append(record)
     return records
 
 
