@@ -76,13 +76,15 @@ def read_run(run_dir: str) -> dict:
 
 
 def retest_task(saved_task: dict, rc: RetestConfig) -> TaskConfig:
-    """The run's task with the asked sizes. train_way stays the run's: it is the width of the model's labels."""
+    """The run's task with the asked sizes. train_way stays the run's: it is the width of the model's labels.
+    train_shot goes (the training episodes take the test's shot): a retest draws no training episode, and a
+    size too large for the images is then named by the options retest.py has (--shot, --query)."""
     trained_way = saved_task["train_way"] or saved_task["way"]
     way = rc.way or saved_task["way"]
     if way > trained_way:
         raise UsageError(f"the run was trained on episodes of {trained_way} classes, so its labels name at most "
                          f"{trained_way}; test --way {trained_way} or fewer (train with --train-way {way} to test {way}-way).")
-    options = dict(way=way, train_way=trained_way, shot=rc.shot or saved_task["shot"],
+    options = dict(way=way, train_way=trained_way, train_shot=None, shot=rc.shot or saved_task["shot"],
                    query=rc.query or saved_task["query"], data_dir=rc.data_dir)
     try:
         return TaskConfig(**saved_task | options)
@@ -91,12 +93,13 @@ def retest_task(saved_task: dict, rc: RetestConfig) -> TaskConfig:
 
 
 def retest_model(model_cfg: Config, task) -> Config:
-    """The run's model, reading the task's longest episode: without position embeddings no parameter
-    depends on the length, so max_len grows to it; with them the learned length is the limit."""
-    if task.seq_len > model_cfg.max_len:
-        if model_cfg.positions:
-            raise UsageError(f"the run learned position embeddings for episodes of up to {model_cfg.max_len} tokens, and "
-                             f"these have {task.seq_len}; ask for fewer shots or queries.")
+    """The run's model, reading the test episodes: without position embeddings no parameter depends on the
+    length, so max_len grows to the task's longest episode; with them the learned length is the limit."""
+    tokens = task.ways["test"] * (task.cfg.shot + task.cfg.query)  # a test episode's
+    if model_cfg.positions and tokens > model_cfg.max_len:
+        raise UsageError(f"the run learned position embeddings for episodes of up to {model_cfg.max_len} tokens, and "
+                         f"these have {tokens}; ask for fewer shots or queries.")
+    if not model_cfg.positions and task.seq_len > model_cfg.max_len:
         model_cfg = dataclasses.replace(model_cfg, max_len=task.seq_len)
     return model_cfg
 

@@ -74,6 +74,24 @@ def test_a_model_with_positions_reads_no_longer_episodes_than_it_learned(tmp_pat
         retest.retest(retest.RetestConfig(run=str(run_dir), shot=2, device="cpu"))
 
 
+def test_a_model_with_positions_reads_test_episodes_up_to_its_longest_training_episode(tmp_path, offline):
+    """Trained on 8-way episodes of 16 tokens and tested 3-way, the model reads 3-way 2-shot episodes (9
+    tokens), though 8-way ones of 2 shots would be longer than it learned."""
+    run_dir, _ = trained(tmp_path, model=dict(positions=True), train_way=8)
+    again = retest.retest(retest.RetestConfig(run=str(run_dir), shot=2, device="cpu"))
+    assert len(again["by_position"]) == 3 * (2 + 1), f"3-way 2-shot episodes should have 9 tokens, got {len(again['by_position'])}"
+
+
+def test_a_run_trained_at_more_shots_is_retested_at_queries_its_training_episodes_could_not_hold(tmp_path, offline):
+    """Trained at 2 + 1 of the 4 images per class and tested at 1 + 1: a retest at 1 + 3 fits the test
+    classes, and one at 1 + 4 is refused naming --shot and --query (not --train-shot, which it has not)."""
+    run_dir, _ = trained(tmp_path, model=dict(positions=False), train_shot=2)
+    again = retest.retest(retest.RetestConfig(run=str(run_dir), query=3, device="cpu"))
+    assert len(again["by_position"]) == 3 * (1 + 3), f"3-way 1-shot episodes of 3 queries should have 12 tokens"
+    with pytest.raises(train.UsageError, match="shot \\+ query = 5 exceeds the 4 images per omniglot class; lower --shot or --query"):
+        retest.retest(retest.RetestConfig(run=str(run_dir), query=4, device="cpu"))
+
+
 def test_the_way_goes_up_to_the_classes_of_the_training_episodes(tmp_path, offline):
     run_dir, results = trained(tmp_path, train_way=4)
     four = retest.retest(retest.RetestConfig(run=str(run_dir), way=4, device="cpu"))
