@@ -94,13 +94,13 @@ def retest_task(saved_task: dict, rc: RetestConfig) -> TaskConfig:
 
 def retest_model(model_cfg: Config, task) -> Config:
     """The run's model, reading the test episodes: without position embeddings no parameter depends on the
-    length, so max_len grows to the task's longest episode; with them the learned length is the limit."""
+    length, so max_len grows to theirs; with them the learned length is the limit."""
     tokens = task.ways["test"] * (task.cfg.shot + task.cfg.query)  # a test episode's
-    if model_cfg.positions and tokens > model_cfg.max_len:
-        raise UsageError(f"the run learned position embeddings for episodes of up to {model_cfg.max_len} tokens, and "
-                         f"these have {tokens}; ask for fewer shots or queries.")
-    if not model_cfg.positions and task.seq_len > model_cfg.max_len:
-        model_cfg = dataclasses.replace(model_cfg, max_len=task.seq_len)
+    if tokens > model_cfg.max_len:
+        if model_cfg.positions:
+            raise UsageError(f"the run learned position embeddings for episodes of up to {model_cfg.max_len} tokens, "
+                             f"and these have {tokens}; ask for fewer shots or queries.")
+        model_cfg = dataclasses.replace(model_cfg, max_len=tokens)
     return model_cfg
 
 
@@ -136,7 +136,9 @@ def retest(rc: RetestConfig) -> dict:
                          test_episodes=rc.test_episodes or saved_train["test_episodes"],
                          batch_size=rc.batch_size or saved_train["batch_size"], amp=saved_train.get("amp", False),
                          device=rc.device)
-    except (KeyError, TypeError) as err:
+    except UsageError:  # the asked sizes: its own sentence
+        raise
+    except (KeyError, TypeError, ValueError) as err:
         raise UsageError(f"{rc.run}/config.json is not one this code reads ({type(err).__name__}: {err}); retest the "
                          "run with the code that trained it.") from err
     task = load_task(task_cfg)

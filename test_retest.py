@@ -145,7 +145,8 @@ def test_a_config_json_this_code_cannot_read_is_one_sentence_and_exit_code_2(tmp
     run_dir, _ = trained(tmp_path, "none")
     saved = json.loads((run_dir / "config.json").read_text())
     edits = {"no-seed": lambda c: c["train"].pop("seed"), "unknown": lambda c: c["task"].update(new_option=3),
-             "model-unknown": lambda c: c["model"].update(new_option=3), "text-way": lambda c: c["task"].update(way="five")}
+             "model-unknown": lambda c: c["model"].update(new_option=3), "text-way": lambda c: c["task"].update(way="five"),
+             "no-layers": lambda c: c["model"].update(n_layer=0)}
     for name, edit in edits.items():
         config = json.loads(json.dumps(saved))
         edit(config)

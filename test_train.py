@@ -291,6 +291,13 @@ def test_a_log_line_cut_short_is_left_out_and_a_damaged_one_named(tmp_path):
         (tmp_path / "log.jsonl").write_text('{"split": "train", "step": 1}\n' + line + '\n')
         with pytest.raises(train.UsageError, match="log.jsonl is damaged at line 2 \\(not a record with a step\\)"):
             train.read_log(tmp_path)
+    train.train(tiny(tmp_path / "run", steps=2))
+    run_dir = tmp_path / "run" / "copy-hebbian"
+    (run_dir / "log.jsonl").write_text('[1, 2]\n' + (run_dir / "log.jsonl").read_text())
+    before = {name: (run_dir / name).read_bytes() for name in RUN_FILES}
+    with pytest.raises(train.UsageError, match="log.jsonl is damaged at line 1"):
+        train.train(tiny(tmp_path / "run", steps=4, resume=True))
+    assert all((run_dir / name).read_bytes() == data for name, data in before.items()), "a refused resume must change no file"
 
 
 @pytest.mark.train
@@ -518,6 +525,9 @@ def test_encoder_lr_scale_0_keeps_an_init_encoders_weights_and_refuses_a_resume_
             train.train(tiny(tmp_path, "cifar_fs", "hebbian", init_encoder=init_encoder, encoder_lr_scale=0.0, resume=True))
     with pytest.raises(train.UsageError, match="cifar_fs-none/checkpoint.pt was trained without --init-encoder; resume"):
         train.train(tiny(tmp_path / "source", "cifar_fs", "none", init_encoder=str(source_dir), resume=True))
+    again = train.train(tiny(tmp_path, "cifar_fs", "hebbian", init_encoder=str(source_dir), encoder_lr_scale=0.0,
+                             eval_interval=4, steps=6, resume=True))  # its own options: it goes on
+    assert again["config"]["train"]["init_encoder"] == str(source_dir) and again["config"]["train"]["steps"] == 6
     with pytest.raises(train.UsageError, match="copy has no images; drop it"):
         train.train(tiny(tmp_path / "copy", "copy", encoder_lr_scale=0.5))
     assert not (tmp_path / "copy").exists(), "a refused --encoder-lr-scale wrote a run folder"

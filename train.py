@@ -394,7 +394,8 @@ def refuse_to_replace(tc: TrainConfig, run_dir: str) -> None:
         raise UsageError(f"{run_dir} is a file, not a run folder; move it, or choose another --out-dir.")
     state = run_state(run_dir)
     if state and not tc.resume and not tc.overwrite:
-        resumable = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))  # not where a run was killed before its first
+        # a run killed before its first checkpoint has none to resume from (a finished one --rule all --resume reuses)
+        resumable = state == "finished" or os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
         raise UsageError(f"{run_dir} holds {'a finished' if state == 'finished' else 'an unfinished'} run already; "
                          + ("continue it with --resume, replace it" if resumable else "it has no checkpoint.pt to resume "
                             "from: replace it") + " with --overwrite, or choose another --out-dir.")
@@ -453,10 +454,12 @@ def load_checkpoint(path: str) -> dict:
         raise UsageError(f"{path} is not a readable checkpoint ({type(err).__name__}); start the run again "
                          "with --overwrite instead of --resume.") from err
     keys = ("model", "step", "config", "optimizer", "best", "train_time", "rng")  # what train_rule's save() writes
-    if not (isinstance(state, dict) and all(k in state for k in keys) and isinstance(state["config"], dict)
-            and all(isinstance(state["config"].get(k), dict) for k in ("train", "model", "task"))):
-        raise UsageError(f"{path} is not a checkpoint train.py wrote (it lacks {', '.join(keys)} or a config); start "
-                         "the run again with --overwrite instead of --resume.")
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+    if missing or not (isinstance(state["config"], dict)
+                       and all(isinstance(state["config"].get(k), dict) for k in ("train", "model", "task"))):
+        lacks = ", ".join(missing) or "a config of train, model and task"
+        raise UsageError(f"{path} is not a checkpoint train.py wrote (it lacks {lacks}); start the run again with "
+                         "--overwrite instead of --resume.")
     return state
 
 
@@ -964,7 +967,7 @@ def train_rule(cfg: RunConfig) -> dict:
     config = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as config.json holds it; plain, for weights_only=True
     # Nothing is written into the run folder until every option is known to be good.
     refuse_to_replace(tc, run_dir)
-    state = None
+    state, kept = None, []  # kept: log.jsonl's records up to the checkpoint (not what came after it)
     if tc.resume:
         state = load_checkpoint(checkpoint_path)
         check_same_config(state["config"], config, checkpoint_path)
@@ -975,6 +978,7 @@ def train_rule(cfg: RunConfig) -> dict:
         if state["step"] > tc.steps:  # nothing would train, and config.json would record fewer steps than the model took
             raise UsageError(f"{checkpoint_path} is at step {state['step']}, past --steps {tc.steps}; resume with --steps "
                              f"{state['step']} or more.")
+        kept = [r for r in read_log(run_dir) if r["step"] <= state["step"]]
     encoder = read_encoder(tc.init_encoder, model_cfg, cfg.task) if tc.init_encoder and state is None else None
     check_memory(cfg, task, device)
     make_run_dir(tc, run_dir)
@@ -1007,7 +1011,6 @@ def train_rule(cfg: RunConfig) -> dict:
     pending = []  # (loss, metric) per step since the last log line, kept on the device: no sync per step
     started, interval_start, interval_steps = time.perf_counter() - train_time, time.perf_counter(), 0
     last_checkpoint, hinted = time.perf_counter(), device.type != "cpu"
-    kept = [r for r in read_log(run_dir) if r["step"] <= step] if tc.resume else []  # not what came after the checkpoint
     with StopOnSignal(checkpoint_path) as stop, open(os.path.join(run_dir, "log.jsonl"), "w") as log:
         log.writelines(json.dumps(r) + "\n" for r in kept)
         while step < tc.steps:
