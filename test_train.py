@@ -811,7 +811,7 @@ def test_a_resume_that_would_relabel_or_retest_a_finished_run_is_refused_and_cha
     before = {name: (run_dir / name).read_bytes() for name in RUN_FILES}
     with pytest.raises(train.UsageError, match="is at step 4, past --steps 2; resume with --steps 4 or more"):
         train.train(tiny(tmp_path, steps=2, resume=True))
-    with pytest.raises(train.UsageError, match="is finished, tested on 8 episodes, .*; resume with --test-episodes 8, or start it again with --overwrite"):
+    with pytest.raises(train.UsageError, match="was trained with --test-episodes 8, not 16; resume with the run's own options, or start it again with --overwrite"):
         train.train(tiny(tmp_path, test_episodes=16, resume=True))
     assert all((run_dir / name).read_bytes() == data for name, data in before.items()), "a refused resume must change no file"
 

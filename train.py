@@ -537,10 +537,11 @@ KEPT_ON_RESUME = {"seed": None, "batch_size": None, "eval_episodes": None, "enco
                   "init_encoder": None}
 
 
-def check_same_config(saved: dict, current: dict, path: str, finished: bool = False) -> None:
-    """A resumed run (or a finished one that --rule all --resume reuses) must use the training options of
-    KEPT_ON_RESUME, the model and the task it was started with. The task is checked before the model: the
-    model's sizes (d_in, max_len) follow from it, and the option to name is the task's (--train-way, not d_in).
+def check_same_config(saved: dict, current: dict, path: str, finished: bool = False, reuse: bool = False) -> None:
+    """A resumed run must use the training options of KEPT_ON_RESUME, the model and the task it was started
+    with; a finished one (tested again by --resume, or reused as it is by --rule all --resume: reuse) also its
+    test episodes. The task is checked before the model: the model's sizes (d_in, max_len) follow from it, and
+    the option to name is the task's (--train-way, not d_in).
     A train_shot of None trains at shot, so it is compared as shot (a 1-shot run saved with None resumes under
     Omniglot's default of 1)."""
     kept = KEPT_ON_RESUME | (dict(test_episodes=None) if finished else {})
@@ -552,7 +553,7 @@ def check_same_config(saved: dict, current: dict, path: str, finished: bool = Fa
                 trained = f"with {flag}" if was else f"without {flag}"
             else:
                 trained = f"with {flag} {was}" + (f", not {now}" if now is not None else "")
-            raise UsageError(f"{path} was trained {trained}; {'reuse it' if finished else 'resume'} with the run's own "
+            raise UsageError(f"{path} was trained {trained}; {'reuse it' if reuse else 'resume'} with the run's own "
                              "options, or start it again with --overwrite.")
     as_trained = lambda task: task | dict(train_shot=task["train_shot"] or task["shot"])
     saved, current = ({**config, "task": as_trained(config["task"])} for config in (with_options_added(saved, current), current))
@@ -561,7 +562,7 @@ def check_same_config(saved: dict, current: dict, path: str, finished: bool = Fa
         if changed:
             k = changed[0]
             raise UsageError(f"{path} was trained with {section} {k}={saved[section].get(k)!r}, not "
-                             f"{current[section][k]!r}; {'reuse it' if finished else 'resume'} with the run's own options.")
+                             f"{current[section][k]!r}; {'reuse it' if reuse else 'resume'} with the run's own options.")
 
 
 def read_log(run_dir: str) -> list[dict]:
@@ -969,12 +970,8 @@ def train_rule(cfg: RunConfig) -> dict:
     refuse_to_replace(tc, run_dir)
     state, kept = None, []  # kept: log.jsonl's records up to the checkpoint (not what came after it)
     if tc.resume:
-        state = load_checkpoint(checkpoint_path)
-        check_same_config(state["config"], config, checkpoint_path)
-        tested = state["config"]["train"].get("test_episodes")
-        if run_state(run_dir) == "finished" and tested != tc.test_episodes:  # its results.json would be replaced
-            raise UsageError(f"{run_dir} is finished, tested on {tested} episodes, and a resume would replace that test; "
-                             f"resume with --test-episodes {tested}, or start it again with --overwrite.")
+        state = load_checkpoint(checkpoint_path)  # a finished run keeps its test episodes: its results.json is redone
+        check_same_config(state["config"], config, checkpoint_path, finished=run_state(run_dir) == "finished")
         if state["step"] > tc.steps:  # nothing would train, and config.json would record fewer steps than the model took
             raise UsageError(f"{checkpoint_path} is at step {state['step']}, past --steps {tc.steps}; resume with --steps "
                              f"{state['step']} or more.")
@@ -1105,7 +1102,7 @@ def read_finished(run: RunConfig, run_dir: str) -> dict:
         raise UsageError(f"{path} is damaged (no readable config); move it away to test the run again from its "
                          "checkpoint with --resume, or start the run again with --overwrite.")
     config = json.loads(json.dumps(dataclasses.asdict(resolve(run, load_task(run.task)))))
-    check_same_config(saved, config, run_dir, finished=True)
+    check_same_config(saved, config, run_dir, finished=True, reuse=True)
     return finished
 
 
