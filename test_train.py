@@ -279,6 +279,20 @@ def test_only_cpu_and_cuda_devices_are_accepted(name, kind):
 
 
 @pytest.mark.train
+def test_a_cuda_device_beyond_the_machines_is_refused_in_one_sentence(monkeypatch):
+    """On a one-GPU machine --device cuda:7 passes torch.device and would fail deep in the first CUDA call."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert train.pick_device("cuda:0") == torch.device("cuda:0")
+    assert train.pick_device("cuda") == torch.device("cuda")
+    with pytest.raises(train.UsageError, match=r"'cuda:7' was asked for but this machine has 1 CUDA device \(cuda:0\); use"):
+        train.pick_device("cuda:7")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(train.UsageError, match=r"has 4 CUDA devices \(cuda:0 to cuda:3\); use"):
+        train.pick_device("cuda:4")
+
+
+@pytest.mark.train
 def test_a_log_line_cut_short_is_left_out_and_a_damaged_one_named(tmp_path):
     """A run killed while writing log.jsonl leaves half a line at its end: read_log keeps the whole lines (so
     --resume goes on); a damaged line before the end is one sentence naming the file."""
@@ -945,7 +959,7 @@ def test_cli_rejects_bad_arguments_with_exit_code_2(capsys, argv, message):
     ("--task omniglot --way 6 --train-way 6", "way = 6 exceeds the 4 classes of the omniglot val split; lower --way."),
     ("--task omniglot", "train_way = 10 exceeds the 8 classes of the omniglot train split; lower --train-way."),
     ("--task copy --d-model 15 --n-head 2", "divisible by n_head"),
-    ("--task copy --device cuda:7", "CUDA is not available"),
+    ("--task copy --device cuda:7", "device 'cuda:7' was asked for but"),
     ("--task copy --device gpu", "unknown device 'gpu'"),
     ("--task copy --plastic-blocks 5", "plastic_blocks"),
     ("--task copy --steps 50 --warmup 50", "--warmup 50 is not below --steps 50"),
@@ -955,8 +969,8 @@ def test_cli_rejects_bad_arguments_with_exit_code_2(capsys, argv, message):
     ("--task copy --bench --compile", "--compile cannot run the gradient rule"),
 ])
 def test_cli_bad_options_exit_2_with_one_sentence(tmp_path, capsys, offline, argv, message):
-    if "cuda" in argv and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+    if "cuda:7" in argv and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
     code = train.main(argv.split() + ["--n-layer", "2", "--out-dir", str(tmp_path)])
     error = capsys.readouterr().err.strip()
     assert code == 2 and message in error and "\n" not in error, f"expected exit 2 and one line with {message!r}: {error!r}"

@@ -309,6 +309,11 @@ def pick_device(name: str) -> torch.device:
         raise UsageError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} was asked for but CUDA is not available; use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        names = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise UsageError(f"device {name!r} was asked for but this machine has {count} CUDA device"
+                         f"{'s' if count > 1 else ''} ({names}); use one of them, or auto.")
     return device
 
 
