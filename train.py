@@ -707,7 +707,9 @@ def plot_learning_curve(run_dir: str, metric_name: str, title: str) -> None:
 
 
 def write_modulation_trace(run_dir: str, trace: dict, rule: str) -> None:
-    """modulation.csv and modulation.png: per token position, the means over the test episodes."""
+    """modulation.csv and modulation.png: per token position, the means over the test episodes. At isolated
+    few-shot queries (scored, writing nothing) eta is the rate the query would write with; step and
+    update_norm are 0 there."""
     columns = ("eta", "step", "update_norm", "fast_norm", "scored")
     with open(os.path.join(run_dir, "modulation.csv"), "w") as f:
         f.write("position," + ",".join(columns) + "\n")
