@@ -1,6 +1,7 @@
 """Tests of the model (plastic.py): every mechanism against a reference computed independently
 (an explicit formula, a loop, or torch.autograd), in float64. Grade one part with e.g. `pytest -m hebbian`."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -505,11 +506,13 @@ def test_windowed_static_model_is_causal(window):
             assert moved < 1e-12, f"window {window}: an output before t={k} moved by {moved:.1e} when later inputs changed"
 
 
+@pytest.mark.attention
 @pytest.mark.model
-@pytest.mark.parametrize("path", ["parallel", "step"])
+@pytest.mark.parametrize("path", ["parallel", "step", "read"])
 def test_attention_dropout_acts_in_training_only(path):
-    """dropout > 0 drops attention weights in training (two draws differ) and in neither path in eval (the same
-    output as dropout 0). Checked on the attention module alone, so the residual dropout cannot stand in for it."""
+    """dropout > 0 drops attention weights in training (two draws differ) and in no path in eval (the same
+    output as dropout 0): the whole sequence, token by token, and isolated queries read after a context of
+    4 tokens. Checked on the attention module alone, so the residual dropout cannot stand in for it."""
     torch.manual_seed(0)
     attn = CausalSelfAttention(Config(d_model=16, n_head=2, dropout=0.5)).double()
     x = random_tokens(B=2, T=6, d=16)
@@ -519,6 +522,12 @@ def test_attention_dropout_acts_in_training_only(path):
         if path == "parallel":
             return attn(x)
         cache, linears = KVCache(6, detach=True), TokenLinears([attn.qkv, attn.proj])
+        if path == "read":  # the context token by token without dropout, then the queries at once
+            training, attn.training = attn.training, False
+            for t in range(4):
+                attn.step(x[:, t], cache, linears)
+            attn.training = training
+            return attn.read(x[:, 4:], cache, 4)
         return torch.stack([attn.step(x[:, t], cache, linears) for t in range(6)], 1)
     with torch.no_grad():
         attn.eval()
@@ -690,13 +699,41 @@ def test_hebbian_update_matches_outer_product_formula(max_norm, modulation, fast
             step = rate * min(1.0, max_norm / norm.item())
             F1 = (1 - lam) * F1 + step * A1 * G1
             F2 = (1 - lam) * F2 + step * A2 * G2
-            assert torch.allclose(info["eta"][b, t], torch.as_tensor(rate, dtype=torch.float64)), f"eta_t wrong at b={b} t={t}"
-            assert torch.allclose(info["step"][b, t], torch.as_tensor(step, dtype=torch.float64)), f"bounded step wrong at b={b} t={t}"
-            fast_norm = torch.sqrt((F1 ** 2).sum() + (F2 ** 2).sum())  # ||F_{t+1}|| over both layers
-            assert torch.allclose(info["fast_norm"][b, t], fast_norm), f"fast_norm is not ||F_t+1|| at b={b} t={t}"
+            got = info["eta"][b, t].item()
+            assert math.isclose(got, rate, rel_tol=1e-9), \
+                f"eta_t at b={b} t={t} is {got:.6g}, want eta * 2 sigmoid(m_t) = {rate:.6g} (eta without modulation)"
+            got = info["step"][b, t].item()
+            assert math.isclose(got, step, rel_tol=1e-9), (f"bounded step at b={b} t={t} is {got:.6g}, want eta_t * "
+                                                           f"min(1, max_norm / ||G_t||) = {step:.6g}, ||G_t|| = {norm:.6g} over both layers")
+            fast_norm = torch.sqrt((F1 ** 2).sum() + (F2 ** 2).sum()).item()  # ||F_{t+1}|| over both layers
+            got = info["fast_norm"][b, t].item()
+            assert math.isclose(got, fast_norm, rel_tol=1e-9, abs_tol=1e-12), (
+                f"||F_t+1|| over both layers at b={b} t={t} is {got:.6g}, but (1 - lambda_t) F_t + step A ⊙ (pre ⊗ post) "
+                f"gives {fast_norm:.6g}: check the decay and the update (fast_weight_update), then the trace")
         for name, got, want in (("fc", info["fast_weights"][0][b], F1), ("proj", info["fast_weights"][1][b], F2)):
             err = (got - want).abs().max().item()
             assert err < 1e-12, f"Hebbian fast weight of {name} differs from the formula by {err:.2e} (sequence {b})"
+
+
+@pytest.mark.gradient
+@pytest.mark.parametrize("fast_form", ["dense", "factored"])
+def test_gradient_rule_trains_through_its_own_update(fast_form):
+    """In training the gradient rule differentiates its update (create_graph): the inner loss's weight w
+    reaches the task loss only through the fast weights, so it must receive a gradient. In evaluation
+    (no_grad) the update keeps no graph and the outputs are the same."""
+    model, x = tiny_model("gradient", fast_form=fast_form), random_tokens(T=6)
+    try:
+        out, _ = model(x)
+        out.pow(2).sum().backward()
+    except RuntimeError as err:
+        raise AssertionError(f"the gradient rule's update must keep its graph in training (autograd.grad with "
+                             f"create_graph=True while grad is enabled); backward failed: {err}") from err
+    w = model.inner_loss_weight.grad
+    assert w is not None and w.abs().sum() > 0, \
+        "w got no gradient: the task loss reaches w only through G_t = dL_t/dF of the inner loss mean((o_t ⊙ w)^2), differentiated with create_graph=True"
+    with torch.no_grad():
+        again, _ = model(x)
+    assert torch.allclose(again, out.detach(), atol=1e-12), "the outputs under no_grad differ from training's"
 
 
 @pytest.mark.gradient
@@ -1235,7 +1272,10 @@ def test_factored_form_equals_dense_form(rule, context):
     for dense, factored in zip(info_d["fast_weights"], info_f["fast_weights"]):
         assert torch.allclose(dense, factored, atol=1e-12), f"{rule}: the factored F_T differs from the dense F_T"
     for name in grad_d:
-        assert torch.allclose(grad_d[name], grad_f[name], atol=1e-10), f"{rule}: gradient of {name} differs between forms"
+        for form, grad in (("dense", grad_d[name]), ("factored", grad_f[name])):
+            assert grad is not None, f"{rule}: {name} received no gradient in the {form} form: the loss does not reach it"
+        err = (grad_d[name] - grad_f[name]).abs().max().item()
+        assert torch.allclose(grad_d[name], grad_f[name], atol=1e-10), f"{rule}: the gradient of {name} differs between forms by {err:.2e}"
 
 
 # ------------------------------------------------------------------ fast weights that do work

@@ -24,6 +24,8 @@ from pretrain import PretrainConfig
 from tasks import TaskConfig
 from test_train import DETERMINISTIC, deterministic_state, no_network, offline  # noqa: F401 (fixtures: few-shot tasks on test_train's synthetic images)
 
+pytestmark = pytest.mark.train
+
 
 def tiny(out_dir, **options) -> PretrainConfig:
     """A pre-training of a few steps on the synthetic CIFAR-FS, 3-way episodes (it has 4 test classes)."""
@@ -264,6 +266,7 @@ def exit_code(argv) -> int:
         return stop.code
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("argv, message", [
     (["--task", "copy"], "invalid choice: 'copy'"),
     (["--task", "omniglot", "--jitter", "0.4"], "only cifar_fs has them"),

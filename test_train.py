@@ -279,6 +279,7 @@ def test_only_cpu_and_cuda_devices_are_accepted(name, kind):
 
 
 @pytest.mark.train
+@pytest.mark.cli
 def test_a_cuda_device_beyond_the_machines_is_refused_in_one_sentence(monkeypatch):
     """On a one-GPU machine --device cuda:7 passes torch.device and would fail deep in the first CUDA call."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -371,6 +372,7 @@ def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was
     train.check_same_config(*configs("copy", encoder_widths=(96, 192, 384, 512)), "old")  # no images: no encoder
 
 
+@pytest.mark.train
 def test_a_run_saved_with_train_shot_none_resumes_under_a_default_of_the_same_shots():
     """train_shot None trains at shot: a 1-shot Omniglot run saved with None resumes under the task's
     default of one training shot, and a 5-shot one, which trained at 5, is refused under it."""
@@ -382,6 +384,7 @@ def test_a_run_saved_with_train_shot_none_resumes_under_a_default_of_the_same_sh
     train.check_same_config(config(5, None), config(5, 5), "old")
 
 
+@pytest.mark.train
 def test_a_refused_resume_names_the_task_option_not_the_model_size_that_follows_from_it():
     """A 5-shot run saved with ten training classes (before more shots trained way-way) differs in the task's
     train_way and in the model's d_in (one label per training class): the refusal names --train-way's field."""
@@ -448,6 +451,7 @@ def test_init_encoder_refuses_a_missing_damaged_or_mismatched_source_before_writ
         train.train(tiny(tmp_path / "out", "copy", init_encoder=str(damaged)))
 
 
+@pytest.mark.train
 def test_encoder_lr_scale_steps_the_encoder_at_its_fraction_of_each_steps_rate():
     """--encoder-lr-scale s: the optimizer steps the image encoder as AdamW at s times the scheduled rate,
     and everything else as AdamW at the rate; the reference is two separate AdamW optimizers in float64.
@@ -488,6 +492,7 @@ def test_encoder_lr_scale_steps_the_encoder_at_its_fraction_of_each_steps_rate()
         "at scale 1 the optimizer should hold one group of every parameter, as checkpoints from before the option do"
 
 
+@pytest.mark.train
 def test_encoder_lr_scale_0_trains_the_rest_as_a_model_whose_encoder_takes_no_gradient():
     """At --encoder-lr-scale 0 the rest of the model steps as it would with the encoder frozen
     (requires_grad False, one optimizer group): the kept encoder's gradients must not enter the clipping
