@@ -672,6 +672,9 @@ def test_zero_rate_equals_static_model(rule, plastic_blocks, window):
     assert err < 1e-12, f"{rule} with eta=0 differs from the static model by {err:.2e} (attn_window={window})"
 
 
+UPDATE_OF = dict(dense="fast_weight_update", factored="decayed_scale and FactoredFastWeight.update")  # F_t+1's code
+
+
 @pytest.mark.hebbian
 @pytest.mark.parametrize("max_norm", [1e-3, 1e3], ids=["bound-active", "bound-inactive"])
 @pytest.mark.parametrize("modulation", [True, False], ids=["modulated", "unmodulated"])
@@ -701,7 +704,7 @@ def test_hebbian_update_matches_outer_product_formula(max_norm, modulation, fast
             F2 = (1 - lam) * F2 + step * A2 * G2
             got = info["eta"][b, t].item()
             assert math.isclose(got, rate, rel_tol=1e-9), \
-                f"eta_t at b={b} t={t} is {got:.6g}, want eta * 2 sigmoid(m_t) = {rate:.6g} (eta without modulation)"
+                f"eta_t at b={b} t={t} is {got:.6g}, want {'eta * 2 sigmoid(m_t)' if modulation else 'eta'} = {rate:.6g}"
             got = info["step"][b, t].item()
             assert math.isclose(got, step, rel_tol=1e-9), (f"bounded step at b={b} t={t} is {got:.6g}, want eta_t * "
                                                            f"min(1, max_norm / ||G_t||) = {step:.6g}, ||G_t|| = {norm:.6g} over both layers")
@@ -709,7 +712,7 @@ def test_hebbian_update_matches_outer_product_formula(max_norm, modulation, fast
             got = info["fast_norm"][b, t].item()
             assert math.isclose(got, fast_norm, rel_tol=1e-9, abs_tol=1e-12), (
                 f"||F_t+1|| over both layers at b={b} t={t} is {got:.6g}, but (1 - lambda_t) F_t + step A ⊙ (pre ⊗ post) "
-                f"gives {fast_norm:.6g}: check the decay and the update (fast_weight_update), then the trace")
+                f"gives {fast_norm:.6g}: check the decay and the update ({UPDATE_OF[fast_form]}), then the trace")
         for name, got, want in (("fc", info["fast_weights"][0][b], F1), ("proj", info["fast_weights"][1][b], F2)):
             err = (got - want).abs().max().item()
             assert err < 1e-12, f"Hebbian fast weight of {name} differs from the formula by {err:.2e} (sequence {b})"
@@ -720,7 +723,7 @@ def test_hebbian_update_matches_outer_product_formula(max_norm, modulation, fast
 def test_gradient_rule_trains_through_its_own_update(fast_form):
     """In training the gradient rule differentiates its update (create_graph): the inner loss's weight w
     reaches the task loss only through the fast weights, so it must receive a gradient. In evaluation
-    (no_grad) the update keeps no graph and the outputs are the same."""
+    (no_grad, where autograd.grad keeps no graph) the outputs are the same."""
     model, x = tiny_model("gradient", fast_form=fast_form), random_tokens(T=6)
     try:
         out, _ = model(x)
