@@ -1,5 +1,7 @@
 """Shared by every test file: tiny models run on one thread."""
 
+import os
+
 import pytest
 import torch
 
@@ -7,8 +9,16 @@ import torch
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models run fastest on one thread: threads only add overhead, and on a busy 2-core CPU they
-    thrash (backprop through 100 tokens took 9-20 s on two threads beside another process, 0.6 s on one)."""
-    threads = torch.get_num_threads()
+    thrash (backprop through 100 tokens took 9-20 s on two threads beside another process, 0.6 s on one).
+    $OMP_NUM_THREADS keeps train(), pretrain(), retest() and bench() on it too (set_cpu_threads would
+    otherwise take half the cores: 8 threads in each of 4 workers on a 16-core GPU machine, where the
+    suite took 111-134 s)."""
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(threads)
+    if omp is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp

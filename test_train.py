@@ -305,6 +305,32 @@ def test_only_cpu_and_cuda_devices_are_accepted(name, kind):
 
 
 @pytest.mark.train
+def test_cpu_threads_are_the_options_else_omp_num_threads_else_half_the_cores(monkeypatch):
+    """--threads decides; without it $OMP_NUM_THREADS stands (torch read it at import); without both, half
+    the cores, at least one; on CUDA nothing changes."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    cases = [  # (--threads, $OMP_NUM_THREADS, device, the threads torch should have after)
+        (3, "1", cpu, 3), (None, "2", cpu, 2), (None, None, cpu, 8), (None, "", cpu, 8), (5, None, cuda, 2)]
+    try:
+        for threads, omp, device, want in cases:
+            torch.set_num_threads(2)  # as torch would have read a set $OMP_NUM_THREADS at import, and otherwise
+            if omp is None:
+                monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+            else:
+                monkeypatch.setenv("OMP_NUM_THREADS", omp)
+            train.set_cpu_threads(TrainConfig(threads=threads), device)
+            assert torch.get_num_threads() == want, (
+                f"--threads {threads}, OMP_NUM_THREADS={omp!r}, {device.type} on 16 cores: {torch.get_num_threads()} "
+                f"threads, want {want}")
+        monkeypatch.setattr(os, "cpu_count", lambda: 1)
+        train.set_cpu_threads(TrainConfig(), cpu)
+        assert torch.get_num_threads() == 1, "half of one core should be one thread"
+    finally:
+        torch.set_num_threads(1)  # the suite's one thread (conftest)
+
+
+@pytest.mark.train
 @pytest.mark.cli
 def test_a_cuda_device_beyond_the_machines_is_refused_in_one_sentence(monkeypatch):
     """On a one-GPU machine --device cuda:7 passes torch.device and would fail deep in the first CUDA call."""
