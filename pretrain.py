@@ -66,7 +66,7 @@ class PretrainConfig:
     test_episodes: int = 1000  # test episodes (train.py's: the same ones, seed + 2, for report.py --paired)
     seed: int = 0  # seeds the classifier's initialisation and the training images; seed + 1 and + 2 the episodes
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    threads: int | None = None  # CPU threads of PyTorch; None: $OMP_NUM_THREADS where set, else half the cores, at least 1
+    threads: int | None = None  # CPU threads of PyTorch; None: $OMP_NUM_THREADS where it is a positive number, else half the cores, at least 1
     data_dir: str | None = None  # folder with omniglot/ and cifar100/; None: $PLASTIC_DATA or ./data
     out_dir: str = "runs"  # writes <out_dir>/pretrain-<task>/
     overwrite: bool = False  # replace an earlier pre-training in that folder

@@ -169,7 +169,7 @@ class TrainConfig:
     match_params: bool = False  # rule none: widen d_model to the Hebbian model's parameter count (always on with --rule all)
     seed: int = 0  # seeds the model's initialisation and every sampled sequence
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    threads: int | None = None  # CPU threads of PyTorch; None: $OMP_NUM_THREADS where set, else half the cores, at least 1 (see set_cpu_threads)
+    threads: int | None = None  # CPU threads of PyTorch; None: $OMP_NUM_THREADS where it is a positive number, else half the cores, at least 1 (see set_cpu_threads)
     log_interval: int = 100  # steps between progress lines; one also comes after the first step, and at least every log_seconds
     log_seconds: float = 10.0  # longest time between progress lines
     eval_interval: int = 1000  # steps between validations (and checkpoints)
@@ -321,13 +321,15 @@ def set_cpu_threads(tc: TrainConfig, device: torch.device) -> None:
     """On a CPU, PyTorch's default of one thread per core makes every small operation wait for all of
     them. Measured on 2 cores (copy and cue_reward, d_model 64): 2 threads were up to 1.9x faster than 1
     on an idle machine, but 4-40x slower while another program kept one core busy. Half the cores
-    leaves that headroom. --threads decides where given; else $OMP_NUM_THREADS where set (PyTorch read
-    it at import: the usual way to limit a program's threads, as the tests do, each worker on one)."""
+    leaves that headroom. --threads decides where given; else $OMP_NUM_THREADS where it is a positive
+    number (the usual way to limit a program's threads, as the tests do, each worker on one): PyTorch
+    read it at import, and the count it set stays. A value OpenMP cannot read ("abc", "0") counts as unset."""
     if device.type != "cpu":
         return
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    elif not os.environ.get("OMP_NUM_THREADS"):
+    elif not (omp.isdigit() and int(omp) > 0):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
 
 
