@@ -12,7 +12,8 @@ def one_thread():
     thrash (backprop through 100 tokens took 9-20 s on two threads beside another process, 0.6 s on one).
     $OMP_NUM_THREADS keeps train(), pretrain(), retest() and bench() on it too (set_cpu_threads would
     otherwise take half the cores: 8 threads in each of 4 workers on a 16-core GPU machine, where the
-    suite took 111-134 s before this and 48.5 s after, against 43-54 s here)."""
+    suite took 111-134 s before this and 48.5 s after (its six real-data tests skipped there), against
+    43-54 s here)."""
     threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
