@@ -556,11 +556,17 @@ def fetch(folder: Path, files: dict) -> list[Path]:
             f"at a folder whose {folder.name}/ holds them"
         raise FileNotFoundError(f"{' and '.join(missing)} are in {folder.parent.resolve()}, but are looked for in its "
                                 f"subfolder {folder.name}/: point PLASTIC_DATA (or --data-dir) {above}.")
+    created = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
     for name in missing:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             download_checked(files[name][0], folder / name, files[name][1])
         except OSError as error:                                     # no network, or no write access
+            for path in created:                                     # a mistyped --data-dir leaves no folders;
+                try:                                                 # rmdir removes only an empty one
+                    path.rmdir()
+                except OSError:
+                    break
             absent = [name for name in files if not (folder / name).exists()]
             them = "them" if len(absent) > 1 else "it"
             raise FileNotFoundError(

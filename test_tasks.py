@@ -1040,6 +1040,19 @@ def test_missing_files_without_network_name_files_and_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="cifar-100-python.tar.gz not found in"):
         tasks.load_cifar100(tmp_path)
     assert not list(tmp_path.rglob("*.part")), "a failed download must leave no partial file"
+    assert not list(tmp_path.iterdir()), f"a failed download must remove the folders it made: {list(tmp_path.rglob('*'))}"
+
+    typo = tmp_path / "dta" / "more"                                 # a mistyped --data-dir, two levels new
+    with pytest.raises(FileNotFoundError, match="not found in"):
+        tasks.load_omniglot(typo)
+    assert not (tmp_path / "dta").exists(), "the folders a failed download made must be removed"
+
+    (tmp_path / "kept").mkdir()                                      # a folder of the user's, with a file in it
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(FileNotFoundError, match="not found in"):
+        tasks.load_omniglot(tmp_path / "kept")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"], \
+        "only the empty folders the download made may be removed, never the user's folder or files"
 
 
 @pytest.mark.data
