@@ -996,6 +996,10 @@ def train_rule(cfg: RunConfig) -> dict:
     write_json(os.path.join(run_dir, "config.json"), config)
 
     model, optimizer, train_step, graphed = build_training(cfg, task, device, encoder)
+    # A run's training, validation and test draws come from generators seeded seed, seed + 1 and seed + 2:
+    # distinct within the run. Across runs seed K + 2's training stream is seed K's test stream, which on
+    # the synthetic tasks (one distribution for every split) can repeat seed K's test episodes in
+    # seed K + 2's first batches; no run is tested on episodes it trained on.
     generator = torch.Generator(device=device).manual_seed(tc.seed)  # the training sequences
     side_stream = torch.cuda.Stream(device) if graphed else None  # for the eager steps before the recording
     step, best, train_time = 0, dict(value=None, step=0), 0.0
