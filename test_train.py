@@ -1504,15 +1504,15 @@ def test_report_pairs_only_tests_of_the_same_number_task_and_images(tmp_path, ca
 def window_plot_calls(monkeypatch) -> dict:
     """{file name: (y scale, x tick labels, [(rule, x, means, intervals) per errorbar])} of the window plots that
     report.py saves from now on, read from its calls to matplotlib (the plots themselves are written as usual)."""
+    import report
     from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
     drawn, saved = [], {}
-    errorbar, savefig = Axes.errorbar, Figure.savefig
+    errorbar, save_plot = Axes.errorbar, report.save_plot
     monkeypatch.setattr(Axes, "errorbar", lambda self, x, y, yerr=None, **kw: drawn.append(
         (kw["label"], list(x), list(y), list(yerr))) or errorbar(self, x, y, yerr, **kw))
-    monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: saved.__setitem__(os.path.basename(path), (
-        self.axes[0].get_yscale(), [t.get_text() for t in self.axes[0].get_xticklabels()], list(drawn))) or
-        drawn.clear() or savefig(self, path, **kw))
+    monkeypatch.setattr(report, "save_plot", lambda fig, path: saved.__setitem__(os.path.basename(path), (
+        fig.axes[0].get_yscale(), [t.get_text() for t in fig.axes[0].get_xticklabels()], list(drawn))) or
+        drawn.clear() or save_plot(fig, path))
     return saved
 
 
@@ -1970,6 +1970,31 @@ def test_report_reads_train_py_default_layout_and_has_help(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         report.main(["--help"])
     assert done.value.code == 0 and "folder" in capsys.readouterr().out, "--help prints the usage and exits 0"
+
+
+@pytest.mark.train
+def test_plots_are_saved_in_256_colours_that_match_matplotlibs_own_png(tmp_path):
+    """report.save_plot (every plot train.py and report.py write): the figure at 100 dpi, as matplotlib's
+    own PNG of it, in a palette of 256 colours, off by well under a level of 255 on average, in fewer bytes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import report
+    fig, ax = plt.subplots(figsize=(4, 3))
+    for k in range(10):                                              # antialiased curves: many more than 256 colours
+        ax.plot(np.sin(np.linspace(0, 6, 200) + k), marker=".", label=f"curve {k}")
+    ax.axvspan(50, 80, color="tab:orange", alpha=0.15)
+    ax.legend(fontsize=6)
+    fig.savefig(tmp_path / "matplotlib.png", dpi=100)
+    report.save_plot(fig, tmp_path / "plot.png")
+    plt.close(fig)
+    reference, saved = Image.open(tmp_path / "matplotlib.png").convert("RGB"), Image.open(tmp_path / "plot.png")
+    assert len(reference.getcolors(1 << 24)) > 256, "the reference needs more than 256 colours for this test to mean anything"
+    assert saved.mode == "P" and saved.size == reference.size, f"a palette PNG of {reference.size}, got {saved.mode} {saved.size}"
+    error = np.abs(np.asarray(reference).astype(int) - np.asarray(saved.convert("RGB")).astype(int))
+    assert error.mean() < 0.5, f"the plot should look as matplotlib draws it: {error.mean():.2f} levels off on average"
+    ratio = (tmp_path / "plot.png").stat().st_size / (tmp_path / "matplotlib.png").stat().st_size
+    assert ratio < 0.7, f"the palette should save bytes, got {ratio:.0%} of matplotlib's PNG"
 
 
 @pytest.mark.train

@@ -43,7 +43,7 @@ import torch
 
 import memory
 from plastic import COEF_INITS, INITS, Config, Conv4, PlasticGPT
-from report import RETEST_FILE
+from report import RETEST_FILE, save_plot
 from tasks import OMNIGLOT_SPLITS, TASKS, TaskConfig, make_task_from_config
 
 RULES = ("none", "hebbian", "gradient")
@@ -709,7 +709,7 @@ def plot_learning_curve(run_dir: str, metric_name: str, title: str) -> None:
     ax_metric.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "learning_curve.png"), dpi=100)
+    save_plot(fig, os.path.join(run_dir, "learning_curve.png"))
     plt.close(fig)
 
 
@@ -737,7 +737,7 @@ def write_modulation_trace(run_dir: str, trace: dict, rule: str) -> None:
     axes[0].set_title(f"{rule}: mean over test episodes (shaded: scored positions)")
     axes[-1].set_xlabel("token position t")
     fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "modulation.png"), dpi=100)
+    save_plot(fig, os.path.join(run_dir, "modulation.png"))
     plt.close(fig)
 
 
