@@ -548,8 +548,19 @@ def download_checked(url, path: Path, md5):
             os.remove(partial)
 
 
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove `folders`, deepest first, while they are empty (rmdir removes no other), so that a failed
+    download leaves no folders behind (a mistyped --data-dir made them) and never touches a file."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+
+
 def fetch(folder: Path, files: dict) -> list[Path]:
     """The paths of `files` (name -> (url, md5, ...)) in `folder`; missing ones are downloaded."""
+    folder = Path(os.path.abspath(folder))                           # "new/../data" names data, and makes no new/
     missing = [name for name in files if not (folder / name).exists()]
     if missing and all((folder.parent / name).exists() for name in missing):  # the data folder given one level low
         above = f"at {folder.parent.parent.resolve()}" if folder.parent.name == folder.name else \
@@ -561,12 +572,10 @@ def fetch(folder: Path, files: dict) -> list[Path]:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             download_checked(files[name][0], folder / name, files[name][1])
-        except OSError as error:                                     # no network, or no write access
-            for path in created:                                     # a mistyped --data-dir leaves no folders;
-                try:                                                 # rmdir removes only an empty one
-                    path.rmdir()
-                except OSError:
-                    break
+        except BaseException as error:                               # no network or write access, a bad md5, Ctrl-C
+            remove_if_empty(created)
+            if not isinstance(error, OSError):
+                raise
             absent = [name for name in files if not (folder / name).exists()]
             them = "them" if len(absent) > 1 else "it"
             raise FileNotFoundError(

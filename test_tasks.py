@@ -1042,17 +1042,37 @@ def test_missing_files_without_network_name_files_and_folder(tmp_path):
     assert not list(tmp_path.rglob("*.part")), "a failed download must leave no partial file"
     assert not list(tmp_path.iterdir()), f"a failed download must remove the folders it made: {list(tmp_path.rglob('*'))}"
 
-    typo = tmp_path / "dta" / "more"                                 # a mistyped --data-dir, two levels new
-    with pytest.raises(FileNotFoundError, match="not found in"):
-        tasks.load_omniglot(typo)
-    assert not (tmp_path / "dta").exists(), "the folders a failed download made must be removed"
 
-    (tmp_path / "kept").mkdir()                                      # a folder of the user's, with a file in it
-    (tmp_path / "kept" / "notes.txt").write_text("mine")
-    with pytest.raises(FileNotFoundError, match="not found in"):
-        tasks.load_omniglot(tmp_path / "kept")
-    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"], \
-        "only the empty folders the download made may be removed, never the user's folder or files"
+
+@pytest.mark.data
+def test_a_failed_download_removes_the_empty_folders_it_made_and_nothing_else(tmp_path, monkeypatch):
+    """A mistyped --data-dir must not leave folders behind; a folder that was there, empty or not, and a file
+    that did download, stay."""
+    def failed(folder, **files):
+        with pytest.raises((FileNotFoundError, ValueError)):
+            tasks.fetch(folder, {name: ("https://example.invalid/" + name, md5) for name, md5 in files.items()})
+        return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+
+    assert failed(tmp_path / "dta" / "more" / "omniglot", a="0" * 32) == [], "the three folders it made must go"
+    (tmp_path / "empty").mkdir()
+    assert failed(tmp_path / "empty" / "omniglot", a="0" * 32) == ["empty"], "a folder that was there stays, if empty"
+    assert failed(tmp_path / "new" / ".." / "empty" / "omniglot", a="0" * 32) == ["empty"], \
+        "new/../empty names empty/: no new/ is made, and empty/ is not removed"
+    (tmp_path / "empty" / "notes.txt").write_text("mine")
+    assert failed(tmp_path / "empty" / "omniglot", a="0" * 32) == ["empty", "empty/notes.txt"], "the user's file stays"
+
+    content = b"the official bytes"
+    first = tasks.hashlib.md5(content).hexdigest()
+    monkeypatch.setattr(tasks, "download", lambda url, path: Path(path).write_bytes(content))
+    assert failed(tmp_path / "bad", a="0" * 32) == ["empty", "empty/notes.txt"], \
+        "a download of the wrong md5 removes its folders too"
+    def second_fails(url, path):
+        if url.endswith("/b"):
+            raise ConnectionResetError("connection lost")
+        Path(path).write_bytes(content)
+    monkeypatch.setattr(tasks, "download", second_fails)
+    assert failed(tmp_path / "new", a=first, b=first) == ["empty", "empty/notes.txt", "new", "new/a"], \
+        "a file that downloaded stays, with its folder"
 
 
 @pytest.mark.data

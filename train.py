@@ -997,9 +997,10 @@ def train_rule(cfg: RunConfig) -> dict:
 
     model, optimizer, train_step, graphed = build_training(cfg, task, device, encoder)
     # A run's training, validation and test draws come from generators seeded seed, seed + 1 and seed + 2:
-    # distinct within the run. Across runs seed K + 2's training stream is seed K's test stream, which on
-    # the synthetic tasks (one distribution for every split) can repeat seed K's test episodes in
-    # seed K + 2's first batches; no run is tested on episodes it trained on.
+    # distinct, so no run is tested on episodes it trained or was chosen on. Across runs they are shared:
+    # seed K's test stream is seed K + 1's validation stream and seed K + 2's training stream, so on the
+    # synthetic tasks (one distribution for every split) seed K + 1 picks its best.pt on seed K's test
+    # episodes, and seed K + 2's first batches can repeat them (on a CPU: copy's at any batch, the others' at 128).
     generator = torch.Generator(device=device).manual_seed(tc.seed)  # the training sequences
     side_stream = torch.cuda.Stream(device) if graphed else None  # for the eager steps before the recording
     step, best, train_time = 0, dict(value=None, step=0), 0.0
