@@ -1043,7 +1043,6 @@ def test_missing_files_without_network_name_files_and_folder(tmp_path):
     assert not list(tmp_path.iterdir()), f"a failed download must remove the folders it made: {list(tmp_path.rglob('*'))}"
 
 
-
 @pytest.mark.data
 def test_a_failed_download_removes_the_empty_folders_it_made_and_nothing_else(tmp_path, monkeypatch):
     """A mistyped --data-dir must not leave folders behind; a folder that was there, empty or not, and a file
