@@ -65,6 +65,7 @@ class TaskConfig:
     query: int = 1                  # unlabelled query images per class (Q)
     isolate_queries: bool = True    # few-shot: each query sees the support set and itself alone, not the other queries, and writes no fast weight (inductive, as published few-shot results are tested); off: queries see the earlier ones, and with one query per class the last one's class is the class the others lack (README, "Queries that see each other")
     rotations: bool = True          # omniglot: rotations by 90/180/270 add training classes
+    train_on_val: bool = False      # few-shot: train on the validation classes too, as the published Omniglot figures train on Vinyals et al.'s 1,200 characters (4,800 classes with rotations; CIFAR-FS: 80 classes); validation then scores classes it trained on, so train.py tests the last model rather than choosing one
     omniglot_split: str = "vinyals" # omniglot classes: "vinyals" (1,028 / 172 / 423 characters of both archives: the split every paper and torchmeta report on) or "lake" (train on the background alphabets, test on the 20 evaluation alphabets, none seen in training)
     augment: bool = True            # training images shifted at random (and CIFAR-FS's also mirrored): AUGMENTATION; never in validation or test
     jitter: float = 0.0             # cifar_fs, with augment: training images' brightness, contrast and saturation each scaled by a factor in [1 - jitter, 1 + jitter], in random order (torchvision's ColorJitter(jitter, jitter, jitter); MetaOptNet trains CIFAR-FS at 0.4); 0: none
@@ -91,6 +92,9 @@ class TaskConfig:
             raise ValueError(f"train_shot = {self.train_shot} must be at least 1 (or none, the same as shot).")
         if self.train_way is not None and self.train_way < self.way:
             raise ValueError(f"train_way = {self.train_way} must be at least way = {self.way} (or none, the same).")
+        if self.train_on_val and self.name not in ("omniglot", "cifar_fs"):
+            raise ValueError(f"train_on_val adds the validation classes of a few-shot task to its training classes, "
+                             f"and {self.name} has none; drop --train-on-val.")
         if self.omniglot_split not in OMNIGLOT_SPLITS:
             raise ValueError(f"unknown Omniglot split {self.omniglot_split!r}; choose one of {', '.join(OMNIGLOT_SPLITS)}.")
         if not 0 <= self.jitter <= 1:
@@ -723,13 +727,14 @@ def load_cifar100(data_dir=None) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 # Class splits and the one way to build any task.
 
-def omniglot_splits(data, rotations=True, split="vinyals"):
+def omniglot_splits(data, rotations=True, split="vinyals", train_on_val=False):
     """Arrays (classes, 20, 1, 28, 28) and class names ('Alphabet/characterNN') of train, val and test.
     "vinyals" (Vinyals et al. 2016, the literature's split): the 1,623 characters of both archives in archive
     order; the last 423 test, the characters of five background alphabets validation (172), the other 1,028
     train. "lake" (Lake et al. 2015): background characters train (a fixed seeded set of them validation),
-    every evaluation character tests, so every test alphabet is new. Rotations by 90/180/270 degrees make
-    new classes of the training characters only."""
+    every evaluation character tests, so every test alphabet is new. train_on_val: the validation characters
+    train too (Vinyals's 1,200), and still validate. Rotations by 90/180/270 degrees make new classes of the
+    training characters only."""
     images = np.concatenate([data["background"], data["evaluation"]])   # (characters, 20, 28, 28), archive order
     names = np.concatenate([data["background_names"], data["evaluation_names"]])
     background = np.arange(len(images)) < len(data["background"])
@@ -745,7 +750,7 @@ def omniglot_splits(data, rotations=True, split="vinyals"):
                              f"held out for validation; use the official images_background.zip.")
         held_out = np.random.default_rng(OMNIGLOT_VAL_SEED).permutation(background.sum())[:OMNIGLOT_VAL_CHARACTERS]
         test, val = ~background, np.isin(np.arange(len(images)), held_out)
-    chosen = {"train": ~(test | val), "val": val, "test": test}
+    chosen = {"train": ~test if train_on_val else ~(test | val), "val": val, "test": test}
     splits = {part: images[which] for part, which in chosen.items()}
     class_names = {part: list(names[which]) for part, which in chosen.items()}
     if rotations:                                                    # a rotated character is a new class
@@ -754,11 +759,13 @@ def omniglot_splits(data, rotations=True, split="vinyals"):
     return {part: images[:, :, None] for part, images in splits.items()}, class_names   # add C = 1
 
 
-def cifar_fs_splits(data):
-    """The CIFAR-FS classes of each split: arrays (classes, 600, 3, 32, 32) and class names."""
+def cifar_fs_splits(data, train_on_val=False):
+    """The CIFAR-FS classes of each split: arrays (classes, 600, 3, 32, 32) and class names. train_on_val: the
+    16 validation classes train too (80), and still validate."""
+    names = dict(CIFAR_FS_SPLIT, train=CIFAR_FS_SPLIT["train"] + (CIFAR_FS_SPLIT["val"] if train_on_val else []))
     index = {name: i for i, name in enumerate(data["names"])}
-    splits = {split: data["images"][[index[name] for name in names]] for split, names in CIFAR_FS_SPLIT.items()}
-    return splits, {split: list(names) for split, names in CIFAR_FS_SPLIT.items()}
+    splits = {split: data["images"][[index[name] for name in chosen]] for split, chosen in names.items()}
+    return splits, {split: list(chosen) for split, chosen in names.items()}
 
 
 def make_task_from_config(cfg: TaskConfig) -> Task:
@@ -769,9 +776,10 @@ def make_task_from_config(cfg: TaskConfig) -> Task:
     if cfg.name == "cue_reward":
         return CueReward(cfg)
     if cfg.name == "omniglot":                                       # images in [0, 1], strokes bright
-        splits, class_names = omniglot_splits(load_omniglot(cfg.data_dir), cfg.rotations, cfg.omniglot_split)
+        splits, class_names = omniglot_splits(load_omniglot(cfg.data_dir), cfg.rotations, cfg.omniglot_split,
+                                              cfg.train_on_val)
         return FewShot(cfg, splits, class_names, mean=(0.0,), std=(1.0,))
-    splits, class_names = cifar_fs_splits(load_cifar100(cfg.data_dir))
+    splits, class_names = cifar_fs_splits(load_cifar100(cfg.data_dir), cfg.train_on_val)
     return FewShot(cfg, splits, class_names, mean=CIFAR_MEAN, std=CIFAR_STD)
 
 

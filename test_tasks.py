@@ -693,19 +693,24 @@ def test_jitter_recolours_only_training_images_with_factors_and_orders_as_drawn(
         assert not torch.allclose(a.images, b.images), "jitter must change the training images"
 
 
-@pytest.mark.tasks
-@pytest.mark.parametrize("split, sizes", [("lake", (30, 100, 7)), ("vinyals", (114, 20, 3))])
-def test_omniglot_splits_are_disjoint_and_rotations_are_new_classes(split, sizes, monkeypatch):
-    """13 background alphabets A0-A12 of 10 characters, 7 evaluation characters. Lake's split: 100 background
-    characters validate, the other 30 train, the evaluation ones test. Vinyals's rule, here with 3 test
-    characters and alphabets A1, A2 validating: the last 3 test, A1 and A2 validate, the other 114 train."""
+def thirteen_alphabets(monkeypatch):
+    """13 background alphabets A0-A12 of 10 characters, 7 evaluation characters, random drawings; Vinyals's
+    rule here tests on the last 3 characters and validates on alphabets A1 and A2."""
     monkeypatch.setattr(tasks, "OMNIGLOT_VINYALS_TEST", 3)
     monkeypatch.setattr(tasks, "OMNIGLOT_VINYALS_VAL_ALPHABETS", ("A1", "A2"))
     rng = np.random.default_rng(0)
-    data = {"background": rng.integers(0, 256, (130, 20, 28, 28), dtype=np.uint8),
+    return {"background": rng.integers(0, 256, (130, 20, 28, 28), dtype=np.uint8),
             "background_names": np.array([f"A{i // 10}/character{i % 10 + 1:02d}" for i in range(130)]),
             "evaluation": rng.integers(0, 256, (7, 20, 28, 28), dtype=np.uint8),
             "evaluation_names": np.array([f"E/character{i + 1:02d}" for i in range(7)])}
+
+
+@pytest.mark.tasks
+@pytest.mark.parametrize("split, sizes", [("lake", (30, 100, 7)), ("vinyals", (114, 20, 3))])
+def test_omniglot_splits_are_disjoint_and_rotations_are_new_classes(split, sizes, monkeypatch):
+    """thirteen_alphabets: Lake's split validates on 100 background characters, trains on the other 30 and
+    tests on the evaluation ones; Vinyals's tests on the last 3, validates on A1 and A2, trains on the other 114."""
+    data = thirteen_alphabets(monkeypatch)
     splits, names = tasks.omniglot_splits(data, rotations=True, split=split)
     train, val, test = sizes
     assert {s: len(v) for s, v in splits.items()} == {"train": 4 * train, "val": val, "test": test}, \
@@ -729,6 +734,29 @@ def test_omniglot_splits_are_disjoint_and_rotations_are_new_classes(split, sizes
     assert names == tasks.omniglot_splits(data, split=split)[1], "the split is the same in every run"
     assert len(tasks.omniglot_splits(data, rotations=False, split=split)[0]["train"]) == train, \
         f"without rotations: the {train} training characters"
+
+
+@pytest.mark.tasks
+@pytest.mark.parametrize("split", ["vinyals", "lake"])
+def test_train_on_val_trains_on_the_validation_characters_too_and_leaves_validation_and_test_alone(split, monkeypatch):
+    """thirteen_alphabets: with train_on_val every validation character is a training one as well, in its four
+    rotations, beside the split's own training characters; validation and test are unchanged."""
+    data = thirteen_alphabets(monkeypatch)
+    (apart, apart_names), (joined, joined_names) = (tasks.omniglot_splits(data, split=split, train_on_val=on)
+                                                    for on in (False, True))
+    for part in ("val", "test"):
+        assert joined_names[part] == apart_names[part] and np.array_equal(joined[part], apart[part]), \
+            f"train_on_val must leave the {part} classes as they are"
+    characters = {n.split(" rotated")[0] for n in joined_names["train"]}
+    assert characters == {n.split(" rotated")[0] for n in apart_names["train"]} | set(apart_names["val"]), \
+        "the training characters are the split's own and its validation ones, no test character"
+    assert len(joined_names["train"]) == 4 * len(characters), "each of them in four rotations"
+    index = {name: i for i, name in enumerate(joined_names["train"])}
+    for i, name in enumerate(apart_names["val"]):
+        turned = joined["train"][index[f"{name} rotated 90"]]
+        assert np.array_equal(turned, np.rot90(apart["val"][i], 1, axes=(2, 3))), \
+            f"{name} rotated 90 must hold that validation character's drawings, rotated"
+    assert not characters & set(apart_names["test"]), "a test character must never train"
 
 
 @pytest.mark.tasks
@@ -758,6 +786,18 @@ def test_cifar_fs_split_is_64_16_20_disjoint_and_picks_by_name():
     for s in SPLITS:
         picked = [names[i] for i in splits[s][:, 0, 0, 0, 0]]
         assert picked == split[s] == class_names[s], f"{s}: the images must be those of the named classes"
+    splits, class_names = tasks.cifar_fs_splits({"images": images, "names": names}, train_on_val=True)
+    for s, want in (("train", split["train"] + split["val"]), ("val", split["val"]), ("test", split["test"])):
+        picked = [names[i] for i in splits[s][:, 0, 0, 0, 0]]
+        assert picked == want == class_names[s], f"train_on_val, {s}: the 64 training classes and the 16 " \
+            f"validation ones train, and validation and test stay as they are"
+
+
+@pytest.mark.tasks
+def test_train_on_val_is_refused_for_a_task_without_validation_classes():
+    for name in ("copy", "regression", "cue_reward"):
+        with pytest.raises(ValueError, match=f"{name} has none; drop --train-on-val"):
+            TaskConfig(name=name, train_on_val=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1247,6 +1287,13 @@ def test_real_omniglot_counts_and_split(real_omniglot):
         assert not (characters["train"] | characters["val"]) & characters["test"], "test characters must be unseen"
         assert not any("rotated" in n for n in task.class_names["val"] + task.class_names["test"]), \
             "only training characters are rotated"
+    splits, names = tasks.omniglot_splits(data, train_on_val=True)  # Vinyals et al.'s 1,200 training characters
+    found = {s: len(v) for s, v in names.items()}
+    assert found == {"train": 4 * 1200, "val": 172, "test": 423}, \
+        f"train_on_val: split sizes {found}, expected the 1,028 + 172 characters x 4 rotations / 172 / 423"
+    assert names["test"] == real_omniglot.class_names["test"] and names["val"] == real_omniglot.class_names["val"], \
+        "train_on_val must leave validation and test as they are"
+    assert not {n.split(" rotated")[0] for n in names["train"]} & set(names["test"]), "test characters must be unseen"
     held_out = sorted(lake.class_names["val"])
     alphabets = len({name.split("/")[0] for name in held_out})
     assert alphabets >= 25, f"Lake's 100 validation characters come from {alphabets} alphabets: not a seeded random set"
@@ -1289,6 +1336,9 @@ def test_real_cifar_fs_counts_and_split(real_cifar_fs):
     names = real_cifar_fs.class_names
     train, val, test = (set(names[s]) for s in SPLITS)
     assert not train & val and not (train | val) & test, "the CIFAR-FS splits must not share a class"
+    joined, _ = tasks.cifar_fs_splits(data, train_on_val=True)
+    assert np.array_equal(joined["train"], np.concatenate([real_cifar_fs.splits["train"], real_cifar_fs.splits["val"]])), \
+        "train_on_val: the 64 training classes' images, then the 16 validation classes'"
     for split in SPLITS:
         batch = real_cifar_fs.sample(8, split, generator=torch.Generator().manual_seed(0))
         assert batch.images.shape == (8, 10, 3, 32, 32), f"{split}: 5-way 1-shot episodes of (3, 32, 32) images"

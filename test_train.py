@@ -392,16 +392,16 @@ def test_a_run_saved_before_the_kept_training_options_resumes_at_their_old_value
 
 @pytest.mark.train
 def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was_trained():
-    """Runs saved before --split, --augment, --train-way, --positions, --isolate-queries, --train-shot and
-    --encoder-widths trained on Lake's split without augmentation, on as many classes and shots as they
-    tested, with position embeddings, with queries that saw each other and with encoder_channels in every
-    block: they resume with those options, and are refused with the new defaults, naming the option; an
-    option of another task is no reason to refuse."""
+    """Runs saved before --split, --augment, --train-way, --positions, --isolate-queries, --train-shot,
+    --encoder-widths and --train-on-val trained on Lake's split without augmentation, on as many classes and
+    shots as they tested, with position embeddings, with queries that saw each other, with encoder_channels
+    in every block and without the validation classes: they resume with those options, and are refused with
+    the new defaults, naming the option; an option of another task is no reason to refuse."""
     def configs(name, positions=True, encoder_widths=None, **task):
         current = json.loads(json.dumps(dataclasses.asdict(RunConfig(  # as config.json holds it
             model=Config(positions=positions, encoder_widths=encoder_widths), task=TaskConfig(name=name, **task)))))
         saved = json.loads(json.dumps(current))
-        for option in ("omniglot_split", "augment", "train_way", "isolate_queries", "train_shot"):
+        for option in ("omniglot_split", "augment", "train_way", "isolate_queries", "train_shot", "train_on_val"):
             del saved["task"][option]
         for option in ("positions", "encoder_widths"):
             del saved["model"][option]
@@ -428,6 +428,8 @@ def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was
     with pytest.raises(train.UsageError, match=r"model encoder_widths=None, not \[96, 192, 384, 512\]"):
         train.check_same_config(*configs("cifar_fs", augment=False, encoder_widths=(96, 192, 384, 512), **old), "old")
     train.check_same_config(*configs("copy", encoder_widths=(96, 192, 384, 512)), "old")  # no images: no encoder
+    with pytest.raises(train.UsageError, match="task train_on_val=False, not True"):
+        train.check_same_config(*configs("omniglot", omniglot_split="lake", augment=False, train_on_val=True, **old), "old")
 
 
 @pytest.mark.train
@@ -474,6 +476,30 @@ def test_init_encoder_refuses_an_encoder_trained_on_the_other_omniglot_split(tmp
                 read()
         else:
             assert read().keys() == {k.removeprefix("encoder.") for k in encoder}, f"{name} should load into a {split} run"
+
+
+@pytest.mark.train
+def test_init_encoder_refuses_an_encoder_trained_on_the_validation_classes_for_a_run_that_validates_on_them(tmp_path):
+    """A train.py run with --train-on-val learnt the validation classes: its encoder starts only runs that train
+    on them too (else their validation would score classes the encoder learnt); pretrain.py's never did."""
+    model_cfg = Config(image_shape=(3, 32, 32))
+    encoder = {f"encoder.{k}": v for k, v in train.Conv4(3, model_cfg.conv4_widths()).state_dict().items()}
+    saved = {"with val": {"train": {}, "task": {"name": "cifar_fs", "train_on_val": True}},
+             "without": {"train": {}, "task": {"name": "cifar_fs", "train_on_val": False}},
+             "pretrained": {"task": "cifar_fs", "split": "vinyals"}}
+    for name, config in saved.items():
+        (tmp_path / name).mkdir()
+        torch.save({"model": encoder}, tmp_path / name / "best.pt")
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    for name, on_val, refused in (("with val", False, True), ("with val", True, False), ("without", False, False),
+                                  ("without", True, False), ("pretrained", False, False), ("pretrained", True, False)):
+        read = lambda: train.read_encoder(str(tmp_path / name), model_cfg, TaskConfig(name="cifar_fs", train_on_val=on_val))
+        if refused:
+            with pytest.raises(train.UsageError, match="trained on the validation classes too .*add --train-on-val"):
+                read()
+        else:
+            assert read().keys() == {k.removeprefix("encoder.") for k in encoder}, \
+                f"the encoder of {name!r} should load into a run with train_on_val={on_val}"
 
 
 @pytest.mark.train
@@ -740,6 +766,25 @@ def test_best_step_has_the_best_validation_score_in_the_tasks_direction(tmp_path
     saved = torch.load(tmp_path / f"{task}-none" / "best.pt", weights_only=True)
     assert results["best_step"] == saved["step"] == best_step, \
         f"{task}: the best of the scores 0.5, 0.1, 0.9 is at step {best_step}, not {results['best_step']} (best.pt: {saved['step']})"
+
+
+@pytest.mark.train
+def test_train_on_val_keeps_and_tests_the_last_model_whatever_validation_says(tmp_path, monkeypatch, offline):
+    """With --train-on-val validation scores classes the model trains on, so it chooses nothing: accuracies
+    0.9, 0.5, 0.1 at steps 2, 4, 6 keep the step-6 model as best.pt, flag every validation, and test that model."""
+    tested = scripted_validation(monkeypatch, [0.9, 0.5, 0.1])
+    cfg = tiny(tmp_path, "omniglot", "none", steps=6)
+    results = train.train(dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, train_on_val=True)))
+    best = torch.load(tmp_path / "omniglot-none" / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "omniglot-none" / "checkpoint.pt", weights_only=True)
+    assert results["best_step"] == best["step"] == last["step"] == 6, \
+        f"the last model (step 6) is kept, not the step-{results['best_step']} one of the best validation"
+    assert results["best_val"] == pytest.approx(0.1), f"best_val is the kept model's validation, 0.1, not {results['best_val']}"
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"]), "best.pt must be the last model"
+    assert tested and all(torch.equal(state[k], last["model"][k]) for state in tested for k in state), \
+        "the final test must run on the last model"
+    flagged = [r["step"] for r in train.read_log(tmp_path / "omniglot-none") if r["split"] == "val" and r["best"]]
+    assert flagged == [2, 4, 6], f"log.jsonl should flag every validation's model as kept, flagged {flagged}"
 
 
 @pytest.mark.train

@@ -6,10 +6,11 @@ Train a plastic GPT on one task, validate it as it learns, and test the best mod
     python train.py --help                                # every option, grouped by dataclass
 
 Every run writes a folder <out-dir>/<task>-<rule>/ with config.json, checkpoint.pt (the latest,
-for --resume), best.pt (the best validation score; the final test uses it), log.jsonl (one JSON line
-per progress line and per validation), results.json, learning_curve.png and, for the plastic rules,
-modulation.csv / modulation.png: the mean modulated rate eta_t per token position over the test
-episodes (the study's analysis of the learned modulatory signal). --rule all also writes
+for --resume), best.pt (the best validation score, or with --train-on-val the last; the final test
+uses it), log.jsonl (one JSON line per progress line and per validation), results.json,
+learning_curve.png and, for the plastic rules, modulation.csv / modulation.png: the mean modulated
+rate eta_t per token position over the test episodes (the study's analysis of the learned modulatory
+signal). --rule all also writes
 <out-dir>/<task>-comparison.txt. An existing run is never replaced silently: --resume continues it,
 --overwrite replaces it.
 
@@ -475,16 +476,18 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 
-def encoder_classes(file: str) -> tuple[str, str] | None:
-    """(task, Omniglot split) whose training classes the encoder in `file` learnt, from the config.json beside
-    it (train.py's run or pretrain.py's); None where there is none. Runs saved before --split used Lake's."""
+def encoder_classes(file: str) -> tuple[str, str, bool] | None:
+    """(task, Omniglot split, whether it trained on the validation classes too) whose training classes the
+    encoder in `file` learnt, from the config.json beside it (train.py's run or pretrain.py's, which trains on
+    the training classes alone); None where there is none. Runs saved before --split used Lake's."""
     path = os.path.join(os.path.dirname(os.path.abspath(file)), "config.json")
     try:
         with open(path) as f:
             saved = json.load(f)
         if "train" in saved:  # train.py's
-            return saved["task"]["name"], saved["task"].get("omniglot_split", "lake")
-        return saved["task"], saved["split"]  # pretrain.py's
+            task = saved["task"]
+            return task["name"], task.get("omniglot_split", "lake"), task.get("train_on_val", False)
+        return saved["task"], saved["split"], False  # pretrain.py's
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -510,6 +513,10 @@ def read_encoder(path: str, model_cfg: Config, task_cfg: TaskConfig) -> dict:
         raise UsageError(f"--init-encoder: {file} was trained on Omniglot's {learnt[1]} split, whose training characters "
                          f"include test or validation characters of the {task_cfg.omniglot_split} split; pre-train "
                          f"on --split {task_cfg.omniglot_split}.")
+    if learnt and learnt[0] == task_cfg.name and learnt[2] and not task_cfg.train_on_val:
+        raise UsageError(f"--init-encoder: {file} was trained on the validation classes too (--train-on-val), so this "
+                         f"run's validation would score classes its encoder learnt; add --train-on-val, or start from "
+                         f"an encoder trained without it.")
     state = {name.removeprefix("encoder."): value for name, value in saved.items() if name.startswith("encoder.")}
     built = Conv4(model_cfg.image_shape[0], model_cfg.conv4_widths()).state_dict()
     if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in built.items()}:
@@ -526,7 +533,8 @@ FEW_SHOT = ("omniglot", "cifar_fs")
 OPTIONS_ADDED = {("task", "omniglot_split"): (("omniglot",), "lake"), ("task", "augment"): (FEW_SHOT, False),
                  ("task", "train_way"): (FEW_SHOT, None), ("model", "positions"): (TASKS, True),
                  ("task", "isolate_queries"): (FEW_SHOT, False), ("task", "train_shot"): (FEW_SHOT, None),
-                 ("model", "encoder_widths"): (FEW_SHOT, None), ("task", "jitter"): (("cifar_fs",), 0.0)}
+                 ("model", "encoder_widths"): (FEW_SHOT, None), ("task", "jitter"): (("cifar_fs",), 0.0),
+                 ("task", "train_on_val"): (FEW_SHOT, False)}
 
 
 def with_options_added(saved: dict, otherwise: dict) -> dict:
@@ -1078,11 +1086,16 @@ def train_rule(cfg: RunConfig) -> dict:
                 values, _ = evaluate(model, task, "val", tc.eval_episodes, tc.batch_size, device, tc.seed + 1,
                                      amp=tc.amp, fast_norm=False)
                 value, ci = mean_ci95(values)
-                is_best = best["value"] is None or better(value, best["value"])
+                # --train-on-val: validation scores classes the model trains on, so it chooses nothing; the
+                # last model is kept, as the published figures that train on them test theirs.
+                trained_on = task.cfg.train_on_val
+                is_best = trained_on or best["value"] is None or better(value, best["value"])
                 if is_best:
                     best = dict(value=value, step=step)
                     save(best_path, val=value)
-                print(f"val step {step} | {task.metric_name} {value:.4g} ± {ci:.2g}" + (" | best" if is_best else ""))
+                print(f"val step {step} | {task.metric_name} {value:.4g} ± {ci:.2g}"
+                      + (" | kept: classes trained on (--train-on-val), the last model is tested" if trained_on
+                         else " | best" if is_best else ""))
                 log.write(json.dumps(dict(split="val", step=step, metric=value, ci95=ci, best=is_best)) + "\n")
             if validate or stopping or time.perf_counter() - last_checkpoint > 60 * tc.checkpoint_minutes:
                 train_time = time.perf_counter() - started
