@@ -13,8 +13,9 @@ all the split's training classes (CIFAR-FS's 64; Omniglot's 4,112 on Vinyals's s
 in four rotations) by a linear layer on the encoder's features. The linear layer is dropped afterwards.
 Validation scores the encoder alone as a nearest-prototype few-shot classifier (prototype_accuracy: each
 query takes the class of the support set's mean feature nearest in cosine similarity, as Meta-Baseline's
-Classifier-Baseline is tested) on the validation episodes train.py validates on; the best encoder is kept
-in best.pt and scored the same way on train.py's test episodes of the same seed, so that
+Classifier-Baseline is tested) on the validation episodes train.py validates on; the best encoder (with
+--train-on-val, which classifies the validation classes too, the last) is kept in best.pt and scored the
+same way on train.py's test episodes of the same seed, so that
 `python report.py --paired` compares it with a run's model, episode by episode.
 
 The folder <out-dir>/pretrain-<task>/ holds config.json, log.jsonl, best.pt (the encoder as "encoder.*",
@@ -48,6 +49,7 @@ from train import (FEW_SHOT, TASK_DEFAULTS, Diverged, HelpFormatter, Parser, Usa
 class PretrainConfig:
     task: str = "cifar_fs"  # omniglot | cifar_fs: whose training classes the encoder learns to tell apart
     split: str = "vinyals"  # omniglot's class split: vinyals | lake (as train.py's --split)
+    train_on_val: bool = False  # classify the validation classes too, as train.py's --train-on-val (Omniglot: 4,800 classes); validation then chooses nothing, and the last encoder is kept
     steps: int = 4000  # optimizer steps
     batch_size: int = 256  # training images per step
     lr: float = 1e-3  # peak learning rate of AdamW (train.py's schedule: linear warm-up, then cosine decay)
@@ -77,7 +79,8 @@ class PretrainConfig:
         default), and its training images' augmentation."""
         query = TASK_DEFAULTS[self.task]["query"] if self.query is None else self.query
         return TaskConfig(name=self.task, way=self.way, shot=self.shot, query=query,
-                          omniglot_split=self.split, augment=self.augment, jitter=self.jitter, data_dir=self.data_dir)
+                          omniglot_split=self.split, train_on_val=self.train_on_val, augment=self.augment,
+                          jitter=self.jitter, data_dir=self.data_dir)
 
     def widths(self) -> tuple[int, int, int, int]:
         """The four Conv4 blocks' channels, as train.py's model builds them (Config checks encoder_widths)."""
@@ -221,11 +224,13 @@ def pretrain_encoder(pc: PretrainConfig) -> dict:
             pending = []
             if validate:
                 value, ci = mean_ci95(evaluate_prototypes(model.encoder, task, "val", pc.eval_episodes, device, pc.seed + 1))
-                is_best = best["value"] is None or value > best["value"]
+                is_best = pc.train_on_val or best["value"] is None or value > best["value"]  # on classes trained on: the last
                 if is_best:
                     best = dict(value=value, step=step)
                     save_checkpoint(os.path.join(run_dir, "best.pt"), dict(model=model.state_dict(), step=step, config=config))
-                print(f"val step {step} | nearest-prototype accuracy {value:.4g} ± {ci:.2g}" + (" | best" if is_best else ""))
+                print(f"val step {step} | nearest-prototype accuracy {value:.4g} ± {ci:.2g}"
+                      + (" | kept: classes trained on (--train-on-val), the last encoder is tested" if pc.train_on_val
+                         else " | best" if is_best else ""))
                 log.write(json.dumps(dict(split="val", step=step, metric=value, ci95=ci, best=is_best)) + "\n")
             log.flush()
             interval_start = time.perf_counter()

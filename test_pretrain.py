@@ -201,6 +201,27 @@ def test_the_test_runs_on_the_first_strictly_best_validated_encoder(tmp_path, of
     assert results["params"] == encoder_params, f"params should count the encoder alone ({encoder_params}), got {results['params']}"
 
 
+def test_train_on_val_classifies_the_validation_classes_too_and_keeps_the_last_encoder(tmp_path, offline, monkeypatch):
+    """With --train-on-val the classifier tells apart the 8 training and 4 validation classes, and validation
+    (0.9, 0.5, 0.1 at steps 2, 4, 6), on classes it trained on, chooses nothing: best.pt is step 6's encoder, and
+    an encoder so trained starts only train.py runs that train on the validation classes too."""
+    scores = iter([0.9, 0.5, 0.1])
+    evaluate = pretrain.evaluate_prototypes
+    monkeypatch.setattr(pretrain, "evaluate_prototypes", lambda encoder, task, split, episodes, device, seed:
+                        torch.full((episodes,), next(scores)) if split == "val" else
+                        evaluate(encoder, task, split, episodes, device, seed))
+    results = pretrain.pretrain(tiny(tmp_path, steps=6, train_on_val=True))
+    saved = torch.load(tmp_path / "pretrain-cifar_fs" / "best.pt", weights_only=True)
+    assert saved["model"]["classifier.weight"].shape[0] == 12, \
+        f"the classifier should tell apart 8 + 4 classes, not {saved['model']['classifier.weight'].shape[0]}"
+    assert results["best_step"] == saved["step"] == 6, f"the last encoder (step 6) is kept, not step {results['best_step']}'s"
+    run = str(tmp_path / "pretrain-cifar_fs")
+    model_cfg = Config(image_shape=(3, 16, 16), encoder_channels=8)
+    assert train.read_encoder(run, model_cfg, TaskConfig(name="cifar_fs", train_on_val=True)), "it starts a run with it"
+    with pytest.raises(train.UsageError, match="trained on the validation classes too"):
+        train.read_encoder(run, model_cfg, TaskConfig(name="cifar_fs"))
+
+
 def test_validation_and_test_episodes_take_train_pys_default_queries():
     """--query left unset: the task's default of train.py (Omniglot 3 queries per class, CIFAR-FS 1), so that the
     test episodes are a train.py run's and report.py --paired pairs them."""

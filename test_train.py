@@ -43,7 +43,7 @@ TINY_TASKS = {  # options that make every task a few tokens long
 
 
 def synthetic_few_shot(cfg: TaskConfig, seed: int = 0):
-    """tasks.FewShot over noisy 16x16 images (8 train, 4 val, 4 test classes of 4 images each),
+    """tasks.FewShot over noisy 16x16 images (8 train, 4 val, 4 test classes of 4 images each; train_on_val trains on 12),
     standing in for Omniglot (1 channel) and CIFAR-FS (3 channels); other tasks are the real ones. Another
     seed gives other images of the same counts, as another split does."""
     if cfg.name not in ("omniglot", "cifar_fs"):
@@ -56,6 +56,8 @@ def synthetic_few_shot(cfg: TaskConfig, seed: int = 0):
         pattern = rng.uniform(0, 255, (n, 1, channels, 16, 16))
         splits[split] = np.clip(pattern + rng.normal(0, 40, (n, 4, channels, 16, 16)), 0, 255).astype(np.uint8)
     names = {split: [f"{split} class {i}" for i in range(n)] for split, n in sizes.items()}
+    if cfg.train_on_val:  # the validation classes train too, as tasks.omniglot_splits and cifar_fs_splits do
+        splits["train"], names["train"] = np.concatenate([splits["train"], splits["val"]]), names["train"] + names["val"]
     return tasks.FewShot(cfg, splits, names, mean=(0.5,) * channels, std=(0.25,) * channels)
 
 

@@ -478,8 +478,8 @@ def load_checkpoint(path: str) -> dict:
 
 def encoder_classes(file: str) -> tuple[str, str, bool] | None:
     """(task, Omniglot split, whether it trained on the validation classes too) whose training classes the
-    encoder in `file` learnt, from the config.json beside it (train.py's run or pretrain.py's, which trains on
-    the training classes alone); None where there is none. Runs saved before --split used Lake's."""
+    encoder in `file` learnt, from the config.json beside it (train.py's run or pretrain.py's); None where
+    there is none. Runs saved before --split used Lake's, and those before --train-on-val did not."""
     path = os.path.join(os.path.dirname(os.path.abspath(file)), "config.json")
     try:
         with open(path) as f:
@@ -487,7 +487,7 @@ def encoder_classes(file: str) -> tuple[str, str, bool] | None:
         if "train" in saved:  # train.py's
             task = saved["task"]
             return task["name"], task.get("omniglot_split", "lake"), task.get("train_on_val", False)
-        return saved["task"], saved["split"], False  # pretrain.py's
+        return saved["task"], saved["split"], saved.get("train_on_val", False)  # pretrain.py's
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
