@@ -41,15 +41,15 @@ from memory import is_out_of_memory
 from plastic import Config, Conv4
 from tasks import OMNIGLOT_SPLITS, TaskConfig
 from train import (FEW_SHOT, TASK_DEFAULTS, Diverged, HelpFormatter, Parser, UsageError, check_numbers, check_warmup,
-                   deterministic_algorithms, device_name, draws, episodes_fingerprint, field_comments, learning_rate,
-                   load_task, mean_ci95, optional, pick_device, protocol_note, save_checkpoint, set_cpu_threads, write_json)
+                   deterministic_algorithms, device_name, draws, episodes_fingerprint, field_comments, kept_note,
+                   learning_rate, load_task, mean_ci95, optional, pick_device, protocol_note, save_checkpoint, set_cpu_threads, write_json)
 
 
 @dataclass
 class PretrainConfig:
     task: str = "cifar_fs"  # omniglot | cifar_fs: whose training classes the encoder learns to tell apart
     split: str = "vinyals"  # omniglot's class split: vinyals | lake (as train.py's --split)
-    train_on_val: bool = False  # classify the validation classes too, as train.py's --train-on-val (Omniglot: 4,800 classes); validation then chooses nothing, and the last encoder is kept
+    train_on_val: bool = False  # classify the validation classes too, as train.py's --train-on-val (Vinyals's split: 4,800 classes; CIFAR-FS: 80); validation then chooses nothing, and the last encoder is kept
     steps: int = 4000  # optimizer steps
     batch_size: int = 256  # training images per step
     lr: float = 1e-3  # peak learning rate of AdamW (train.py's schedule: linear warm-up, then cosine decay)
@@ -228,9 +228,7 @@ def pretrain_encoder(pc: PretrainConfig) -> dict:
                 if is_best:
                     best = dict(value=value, step=step)
                     save_checkpoint(os.path.join(run_dir, "best.pt"), dict(model=model.state_dict(), step=step, config=config))
-                print(f"val step {step} | nearest-prototype accuracy {value:.4g} ± {ci:.2g}"
-                      + (" | kept: classes trained on (--train-on-val), the last encoder is tested" if pc.train_on_val
-                         else " | best" if is_best else ""))
+                print(f"val step {step} | nearest-prototype accuracy {value:.4g} ± {ci:.2g}{kept_note(pc.train_on_val, is_best)}")
                 log.write(json.dumps(dict(split="val", step=step, metric=value, ci95=ci, best=is_best)) + "\n")
             log.flush()
             interval_start = time.perf_counter()

@@ -65,7 +65,7 @@ class TaskConfig:
     query: int = 1                  # unlabelled query images per class (Q)
     isolate_queries: bool = True    # few-shot: each query sees the support set and itself alone, not the other queries, and writes no fast weight (inductive, as published few-shot results are tested); off: queries see the earlier ones, and with one query per class the last one's class is the class the others lack (README, "Queries that see each other")
     rotations: bool = True          # omniglot: rotations by 90/180/270 add training classes
-    train_on_val: bool = False      # few-shot: train on the validation classes too, as the published Omniglot figures train on Vinyals et al.'s 1,200 characters (4,800 classes with rotations; CIFAR-FS: 80 classes); validation then scores classes it trained on, so train.py tests the last model rather than choosing one
+    train_on_val: bool = False      # few-shot: train on the validation classes too, as the published Omniglot figures train on Vinyals et al.'s 1,200 characters (Vinyals's split: 4,800 classes with rotations; Lake's: 3,856; CIFAR-FS: 80); validation then scores classes it trained on, so train.py tests the last model rather than choosing one
     omniglot_split: str = "vinyals" # omniglot classes: "vinyals" (1,028 / 172 / 423 characters of both archives: the split every paper and torchmeta report on) or "lake" (train on the background alphabets, test on the 20 evaluation alphabets, none seen in training)
     augment: bool = True            # training images shifted at random (and CIFAR-FS's also mirrored): AUGMENTATION; never in validation or test
     jitter: float = 0.0             # cifar_fs, with augment: training images' brightness, contrast and saturation each scaled by a factor in [1 - jitter, 1 + jitter], in random order (torchvision's ColorJitter(jitter, jitter, jitter); MetaOptNet trains CIFAR-FS at 0.4); 0: none
@@ -733,7 +733,7 @@ def omniglot_splits(data, rotations=True, split="vinyals", train_on_val=False):
     order; the last 423 test, the characters of five background alphabets validation (172), the other 1,028
     train. "lake" (Lake et al. 2015): background characters train (a fixed seeded set of them validation),
     every evaluation character tests, so every test alphabet is new. train_on_val: the validation characters
-    train too (Vinyals's 1,200), and still validate. Rotations by 90/180/270 degrees make new classes of the
+    train too (with Vinyals's split, its 1,200 characters), and still validate. Rotations by 90/180/270 degrees make new classes of the
     training characters only."""
     images = np.concatenate([data["background"], data["evaluation"]])   # (characters, 20, 28, 28), archive order
     names = np.concatenate([data["background_names"], data["evaluation_names"]])

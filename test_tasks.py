@@ -794,7 +794,22 @@ def test_cifar_fs_split_is_64_16_20_disjoint_and_picks_by_name():
 
 
 @pytest.mark.tasks
+def test_make_task_passes_train_on_val_to_the_split(monkeypatch):
+    """make_task, as train.py builds its task, gives train_on_val to each dataset's split: Omniglot on
+    thirteen_alphabets trains on 114 + 20 characters in four rotations, CIFAR-FS on 64 + 16 classes."""
+    data = thirteen_alphabets(monkeypatch)
+    monkeypatch.setattr(tasks, "load_omniglot", lambda data_dir: data)
+    names = np.array(sorted(sum(tasks.CIFAR_FS_SPLIT.values(), [])))
+    monkeypatch.setattr(tasks, "load_cifar100", lambda data_dir: {"images": np.zeros((100, 2, 3, 32, 32), np.uint8),
+                                                                   "names": names})
+    for name, want in (("omniglot", (4 * 134, 20, 3)), ("cifar_fs", (80, 16, 20))):
+        found = tuple(len(make_task(name, way=2, train_on_val=True).class_names[s]) for s in SPLITS)
+        assert found == want, f"{name} with train_on_val: {found} train / val / test classes, expected {want}"
+
+
+@pytest.mark.tasks
 def test_train_on_val_is_refused_for_a_task_without_validation_classes():
+    """Only the few-shot tasks have validation classes to train on; the others refuse it, naming the fix."""
     for name in ("copy", "regression", "cue_reward"):
         with pytest.raises(ValueError, match=f"{name} has none; drop --train-on-val"):
             TaskConfig(name=name, train_on_val=True)
@@ -1287,13 +1302,16 @@ def test_real_omniglot_counts_and_split(real_omniglot):
         assert not (characters["train"] | characters["val"]) & characters["test"], "test characters must be unseen"
         assert not any("rotated" in n for n in task.class_names["val"] + task.class_names["test"]), \
             "only training characters are rotated"
-    splits, names = tasks.omniglot_splits(data, train_on_val=True)  # Vinyals et al.'s 1,200 training characters
+    joined = make_task("omniglot", data_dir=str(REAL_DATA), train_on_val=True)  # Vinyals et al.'s 1,200 characters
+    names = joined.class_names
     found = {s: len(v) for s, v in names.items()}
     assert found == {"train": 4 * 1200, "val": 172, "test": 423}, \
         f"train_on_val: split sizes {found}, expected the 1,028 + 172 characters x 4 rotations / 172 / 423"
-    assert names["test"] == real_omniglot.class_names["test"] and names["val"] == real_omniglot.class_names["val"], \
-        "train_on_val must leave validation and test as they are"
     assert not {n.split(" rotated")[0] for n in names["train"]} & set(names["test"]), "test characters must be unseen"
+    for split in ("val", "test"):  # so a run with it pairs, episode by episode, with one without it
+        a, b = (task.sample(8, split, generator=torch.Generator().manual_seed(0)) for task in (real_omniglot, joined))
+        assert torch.equal(a.images, b.images) and torch.equal(a.target, b.target), \
+            f"train_on_val must leave the {split} episodes of a seed as they are"
     held_out = sorted(lake.class_names["val"])
     alphabets = len({name.split("/")[0] for name in held_out})
     assert alphabets >= 25, f"Lake's 100 validation characters come from {alphabets} alphabets: not a seeded random set"

@@ -493,8 +493,11 @@ def test_init_encoder_refuses_an_encoder_trained_on_the_validation_classes_for_a
         (tmp_path / name).mkdir()
         torch.save({"model": encoder}, tmp_path / name / "best.pt")
         (tmp_path / name / "config.json").write_text(json.dumps(config))
+    (tmp_path / "copied").mkdir()  # a best.pt copied away from its folder: its own config says what it learnt
+    torch.save({"model": encoder, "config": saved["with val"]}, tmp_path / "copied" / "best.pt")
     for name, on_val, refused in (("with val", False, True), ("with val", True, False), ("without", False, False),
-                                  ("without", True, False), ("pretrained", False, False), ("pretrained", True, False)):
+                                  ("without", True, False), ("pretrained", False, False), ("pretrained", True, False),
+                                  ("copied", False, True), ("copied", True, False)):
         read = lambda: train.read_encoder(str(tmp_path / name), model_cfg, TaskConfig(name="cifar_fs", train_on_val=on_val))
         if refused:
             with pytest.raises(train.UsageError, match="trained on the validation classes too .*add --train-on-val"):
@@ -773,10 +776,16 @@ def test_best_step_has_the_best_validation_score_in_the_tasks_direction(tmp_path
 @pytest.mark.train
 def test_train_on_val_keeps_and_tests_the_last_model_whatever_validation_says(tmp_path, monkeypatch, offline):
     """With --train-on-val validation scores classes the model trains on, so it chooses nothing: accuracies
-    0.9, 0.5, 0.1 at steps 2, 4, 6 keep the step-6 model as best.pt, flag every validation, and test that model."""
+    0.9, 0.5, 0.1 at steps 2, 4, 6 (the run killed at step 5 and resumed from step 4's checkpoint, whose best
+    is step 4's) keep the step-6 model as best.pt, flag every validation, and test that model."""
     tested = scripted_validation(monkeypatch, [0.9, 0.5, 0.1])
     cfg = tiny(tmp_path, "omniglot", "none", steps=6)
-    results = train.train(dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, train_on_val=True)))
+    cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, train_on_val=True))
+    revive = kill_at_step(monkeypatch, 5)
+    with pytest.raises(Interrupted):
+        train.train(cfg)
+    revive()
+    results = train.train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True)))
     best = torch.load(tmp_path / "omniglot-none" / "best.pt", weights_only=True)
     last = torch.load(tmp_path / "omniglot-none" / "checkpoint.pt", weights_only=True)
     assert results["best_step"] == best["step"] == last["step"] == 6, \

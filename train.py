@@ -476,14 +476,16 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 
-def encoder_classes(file: str) -> tuple[str, str, bool] | None:
+def encoder_classes(file: str, checkpoint: dict) -> tuple[str, str, bool] | None:
     """(task, Omniglot split, whether it trained on the validation classes too) whose training classes the
-    encoder in `file` learnt, from the config.json beside it (train.py's run or pretrain.py's); None where
-    there is none. Runs saved before --split used Lake's, and those before --train-on-val did not."""
-    path = os.path.join(os.path.dirname(os.path.abspath(file)), "config.json")
+    encoder in `file` learnt: from the checkpoint's own config (every one train.py and pretrain.py write holds
+    it, so a copied best.pt is still known), else the config.json beside it; None where there is neither.
+    Runs saved before --split used Lake's, and those before --train-on-val did not use it."""
+    saved = checkpoint.get("config")
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        if not isinstance(saved, dict):
+            with open(os.path.join(os.path.dirname(os.path.abspath(file)), "config.json")) as f:
+                saved = json.load(f)
         if "train" in saved:  # train.py's
             task = saved["task"]
             return task["name"], task.get("omniglot_split", "lake"), task.get("train_on_val", False)
@@ -504,11 +506,12 @@ def read_encoder(path: str, model_cfg: Config, task_cfg: TaskConfig) -> dict:
     if not os.path.isfile(file):
         raise UsageError(f"--init-encoder: there is no {file}; give a run folder that holds best.pt, or a checkpoint file.")
     try:
-        saved = torch.load(file, map_location="cpu", weights_only=True)["model"]
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        saved = checkpoint["model"]
     except Exception as err:
         raise UsageError(f"--init-encoder: {file} is not a readable checkpoint ({type(err).__name__}); give a run's "
                          "best.pt or checkpoint.pt.") from err
-    learnt = encoder_classes(file)
+    learnt = encoder_classes(file, checkpoint)
     if learnt and task_cfg.name == "omniglot" and learnt[0] == "omniglot" and learnt[1] != task_cfg.omniglot_split:
         raise UsageError(f"--init-encoder: {file} was trained on Omniglot's {learnt[1]} split, whose training characters "
                          f"include test or validation characters of the {task_cfg.omniglot_split} split; pre-train "
@@ -977,6 +980,13 @@ def cpu_hint(tc: TrainConfig, model_cfg: Config, ms_per_step: float) -> str:
             f"this CPU; --steps {steps}{smaller} takes 5 minutes or less (the task defaults are sized for a GPU)")
 
 
+def kept_note(keep_last: bool, is_best: bool) -> str:
+    """What a validation line says of the model it scored: kept as best.pt, or kept as the last (--train-on-val)."""
+    if keep_last:
+        return " | kept: classes trained on (--train-on-val), the last model is tested"
+    return " | best" if is_best else ""
+
+
 def train_rule(cfg: RunConfig) -> dict:
     """Train one rule (cfg.train.rule in none | hebbian | gradient), test the best model, write the
     run folder, and return what results.json holds."""
@@ -1021,6 +1031,9 @@ def train_rule(cfg: RunConfig) -> dict:
         step, best, train_time = state["step"], state["best"], state["train_time"]
         print(f"resuming {checkpoint_path} at step {step}")
     better = (lambda a, b: a > b) if task.higher_is_better else (lambda a, b: a < b)
+    # --train-on-val: validation scores classes the model trains on, so it chooses nothing; the last model is
+    # kept, as the published figures that train on them test theirs.
+    keep_last = cfg.task.train_on_val
     unit = sequence_unit(task)
     print(f"{task.name}, rule {model_cfg.rule}: {model.num_params():,} parameters, {tc.steps} steps "
           f"of {tc.batch_size} {unit} on {device_name(device)}; writing {run_dir}", flush=True)
@@ -1086,16 +1099,11 @@ def train_rule(cfg: RunConfig) -> dict:
                 values, _ = evaluate(model, task, "val", tc.eval_episodes, tc.batch_size, device, tc.seed + 1,
                                      amp=tc.amp, fast_norm=False)
                 value, ci = mean_ci95(values)
-                # --train-on-val: validation scores classes the model trains on, so it chooses nothing; the
-                # last model is kept, as the published figures that train on them test theirs.
-                trained_on = task.cfg.train_on_val
-                is_best = trained_on or best["value"] is None or better(value, best["value"])
+                is_best = keep_last or best["value"] is None or better(value, best["value"])
                 if is_best:
                     best = dict(value=value, step=step)
                     save(best_path, val=value)
-                print(f"val step {step} | {task.metric_name} {value:.4g} ± {ci:.2g}"
-                      + (" | kept: classes trained on (--train-on-val), the last model is tested" if trained_on
-                         else " | best" if is_best else ""))
+                print(f"val step {step} | {task.metric_name} {value:.4g} ± {ci:.2g}{kept_note(keep_last, is_best)}")
                 log.write(json.dumps(dict(split="val", step=step, metric=value, ci95=ci, best=is_best)) + "\n")
             if validate or stopping or time.perf_counter() - last_checkpoint > 60 * tc.checkpoint_minutes:
                 train_time = time.perf_counter() - started
