@@ -42,7 +42,8 @@ from plastic import Config, Conv4
 from tasks import OMNIGLOT_SPLITS, TaskConfig
 from train import (FEW_SHOT, TASK_DEFAULTS, Diverged, HelpFormatter, Parser, UsageError, check_numbers, check_warmup,
                    deterministic_algorithms, device_name, draws, episodes_fingerprint, field_comments, kept_note,
-                   learning_rate, load_task, mean_ci95, optional, pick_device, protocol_note, save_checkpoint, set_cpu_threads, write_json)
+                   learning_rate, load_task, mean_ci95, optional, pick_device, protocol_note, save_checkpoint,
+                   set_cpu_threads, write_json)
 
 
 @dataclass
@@ -224,7 +225,7 @@ def pretrain_encoder(pc: PretrainConfig) -> dict:
             pending = []
             if validate:
                 value, ci = mean_ci95(evaluate_prototypes(model.encoder, task, "val", pc.eval_episodes, device, pc.seed + 1))
-                is_best = pc.train_on_val or best["value"] is None or value > best["value"]  # on classes trained on: the last
+                is_best = pc.train_on_val or best["value"] is None or value > best["value"]  # --train-on-val: the last
                 if is_best:
                     best = dict(value=value, step=step)
                     save_checkpoint(os.path.join(run_dir, "best.pt"), dict(model=model.state_dict(), step=step, config=config))

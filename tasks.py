@@ -733,8 +733,8 @@ def omniglot_splits(data, rotations=True, split="vinyals", train_on_val=False):
     order; the last 423 test, the characters of five background alphabets validation (172), the other 1,028
     train. "lake" (Lake et al. 2015): background characters train (a fixed seeded set of them validation),
     every evaluation character tests, so every test alphabet is new. train_on_val: the validation characters
-    train too (with Vinyals's split, its 1,200 characters), and still validate. Rotations by 90/180/270 degrees make new classes of the
-    training characters only."""
+    train too (with Vinyals's split, its 1,200 characters), and still validate. Rotations by 90/180/270
+    degrees make new classes of the training characters only."""
     images = np.concatenate([data["background"], data["evaluation"]])   # (characters, 20, 28, 28), archive order
     names = np.concatenate([data["background_names"], data["evaluation_names"]])
     background = np.arange(len(images)) < len(data["background"])
