@@ -229,7 +229,8 @@ def pretrain_encoder(pc: PretrainConfig) -> dict:
                 if is_best:
                     best = dict(value=value, step=step)
                     save_checkpoint(os.path.join(run_dir, "best.pt"), dict(model=model.state_dict(), step=step, config=config))
-                print(f"val step {step} | nearest-prototype accuracy {value:.4g} ± {ci:.2g}{kept_note(pc.train_on_val, is_best)}")
+                print(f"val step {step} | nearest-prototype accuracy {value:.4g} ± {ci:.2g}"
+                      f"{kept_note(pc.train_on_val, is_best)}")
                 log.write(json.dumps(dict(split="val", step=step, metric=value, ci95=ci, best=is_best)) + "\n")
             log.flush()
             interval_start = time.perf_counter()

@@ -43,9 +43,9 @@ TINY_TASKS = {  # options that make every task a few tokens long
 
 
 def synthetic_few_shot(cfg: TaskConfig, seed: int = 0):
-    """tasks.FewShot over noisy 16x16 images (8 train, 4 val, 4 test classes of 4 images each; train_on_val trains on 12),
-    standing in for Omniglot (1 channel) and CIFAR-FS (3 channels); other tasks are the real ones. Another
-    seed gives other images of the same counts, as another split does."""
+    """tasks.FewShot over noisy 16x16 images (8 train, 4 val, 4 test classes of 4 images each; with
+    train_on_val, 12 train), standing in for Omniglot (1 channel) and CIFAR-FS (3 channels); other tasks are
+    the real ones. Another seed gives other images of the same counts, as another split does."""
     if cfg.name not in ("omniglot", "cifar_fs"):
         return tasks.make_task_from_config(cfg)
     channels = 1 if cfg.name == "omniglot" else 3
