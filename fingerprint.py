@@ -26,8 +26,8 @@ import torch
 from plastic import Config
 from pretrain import PretrainConfig
 from retest import RetestConfig, retest_task
-from tasks import TaskConfig
-from train import (FEW_SHOT, Parser, UsageError, device_name, episodes_fingerprint, load_task, pick_device,
+from tasks import FEW_SHOT, TaskConfig
+from train import (Parser, UsageError, device_name, episodes_fingerprint, load_task, pick_device,
                    with_options_added, write_json)
 
 

@@ -39,8 +39,8 @@ from torch import nn
 
 from memory import is_out_of_memory
 from plastic import Config, Conv4
-from tasks import OMNIGLOT_SPLITS, TaskConfig
-from train import (FEW_SHOT, TASK_DEFAULTS, Diverged, HelpFormatter, Parser, UsageError, check_numbers, check_warmup,
+from tasks import FEW_SHOT, OMNIGLOT_SPLITS, TaskConfig
+from train import (TASK_DEFAULTS, Diverged, HelpFormatter, Parser, UsageError, check_numbers, check_warmup,
                    deterministic_algorithms, device_name, draws, episodes_fingerprint, field_comments, kept_note,
                    learning_rate, load_task, mean_ci95, optional, pick_device, protocol_note, save_checkpoint,
                    set_cpu_threads, write_json)

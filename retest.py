@@ -36,8 +36,8 @@ import torch
 
 from plastic import Config, PlasticGPT
 from report import same_episodes
-from tasks import TaskConfig
-from train import (FEW_SHOT, HelpFormatter, Parser, TrainConfig, UsageError, check_numbers, device_name,
+from tasks import FEW_SHOT, TaskConfig
+from train import (HelpFormatter, Parser, TrainConfig, UsageError, check_numbers, device_name,
                    field_comments, final_evaluations, final_fingerprint, load_task, pick_device, protocol_note,
                    set_cpu_threads, summarise_test, with_options_added, write_json)
 

@@ -34,6 +34,7 @@ from PIL import Image
 from torch import Tensor
 
 TASKS = ("copy", "regression", "cue_reward", "omniglot", "cifar_fs")
+FEW_SHOT = ("omniglot", "cifar_fs")  # the image tasks: few-shot episodes of classes split into train, val and test
 SPLITS = ("train", "val", "test")
 OMNIGLOT_SPLITS = ("vinyals", "lake")
 
@@ -92,7 +93,7 @@ class TaskConfig:
             raise ValueError(f"train_shot = {self.train_shot} must be at least 1 (or none, the same as shot).")
         if self.train_way is not None and self.train_way < self.way:
             raise ValueError(f"train_way = {self.train_way} must be at least way = {self.way} (or none, the same).")
-        if self.train_on_val and self.name not in ("omniglot", "cifar_fs"):
+        if self.train_on_val and self.name not in FEW_SHOT:
             raise ValueError(f"train_on_val adds the validation classes of a few-shot task to its training classes, "
                              f"and {self.name} has none; drop --train-on-val.")
         if self.omniglot_split not in OMNIGLOT_SPLITS:

@@ -44,7 +44,7 @@ import torch
 import memory
 from plastic import COEF_INITS, INITS, Config, Conv4, PlasticGPT
 from report import RETEST_FILE, save_plot
-from tasks import OMNIGLOT_SPLITS, TASKS, TaskConfig, make_task_from_config
+from tasks import FEW_SHOT, OMNIGLOT_SPLITS, TASKS, TaskConfig, make_task_from_config
 
 RULES = ("none", "hebbian", "gradient")
 
@@ -531,7 +531,6 @@ def read_encoder(path: str, model_cfg: Config, task_cfg: TaskConfig) -> dict:
 # Options added later, by (section, name): the tasks they act on, and what a run saved before them did
 # (Lake's split, no augmentation, as many classes in training as in test, position embeddings, queries
 # that see each other). For any other task the option changes nothing, so a saved run matches any value.
-FEW_SHOT = ("omniglot", "cifar_fs")
 OPTIONS_ADDED = {("task", "omniglot_split"): (("omniglot",), "lake"), ("task", "augment"): (FEW_SHOT, False),
                  ("task", "train_way"): (FEW_SHOT, None), ("model", "positions"): (TASKS, True),
                  ("task", "isolate_queries"): (FEW_SHOT, False), ("task", "train_shot"): (FEW_SHOT, None),
