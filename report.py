@@ -11,7 +11,9 @@ named seed<k> the seed, as in results/<experiment>/<setting>/seed<k>/<task>-<rul
 belongs to an experiment named after that folder. Runs of one experiment, setting, task and rule
 that differ only by seed are one row: the mean over seeds of each run's test metric, and the 95%
 confidence interval of that mean (t distribution over seeds; with one seed, the run's own interval
-over its test episodes). The knock-out column is the same test with plasticity off (eta = 0). A run's
+over its test episodes). Runs of one row that differ in more than their seed (their results.json's
+configs say so) are averaged all the same, and the cell names the options they differ in: give each
+setting a folder of its own. The knock-out column is the same test with plasticity off (eta = 0). A run's
 retests (retest.py: retest-<way>way-<shot>shot-<query>query.json beside its results.json) are rows of
 their own, "retested 5-way 5-shot, 3 queries per class", averaged over seeds the same way.
 
@@ -73,6 +75,33 @@ def read_json(path, keys):
         raise UsageError(f"{path} holds no {', '.join(missing)}, so it is not what train.py, pretrain.py or retest.py "
                          f"write; move it out of the folder.")
     return found
+
+
+# Options that say how or where a run was carried out, not what it trained: the runs of one row may differ in them
+HOW_RUN = ("seed", "device", "threads", "out_dir", "resume", "overwrite", "log_interval", "log_seconds",
+           "checkpoint_minutes", "bench", "cuda_graph", "compile", "deterministic", "data_dir")
+RULES_OWN = ("eta", "coef_init")  # None: the rule's own value, which a row's runs share (a row is one rule)
+
+
+def differing_options(results):
+    """{"section.option": its values} for each option that the runs of one row set differently, from the config
+    in their results.json: a row should average runs that differ only by seed. A train_way or train_shot of
+    None is the test's way or shot; --init-encoder is compared as given or not (its path is the machine's); a
+    rule's own eta or coef_init (None) is not compared with one given; an option a config does not record (saved
+    before the option existed) is compared among the runs whose configs do. train.py's config has sections
+    (train, model, task), pretrain.py's none."""
+    values = defaultdict(set)
+    for result in results:
+        config = result.get("config") or {}
+        for section, options in ({s: o for s, o in config.items() if isinstance(o, dict)} or {None: config}).items():
+            for name, value in options.items():
+                if name in ("train_way", "train_shot") and value is None:
+                    value = options.get(name.removeprefix("train_"))
+                if name == "init_encoder":
+                    value = value is not None
+                if name not in HOW_RUN and not (name in RULES_OWN and value is None):
+                    values[f"{section}.{name}" if section else name].add(json.dumps(value))
+    return {name: sorted(found) for name, found in sorted(values.items()) if len(found) > 1}
 
 
 def load_runs(root):
@@ -166,8 +195,11 @@ def metric_table(runs, experiment, metric, keys, columns):
             if (experiment, setting, task, rule) not in runs:
                 cells.append("-")
                 continue
-            text, params, n, minutes, _ = summary(runs[(experiment, setting, task, rule)])
-            cells.append(f"{text}; {params / 1e6:.2f}M; {n}; {minutes:.1f} min")
+            results = runs[(experiment, setting, task, rule)]
+            text, params, n, minutes, _ = summary(results)
+            mixed = "; ".join(f"{name} {' and '.join(found)}" for name, found in differing_options(results).items())
+            cells.append(f"{text}; {params / 1e6:.2f}M; {n}; {minutes:.1f} min"
+                         + (f"; **runs differ in {mixed}**" if mixed else ""))
         lines.append(f"| {setting} | {task} | " + " | ".join(cells) + " |")
     return lines
 

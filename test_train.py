@@ -1211,6 +1211,59 @@ def test_report_averages_seeds_with_a_t_interval(tmp_path):
 
 
 @pytest.mark.train
+def test_report_names_the_options_that_the_runs_of_a_row_set_differently(tmp_path):
+    """A row averages runs that should differ only by seed; where their configs differ in an option that changes
+    what was trained, the cell says which and how, and options of how or where a run went, a None that means
+    the rule's own value or the test's way, and an encoder's path, do not count."""
+    import report
+    def config(seed, **changes):  # a config.json's sections as results.json keeps them, with changes "section.name"
+        sections = dict(train=dict(seed=seed, lr=0.001, out_dir=f"/tmp/runs{seed}", threads=seed + 1, init_encoder=None),
+                        model=dict(rule="hebbian", eta=None, coef_init=None), task=dict(way=5, train_way=None, shot=1))
+        for name, value in changes.items():
+            section, option = name.split(".")
+            sections[section][option] = value
+        return sections
+    rows = {"same": ({}, {}),  # seed, out_dir and threads differ (config's defaults) and nothing else
+            "rules-own": ({"model.eta": 1.0, "model.coef_init": "positive"}, {}),  # None: the rule's own, not compared
+            "way": ({"task.train_way": 5}, {}),  # None trains at the test's way
+            "encoder-path": ({"train.init_encoder": "a/pretrain"}, {"train.init_encoder": "b/pretrain"}),
+            "older": ({"task.train_on_val": False}, {}),  # an option the other config does not record
+            "lr": ({}, {"train.lr": 0.0005}),
+            "encoder": ({"train.init_encoder": "a/pretrain"}, {}),
+            "way-and-window": ({"task.train_way": 10}, {"model.attn_window": 1})}
+    for setting, changes in rows.items():
+        for seed in (0, 1):
+            folder = tmp_path / "exp" / setting / f"seed{seed}" / "omniglot-hebbian"
+            folder.mkdir(parents=True)
+            run_config = config(seed, **changes[seed])
+            if setting == "way-and-window" and seed == 0:
+                run_config["model"]["attn_window"] = None
+            (folder / "results.json").write_text(json.dumps(dict(
+                task="omniglot", rule="hebbian", metric="accuracy", test_mean=0.9, test_ci95=0.01, knockout_mean=None,
+                knockout_ci95=None, params=1000, train_time_s=60.0, config=run_config)))
+    table = report.tables(report.load_runs(str(tmp_path)))
+    cell = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    for setting in ("same", "rules-own", "way", "encoder-path", "older"):
+        assert "differ" not in cell[setting], f"runs of {setting!r} differ only in what should not count:\n{table}"
+    want = {"lr": "**runs differ in train.lr 0.0005 and 0.001**", "encoder": "**runs differ in train.init_encoder false and true**",
+            "way-and-window": "**runs differ in model.attn_window 1 and null; task.train_way 10 and 5**"}
+    for setting, text in want.items():
+        assert text in cell[setting], f"the row {setting!r} should say {text!r}:\n{table}"
+    assert cell["lr"].count("90.00 ± 0.00; 0.00M; 2;") == 1, f"the runs are still averaged, the cell says how they differ:\n{table}"
+    for setting, steps in (("encoders", 4000), ("longer", 12000)):  # pretrain.py's config: one section
+        for seed in (0, 1):
+            folder = tmp_path / "pre" / "exp" / setting / f"seed{seed}" / "pretrain-omniglot"
+            folder.mkdir(parents=True)
+            (folder / "results.json").write_text(json.dumps(dict(
+                task="omniglot", rule="prototypes", metric="accuracy", test_mean=0.9, test_ci95=0.01, params=1000,
+                train_time_s=60.0, config=dict(seed=seed, out_dir=f"/tmp/pt{seed}", steps=steps if seed else 4000))))
+    table = report.tables(report.load_runs(str(tmp_path / "pre")))
+    cell = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "differ" not in cell["encoders"] and "**runs differ in steps 12000 and 4000**" in cell["longer"], \
+        f"pretrain.py's runs should be compared by their options too:\n{table}"
+
+
+@pytest.mark.train
 def test_report_puts_each_retest_in_a_row_of_its_own_averaged_over_seeds(tmp_path):
     """report.py: retest.py's retest-*.json beside a run's results.json is a row named after its episodes,
     with the run's parameters and training time and the retest's numbers."""
