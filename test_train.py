@@ -1852,6 +1852,11 @@ def test_smoke_runs_take_smaller_batches_and_fewer_episodes_and_say_so():
         "other runs take the task's batch and the protocol's episodes: 1,000 test episodes"
     given = train.resolve(RunConfig(train=TrainConfig(steps=20, batch_size=64, test_episodes=1000), task=TaskConfig("copy")), task)
     assert (given.train.batch_size, given.train.test_episodes) == (64, 1000), "options given explicitly win"
+    assert smoke.batch_size == 16 and train.smoke_note(smoke).endswith(
+        "; options not given take smaller values (batch_size 16, eval_episodes 100, test_episodes 100)"), train.smoke_note(smoke)
+    assert train.smoke_note(given.train).endswith("(eval_episodes 100)"), \
+        f"a smoke run should name only the smaller values it runs with, not those given: {train.smoke_note(given.train)}"
+    assert train.smoke_note(real) == "", "a run of 100 steps or more is not a smoke run"
     assert "1000" in train.protocol_note(100) and train.protocol_note(1000) == "", \
         "a test on fewer episodes than the protocol's must say so"
 

@@ -248,6 +248,16 @@ def is_smoke_run(tc: TrainConfig) -> bool:
     return tc.steps < SMOKE_RUN["steps"]
 
 
+def smoke_note(tc: TrainConfig) -> str:
+    """What a smoke run says about itself: that it is one, and the smaller values of SMOKE_RUN it runs with
+    (an option given another value is the user's, and not named)."""
+    if not is_smoke_run(tc):
+        return ""
+    smaller = [f"{k} {v}" for k, v in SMOKE_RUN.items() if k != "steps" and getattr(tc, k) == v]
+    return (f"a smoke run (under {SMOKE_RUN['steps']} steps): it shows that everything works, not a result"
+            + (f"; options not given take smaller values ({', '.join(smaller)})" if smaller else ""))
+
+
 def resolve(cfg: RunConfig, task) -> RunConfig:
     """Fill the options left at None from TASK_DEFAULTS and PROTOCOL_EPISODES (or SMOKE_RUN) and the
     model's sizes from the task; check every number."""
@@ -1036,8 +1046,7 @@ def train_rule(cfg: RunConfig) -> dict:
     print(f"{task.name}, rule {model_cfg.rule}: {model.num_params():,} parameters, {tc.steps} steps "
           f"of {tc.batch_size} {unit} on {device_name(device)}; writing {run_dir}", flush=True)
     if is_smoke_run(tc):
-        print(f"a smoke run (under {SMOKE_RUN['steps']} steps): it shows that everything works, not a result; options "
-              f"not given take smaller values ({', '.join(f'{k} {v}' for k, v in SMOKE_RUN.items() if k != 'steps')})")
+        print(smoke_note(tc))
 
     def save(path, **extra):  # model, step and config; checkpoint.pt also optimizer, best, RNG states
         save_checkpoint(path, dict(model=model.state_dict(), step=step, config=config, **extra))
