@@ -50,6 +50,8 @@ RULE_COEF_INIT = {"hebbian": "positive", "gradient": "negative"}
 # (Duan et al.'s rate) the noise costs less than the association gains, and training raises the rate.
 RULE_ETA = {"hebbian": 1.0, "gradient": 0.1}
 INITS = ("torch", "gpt2")  # the slow weights' initialisation: PlasticGPT._init_weights
+# Config's options that only the fast weights read: the static model (rule "none") runs alike whatever they are
+FAST_WEIGHT_OPTIONS = ("eta", "decay", "max_norm", "fast_form", "n_extra", "modulation", "plastic_blocks", "coef_init")
 
 
 @dataclass

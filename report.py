@@ -49,6 +49,8 @@ import re
 import sys
 from collections import defaultdict
 
+from plastic import FAST_WEIGHT_OPTIONS, RULE_COEF_INIT, RULE_ETA
+
 RULES = ("none", "hebbian", "gradient")
 PROTOTYPES = "prototypes"  # pretrain.py's encoders, each scored alone as a nearest-prototype classifier: a column where there are any
 RETEST_FILE = r"retest-\d+way-\d+shot-\d+query\.json"  # retest.py's tests of a run's best.pt, in its folder
@@ -77,30 +79,44 @@ def read_json(path, keys):
     return found
 
 
-# Options that say how or where a run was carried out, not what it trained: the runs of one row may differ in them
-HOW_RUN = ("seed", "device", "threads", "out_dir", "resume", "overwrite", "log_interval", "log_seconds",
-           "checkpoint_minutes", "bench", "cuda_graph", "compile", "deterministic", "data_dir")
-RULES_OWN = ("eta", "coef_init")  # None: the rule's own value, which a row's runs share (a row is one rule)
+# Options that say how or where a run went, not what it trained or tested: the runs of one row may differ in them
+HOW_RUN = ("seed", "device", "threads", "out_dir", "data_dir", "resume", "overwrite", "log_interval", "log_seconds",
+           "checkpoint_minutes", "bench", "cuda_graph", "compile", "amp", "deterministic", "fast_form")
+
+
+def as_run(name, value, options, rule):
+    """An option's value as the run used it: a None train_way or train_shot is the test's way or shot, a None
+    eta or coef_init the rule's own, and --init-encoder given or not (its path is the machine's)."""
+    if name in ("train_way", "train_shot") and value is None:
+        return options.get(name.removeprefix("train_"))
+    if name == "eta" and value is None:
+        return RULE_ETA.get(rule, 0.0)
+    if name == "coef_init" and value is None:
+        return RULE_COEF_INIT.get(rule)
+    if name == "init_encoder":
+        return value is not None
+    return value
 
 
 def differing_options(results):
-    """{"section.option": its values} for each option that the runs of one row set differently, from the config
-    in their results.json: a row should average runs that differ only by seed. A train_way or train_shot of
-    None is the test's way or shot; --init-encoder is compared as given or not (its path is the machine's); a
-    rule's own eta or coef_init (None) is not compared with one given; an option a config does not record (saved
-    before the option existed) is compared among the runs whose configs do. train.py's config has sections
-    (train, model, task), pretrain.py's none."""
+    """{"section.option": its values} for each option that the runs of one row (one rule) set differently, from
+    the configs in their results.json: a row should average runs that differ only by seed. Options of how or
+    where a run went (HOW_RUN) do not count, nor, for the static model, those of the fast weights, nor, for the
+    plastic ones, --match-params. An option that a config does not record (saved before the option existed) is
+    compared among the runs whose configs do. train.py's config has sections (train, model, task); pretrain.py's
+    is one flat dict."""
     values = defaultdict(set)
     for result in results:
-        config = result.get("config") or {}
-        for section, options in ({s: o for s, o in config.items() if isinstance(o, dict)} or {None: config}).items():
+        rule, config = result["rule"], result.get("config") or {}
+        sections = {s: options for s, options in config.items() if isinstance(options, dict)}
+        if not sections:
+            sections = {None: config}
+        ignored = HOW_RUN + (FAST_WEIGHT_OPTIONS if rule == "none" else ("match_params",))
+        for section, options in sections.items():
             for name, value in options.items():
-                if name in ("train_way", "train_shot") and value is None:
-                    value = options.get(name.removeprefix("train_"))
-                if name == "init_encoder":
-                    value = value is not None
-                if name not in HOW_RUN and not (name in RULES_OWN and value is None):
-                    values[f"{section}.{name}" if section else name].add(json.dumps(value))
+                if name not in ignored:
+                    key = f"{section}.{name}" if section else name
+                    values[key].add(json.dumps(as_run(name, value, options, rule)))
     return {name: sorted(found) for name, found in sorted(values.items()) if len(found) > 1}
 
 

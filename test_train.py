@@ -1213,42 +1213,53 @@ def test_report_averages_seeds_with_a_t_interval(tmp_path):
 @pytest.mark.train
 def test_report_names_the_options_that_the_runs_of_a_row_set_differently(tmp_path):
     """A row averages runs that should differ only by seed; where their configs differ in an option that changes
-    what was trained, the cell says which and how, and options of how or where a run went, a None that means
-    the rule's own value or the test's way, and an encoder's path, do not count."""
+    what was trained or tested, the cell says which and how. Options of how or where a run went do not count,
+    nor a None that stands for the value the run used (the rule's own eta and coef_init, the test's way and
+    shot), an encoder's path, the fast weights' options in the static model, or --match-params in a plastic one."""
     import report
-    def config(seed, **changes):  # a config.json's sections as results.json keeps them, with changes "section.name"
-        sections = dict(train=dict(seed=seed, lr=0.001, out_dir=f"/tmp/runs{seed}", threads=seed + 1, init_encoder=None),
-                        model=dict(rule="hebbian", eta=None, coef_init=None), task=dict(way=5, train_way=None, shot=1))
+    def config(seed, rule, changes):  # a config.json's sections as results.json keeps them, with changes "section.name"
+        sections = dict(train=dict(seed=seed, lr=0.001, out_dir=f"/tmp/runs{seed}", init_encoder=None, match_params=False),
+                        model=dict(rule=rule, eta=None, coef_init=None, decay=0.1, attn_window=None),
+                        task=dict(way=5, train_way=None, shot=1, train_shot=None))
         for name, value in changes.items():
             section, option = name.split(".")
             sections[section][option] = value
         return sections
-    rows = {"same": ({}, {}),  # seed, out_dir and threads differ (config's defaults) and nothing else
-            "rules-own": ({"model.eta": 1.0, "model.coef_init": "positive"}, {}),  # None: the rule's own, not compared
-            "way": ({"task.train_way": 5}, {}),  # None trains at the test's way
-            "encoder-path": ({"train.init_encoder": "a/pretrain"}, {"train.init_encoder": "b/pretrain"}),
-            "older": ({"task.train_on_val": False}, {}),  # an option the other config does not record
-            "lr": ({}, {"train.lr": 0.0005}),
-            "encoder": ({"train.init_encoder": "a/pretrain"}, {}),
-            "way-and-window": ({"task.train_way": 10}, {"model.attn_window": 1})}
-    for setting, changes in rows.items():
+    how_run = {"train.device": ("cpu", "cuda"), "train.threads": (None, 2), "train.resume": (False, True),
+               "train.overwrite": (False, True), "train.log_interval": (100, 50), "train.log_seconds": (10.0, 5.0),
+               "train.checkpoint_minutes": (10.0, 1.0), "train.bench": (False, True), "train.cuda_graph": (True, False),
+               "train.compile": (False, True), "train.amp": (False, True), "train.deterministic": (False, True),
+               "task.data_dir": (None, "data"), "model.fast_form": ("factored", "dense")}
+    rows = {  # setting: rule, seed 0's changes, seed 1's changes, what the cell should say (None: nothing)
+        "same": ("hebbian", {k: v[0] for k, v in how_run.items()}, {k: v[1] for k, v in how_run.items()}, None),
+        "rules-own": ("hebbian", {"model.eta": 1.0, "model.coef_init": "positive"}, {}, None),
+        "coef": ("hebbian", {"model.coef_init": "negative"}, {}, 'model.coef_init "negative" and "positive"'),
+        "eta": ("gradient", {"model.eta": 0.5}, {}, "model.eta 0.1 and 0.5"),
+        "way": ("hebbian", {"task.train_way": 5, "task.train_shot": 1}, {}, None),
+        "shot": ("hebbian", {"task.train_shot": 5}, {}, "task.train_shot 1 and 5"),
+        "encoder-path": ("hebbian", {"train.init_encoder": "a/pretrain"}, {"train.init_encoder": "b/pretrain"}, None),
+        "encoder": ("hebbian", {"train.init_encoder": "a/pretrain"}, {}, "train.init_encoder false and true"),
+        "older": ("hebbian", {"task.train_on_val": False}, {}, None),  # an option the other config does not record
+        "lr": ("hebbian", {}, {"train.lr": 0.0005}, "train.lr 0.0005 and 0.001"),
+        "way-and-window": ("hebbian", {"task.train_way": 10}, {"model.attn_window": 1},
+                           "model.attn_window 1 and null; task.train_way 10 and 5"),
+        "static-fast": ("none", {"model.eta": 0.0, "model.decay": 0.2}, {"model.eta": 0.1}, None),
+        "static-match": ("none", {"train.match_params": True}, {}, "train.match_params false and true"),
+        "plastic-match": ("hebbian", {"train.match_params": True}, {}, None)}
+    for setting, (rule, *changes, _) in rows.items():
         for seed in (0, 1):
-            folder = tmp_path / "exp" / setting / f"seed{seed}" / "omniglot-hebbian"
+            folder = tmp_path / "exp" / setting / f"seed{seed}" / f"omniglot-{rule}"
             folder.mkdir(parents=True)
-            run_config = config(seed, **changes[seed])
-            if setting == "way-and-window" and seed == 0:
-                run_config["model"]["attn_window"] = None
             (folder / "results.json").write_text(json.dumps(dict(
-                task="omniglot", rule="hebbian", metric="accuracy", test_mean=0.9, test_ci95=0.01, knockout_mean=None,
-                knockout_ci95=None, params=1000, train_time_s=60.0, config=run_config)))
+                task="omniglot", rule=rule, metric="accuracy", test_mean=0.9, test_ci95=0.01, knockout_mean=None,
+                knockout_ci95=None, params=1000, train_time_s=60.0, config=config(seed, rule, changes[seed]))))
     table = report.tables(report.load_runs(str(tmp_path)))
     cell = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
-    for setting in ("same", "rules-own", "way", "encoder-path", "older"):
-        assert "differ" not in cell[setting], f"runs of {setting!r} differ only in what should not count:\n{table}"
-    want = {"lr": "**runs differ in train.lr 0.0005 and 0.001**", "encoder": "**runs differ in train.init_encoder false and true**",
-            "way-and-window": "**runs differ in model.attn_window 1 and null; task.train_way 10 and 5**"}
-    for setting, text in want.items():
-        assert text in cell[setting], f"the row {setting!r} should say {text!r}:\n{table}"
+    for setting, (*_, said) in rows.items():
+        if said is None:
+            assert "differ" not in cell[setting], f"the runs of {setting!r} differ only in what should not count:\n{table}"
+        else:
+            assert f"; **runs differ in {said}**" in cell[setting], f"the row {setting!r} should say {said!r}:\n{table}"
     assert cell["lr"].count("90.00 ± 0.00; 0.00M; 2;") == 1, f"the runs are still averaged, the cell says how they differ:\n{table}"
     for setting, steps in (("encoders", 4000), ("longer", 12000)):  # pretrain.py's config: one section
         for seed in (0, 1):
@@ -1852,10 +1863,12 @@ def test_smoke_runs_take_smaller_batches_and_fewer_episodes_and_say_so():
         "other runs take the task's batch and the protocol's episodes: 1,000 test episodes"
     given = train.resolve(RunConfig(train=TrainConfig(steps=20, batch_size=64, test_episodes=1000), task=TaskConfig("copy")), task)
     assert (given.train.batch_size, given.train.test_episodes) == (64, 1000), "options given explicitly win"
-    assert smoke.batch_size == 16 and train.smoke_note(smoke).endswith(
+    assert train.smoke_note(smoke).endswith(
         "; options not given take smaller values (batch_size 16, eval_episodes 100, test_episodes 100)"), train.smoke_note(smoke)
-    assert train.smoke_note(given.train).endswith("(eval_episodes 100)"), \
-        f"a smoke run should name only the smaller values it runs with, not those given: {train.smoke_note(given.train)}"
+    smaller = train.resolve(RunConfig(train=TrainConfig(steps=20, batch_size=8, test_episodes=1000), task=TaskConfig("copy")), task)
+    for run in (given, smaller):  # a batch given above or below the smoke run's 16
+        assert train.smoke_note(run.train).endswith("(eval_episodes 100)"), \
+            f"a smoke run should name only the smaller values it runs with, not those given: {train.smoke_note(run.train)}"
     assert train.smoke_note(real) == "", "a run of 100 steps or more is not a smoke run"
     assert "1000" in train.protocol_note(100) and train.protocol_note(1000) == "", \
         "a test on fewer episodes than the protocol's must say so"
