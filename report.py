@@ -49,7 +49,7 @@ import re
 import sys
 from collections import defaultdict
 
-from plastic import FAST_WEIGHT_OPTIONS, RULE_COEF_INIT, RULE_ETA
+from plastic import FAST_WEIGHT_OPTIONS, RULE_COEF_INIT, Config
 
 RULES = ("none", "hebbian", "gradient")
 PROTOTYPES = "prototypes"  # pretrain.py's encoders, each scored alone as a nearest-prototype classifier: a column where there are any
@@ -90,7 +90,7 @@ def as_run(name, value, options, rule):
     if name in ("train_way", "train_shot") and value is None:
         return options.get(name.removeprefix("train_"))
     if name == "eta" and value is None:
-        return RULE_ETA.get(rule, 0.0)
+        return Config(rule=rule).base_rate()
     if name == "coef_init" and value is None:
         return RULE_COEF_INIT.get(rule)
     if name == "init_encoder":

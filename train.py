@@ -1045,8 +1045,8 @@ def train_rule(cfg: RunConfig) -> dict:
     unit = sequence_unit(task)
     print(f"{task.name}, rule {model_cfg.rule}: {model.num_params():,} parameters, {tc.steps} steps "
           f"of {tc.batch_size} {unit} on {device_name(device)}; writing {run_dir}", flush=True)
-    if is_smoke_run(tc):
-        print(smoke_note(tc))
+    if note := smoke_note(tc):
+        print(note)
 
     def save(path, **extra):  # model, step and config; checkpoint.pt also optimizer, best, RNG states
         save_checkpoint(path, dict(model=model.state_dict(), step=step, config=config, **extra))
