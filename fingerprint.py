@@ -25,10 +25,10 @@ import torch
 
 from plastic import Config
 from pretrain import PretrainConfig
+from report import with_options_added
 from retest import RetestConfig, retest_task
 from tasks import FEW_SHOT, TaskConfig
-from train import (Parser, UsageError, device_name, episodes_fingerprint, load_task, pick_device,
-                   with_options_added, write_json)
+from train import Parser, UsageError, device_name, episodes_fingerprint, load_task, pick_device, write_json
 
 
 def tests_below(folder: str):

@@ -50,6 +50,7 @@ import sys
 from collections import defaultdict
 
 from plastic import FAST_WEIGHT_OPTIONS, RULE_COEF_INIT, Config
+from tasks import FEW_SHOT, TASKS
 
 RULES = ("none", "hebbian", "gradient")
 PROTOTYPES = "prototypes"  # pretrain.py's encoders, each scored alone as a nearest-prototype classifier: a column where there are any
@@ -79,6 +80,30 @@ def read_json(path, keys):
     return found
 
 
+# Options added later, by (section, name): the tasks they act on, and what a run saved before them did
+# (Lake's split, no augmentation, as many classes in training as in test, position embeddings, queries
+# that see each other, only the training classes). For any other task the option changes nothing, so a
+# saved run matches any value.
+OPTIONS_ADDED = {("task", "omniglot_split"): (("omniglot",), "lake"), ("task", "augment"): (FEW_SHOT, False),
+                 ("task", "train_way"): (FEW_SHOT, None), ("model", "positions"): (TASKS, True),
+                 ("task", "isolate_queries"): (FEW_SHOT, False), ("task", "train_shot"): (FEW_SHOT, None),
+                 ("model", "encoder_widths"): (FEW_SHOT, None), ("task", "jitter"): (("cifar_fs",), 0.0),
+                 ("task", "train_on_val"): (FEW_SHOT, False)}
+
+
+def with_options_added(saved: dict, otherwise: dict | None) -> dict:
+    """The model and task sections of a saved config.json (train.py's), each option added since it was saved
+    set to what the run did (OPTIONS_ADDED), or, for a task the option does not act on, to otherwise's value
+    (with otherwise None: left out, as the config left it)."""
+    saved = {section: dict(saved[section]) for section in ("model", "task")}
+    for (section, k), (applies, before) in OPTIONS_ADDED.items():
+        if saved["task"]["name"] in applies:
+            saved[section].setdefault(k, before)
+        elif otherwise is not None:
+            saved[section].setdefault(k, otherwise[section][k])
+    return saved
+
+
 # Options that say how or where a run went, not what it trained or tested: the runs of one row may differ in them
 HOW_RUN = ("seed", "device", "threads", "out_dir", "data_dir", "resume", "overwrite", "log_interval", "log_seconds",
            "checkpoint_minutes", "bench", "cuda_graph", "compile", "amp", "deterministic", "fast_form")
@@ -102,14 +127,17 @@ def differing_options(results):
     """{"section.option": its values} for each option that the runs of one row (one rule) set differently, from
     the configs in their results.json: a row should average runs that differ only by seed. Options of how or
     where a run went (HOW_RUN) do not count, nor, for the static model, those of the fast weights, nor, for the
-    plastic ones, --match-params. An option that a config does not record (saved before the option existed) is
-    compared among the runs whose configs do. train.py's config has sections (train, model, task); pretrain.py's
-    is one flat dict."""
+    plastic ones, --match-params. An option that a config does not record (saved before the option existed) takes
+    the value the run used (OPTIONS_ADDED) where it acts on the run's task, and is otherwise compared among the
+    runs whose configs record it. train.py's config has sections (train, model, task); pretrain.py's is one
+    flat dict."""
     values = defaultdict(set)
     for result in results:
         rule, config = result["rule"], result.get("config") or {}
         sections = {s: options for s, options in config.items() if isinstance(options, dict)}
-        if not sections:
+        if sections:
+            sections |= with_options_added(sections, otherwise=None)
+        else:
             sections = {None: config}
         ignored = HOW_RUN + (FAST_WEIGHT_OPTIONS if rule == "none" else ("match_params",))
         for section, options in sections.items():

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 import torch
 
 from plastic import Config, PlasticGPT
-from report import same_episodes
+from report import same_episodes, with_options_added
 from tasks import FEW_SHOT, TaskConfig
 from train import (HelpFormatter, Parser, TrainConfig, UsageError, check_numbers, device_name,
                    field_comments, final_evaluations, final_fingerprint, load_task, pick_device, protocol_note,
-                   set_cpu_threads, summarise_test, with_options_added, write_json)
+                   set_cpu_threads, summarise_test, write_json)
 
 
 @dataclass

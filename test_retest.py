@@ -201,7 +201,7 @@ def test_a_retest_records_the_seed_and_the_training_way_it_was_asked_for(tmp_pat
 
 
 def test_a_run_from_before_an_option_is_retested_as_it_ran(tmp_path, offline):
-    """A config.json saved before isolate_queries existed is a run whose queries saw each other (train.OPTIONS_ADDED
+    """A config.json saved before isolate_queries existed is a run whose queries saw each other (report.OPTIONS_ADDED
     says False, not today's default True): a retest at the run's own sizes gives its final test again."""
     run_dir, results = trained(tmp_path, "hebbian", isolate_queries=False)
     config = json.loads((run_dir / "config.json").read_text())

@@ -1215,12 +1215,13 @@ def test_report_names_the_options_that_the_runs_of_a_row_set_differently(tmp_pat
     """A row averages runs that should differ only by seed; where their configs differ in an option that changes
     what was trained or tested, the cell says which and how. Options of how or where a run went do not count,
     nor a None that stands for the value the run used (the rule's own eta and coef_init, the test's way and
-    shot), an encoder's path, the fast weights' options in the static model, or --match-params in a plastic one."""
+    shot), an encoder's path, the fast weights' options in the static model, or --match-params in a plastic one.
+    An option a config saved before it existed does not record is what such runs did (report.OPTIONS_ADDED)."""
     import report
     def config(seed, rule, changes):  # a config.json's sections as results.json keeps them, with changes "section.name"
         sections = dict(train=dict(seed=seed, lr=0.001, out_dir=f"/tmp/runs{seed}", init_encoder=None, match_params=False),
                         model=dict(rule=rule, eta=None, coef_init=None, decay=0.1, attn_window=None),
-                        task=dict(way=5, train_way=None, shot=1, train_shot=None))
+                        task=dict(name="omniglot", way=5, train_way=None, shot=1, train_shot=None))
         for name, value in changes.items():
             section, option = name.split(".")
             sections[section][option] = value
@@ -1239,7 +1240,9 @@ def test_report_names_the_options_that_the_runs_of_a_row_set_differently(tmp_pat
         "shot": ("hebbian", {"task.train_shot": 5}, {}, "task.train_shot 1 and 5"),
         "encoder-path": ("hebbian", {"train.init_encoder": "a/pretrain"}, {"train.init_encoder": "b/pretrain"}, None),
         "encoder": ("hebbian", {"train.init_encoder": "a/pretrain"}, {}, "train.init_encoder false and true"),
-        "older": ("hebbian", {"task.train_on_val": False}, {}, None),  # an option the other config does not record
+        "older": ("hebbian", {"task.train_on_val": False}, {}, None),  # an option the other config does not record:
+        "older-on": ("hebbian", {"task.train_on_val": True}, {}, "task.train_on_val false and true"),  # it was False
+        "older-jitter": ("hebbian", {"task.jitter": 0.4}, {}, None),  # it acts on CIFAR-FS only: compared where recorded
         "lr": ("hebbian", {}, {"train.lr": 0.0005}, "train.lr 0.0005 and 0.001"),
         "way-and-window": ("hebbian", {"task.train_way": 10}, {"model.attn_window": 1},
                            "model.attn_window 1 and null; task.train_way 10 and 5"),

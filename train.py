@@ -43,8 +43,8 @@ import torch
 
 import memory
 from plastic import COEF_INITS, INITS, Config, Conv4, PlasticGPT
-from report import RETEST_FILE, save_plot
-from tasks import FEW_SHOT, OMNIGLOT_SPLITS, TASKS, TaskConfig, make_task_from_config
+from report import RETEST_FILE, save_plot, with_options_added
+from tasks import OMNIGLOT_SPLITS, TASKS, TaskConfig, make_task_from_config
 
 RULES = ("none", "hebbian", "gradient")
 
@@ -536,25 +536,6 @@ def read_encoder(path: str, model_cfg: Config, task_cfg: TaskConfig) -> dict:
         raise UsageError(f"--init-encoder: {file} holds no Conv4 encoder for {model_cfg.image_shape[0]}-channel images with "
                          f"blocks of {widths} channels; give a run of the same task and --encoder-channels (--encoder-widths).")
     return state
-
-
-# Options added later, by (section, name): the tasks they act on, and what a run saved before them did
-# (Lake's split, no augmentation, as many classes in training as in test, position embeddings, queries
-# that see each other). For any other task the option changes nothing, so a saved run matches any value.
-OPTIONS_ADDED = {("task", "omniglot_split"): (("omniglot",), "lake"), ("task", "augment"): (FEW_SHOT, False),
-                 ("task", "train_way"): (FEW_SHOT, None), ("model", "positions"): (TASKS, True),
-                 ("task", "isolate_queries"): (FEW_SHOT, False), ("task", "train_shot"): (FEW_SHOT, None),
-                 ("model", "encoder_widths"): (FEW_SHOT, None), ("task", "jitter"): (("cifar_fs",), 0.0),
-                 ("task", "train_on_val"): (FEW_SHOT, False)}
-
-
-def with_options_added(saved: dict, otherwise: dict) -> dict:
-    """The model and task sections of a saved config.json, each option added since it was saved set to what
-    the run did (OPTIONS_ADDED), or, for a task the option does not act on, to otherwise's value."""
-    saved = {section: dict(saved[section]) for section in ("model", "task")}
-    for (section, k), (applies, before) in OPTIONS_ADDED.items():
-        saved[section].setdefault(k, before if saved["task"]["name"] in applies else otherwise[section][k])
-    return saved
 
 
 # Training options a resumed run must keep, as config.json records one value for the whole run: the seed (the
