@@ -14,6 +14,7 @@ few microseconds per operation), so the count is what the plastic rules' token l
 """
 
 import dataclasses
+import sys
 import time
 from collections import Counter
 
@@ -139,3 +140,9 @@ def print_table(rows: list[dict], cfg: RunConfig, timed_steps: int) -> None:
               f"{r['ms_per_step'] / rows[0]['ms_per_step']:>7.1f} {r['test_s']:>7.1f} {r['ms_per_step']:>11.1f} "
               f"{r['ops']:>9,} {r['ops_per_token']:>10,.0f} "
               f"{r['computing_ops']:>9,}")
+
+
+if __name__ == "__main__":  # the bench takes a run's options, so train.py parses them
+    print("bench.py: it runs through train.py, with a run's options: python train.py --bench --task omniglot "
+          "(the examples at the top of bench.py).", file=sys.stderr)
+    sys.exit(2)

@@ -402,12 +402,16 @@ def over_pairs_line(differences, metric):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Print the markdown tables of every finished run below a folder "
                                                  "(and write <folder>/window-<task>.png for an experiment named window).")
-    parser.add_argument("folder", nargs="?", default="results",
+    parser.add_argument("folder", nargs="?", default=None,
                         help="a folder holding run folders (each with a results.json) at any depth (default: results)")
     parser.add_argument("--paired", nargs=2, action="append", metavar=("RUN_A", "RUN_B"),
                         help="instead: A - B over the test episodes both runs scored (each a run folder, results.json "
                              "or retest-*.json); given once per seed, also the mean of A - B over the seeds")
     args = parser.parse_args(argv)
+    if args.paired and args.folder is not None:
+        print(f"report.py: --paired compares the runs it names, and prints no tables of {args.folder}; drop the folder, "
+              f"or run report.py on it alone.", file=sys.stderr)
+        return 2
     if args.paired:
         try:
             files = [tuple(final_test_file(path) for path in pair) for pair in args.paired]  # a folder and its results.json alike
@@ -415,6 +419,10 @@ def main(argv=None):
             if twice:
                 raise UsageError(f"the pair {' '.join(twice)} is given twice, which would count it as two seeds; give "
                                  f"each seed's pair once.")
+            alone = next((pair for pair, (a, b) in zip(args.paired, files) if a == b), None)
+            if alone:
+                raise UsageError(f"{alone[0]} and {alone[1]} are the same test, so A - B is zero by construction; pair "
+                                 f"it with another run.")
             lines = [paired_line(*pair) for pair in args.paired]
             metrics = sorted({metric for _, _, metric in lines})
             if len(metrics) > 1:
@@ -428,7 +436,10 @@ def main(argv=None):
         if len(lines) > 1:
             print(over_pairs_line([mean for _, mean, _ in lines], lines[0][2]))
         return 0
-    root = args.folder
+    root = "results" if args.folder is None else args.folder
+    if not os.path.isdir(root):
+        print(f"report.py: {root} is not a folder; give the folder that holds the runs (default: results).", file=sys.stderr)
+        return 2
     try:
         runs = load_runs(root)
     except UsageError as err:

@@ -3,6 +3,7 @@
     pytest test_bench.py            # a few seconds on a 2-core CPU
 """
 
+import runpy
 import types
 import weakref
 
@@ -168,3 +169,15 @@ def test_bench_measures_deterministic_kernels_when_asked(tmp_path, monkeypatch, 
     bench.bench(tiny(tmp_path, batch_size=4, deterministic=True), timed_steps=1)
     assert during == [DETERMINISTIC] * len(train.RULES), f"each rule should be timed with deterministic kernels: {during}"
     assert deterministic_state() == before, f"bench should restore {before}, left {deterministic_state()}"
+
+
+@pytest.mark.cli
+def test_bench_py_run_alone_points_to_train_py_with_exit_code_2(capsys):
+    """The bench takes a run's options, which train.py parses: `python bench.py` says to run
+    `python train.py --bench` in one sentence and exits with code 2, rather than doing nothing."""
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(bench.__file__, run_name="__main__")
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "python train.py --bench" in err and err.count("\n") == 1, \
+        f"expected exit 2 and one sentence naming train.py --bench, got {done.value.code}: {err!r}"
+

@@ -393,6 +393,28 @@ def test_a_run_saved_before_the_kept_training_options_resumes_at_their_old_value
 
 
 @pytest.mark.train
+def test_a_static_run_resumes_only_as_parameter_matched_as_it_was_trained(tmp_path):
+    """--match-params sets the static model's width, and --rule all turns it on: its static run, resumed alone,
+    is refused without --match-params in a sentence that names it (not d_model, which the user never gave), and
+    resumes with it. A plastic run's width does not depend on it, so it resumes either way."""
+    for rule in ("none", "hebbian"):
+        current = json.loads(json.dumps(dataclasses.asdict(tiny(tmp_path, rule=rule))))  # as config.json holds it
+        matched = current | dict(train=current["train"] | dict(match_params=True))
+        if rule == "none":
+            with pytest.raises(train.UsageError, match=r"old was trained with --match-params \(as --rule all does\); "
+                                                       r"resume it with that option, or start it again with --overwrite"):
+                train.check_same_config(matched, current, "old")
+            with pytest.raises(train.UsageError, match="old was trained without --match-params; resume it without"):
+                train.check_same_config(current, matched, "old")
+            with pytest.raises(train.UsageError, match=r"without --match-params, which --rule all turns on; resume it "
+                                                       r"alone \(--rule none\)"):
+                train.check_same_config(current, matched, "old", reuse=True)
+        else:
+            train.check_same_config(matched, current, "old")
+        train.check_same_config(matched, matched, "old")
+
+
+@pytest.mark.train
 def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was_trained():
     """Runs saved before --split, --augment, --train-way, --positions, --isolate-queries, --train-shot,
     --encoder-widths and --train-on-val trained on Lake's split without augmentation, on as many classes and
@@ -1077,10 +1099,12 @@ def test_cli_rejects_bad_arguments_with_exit_code_2(capsys, argv, message):
     ("--task omniglot --shot 3 --query 2 --train-way 5", "shot + query = 5 exceeds"),
     ("--task omniglot --way 6 --train-way 6", "way = 6 exceeds the 4 classes of the omniglot val split; lower --way."),
     ("--task omniglot", "train_way = 10 exceeds the 8 classes of the omniglot train split; lower --train-way."),
-    ("--task copy --d-model 15 --n-head 2", "divisible by n_head"),
+    ("--task copy --d-model 15 --n-head 2", "divisible by n_head (2): choose n_head from 1, 3, 5, 15, or another d_model."),
     ("--task copy --device cuda:7", "device 'cuda:7' was asked for but"),
     ("--task copy --device gpu", "unknown device 'gpu'"),
-    ("--task copy --plastic-blocks 5", "plastic_blocks"),
+    ("--task copy --plastic-blocks 5", "of the n_layer = 2 blocks: name blocks below 2, or more layers."),
+    ("--task cifar_fs --split lake", "--split lake chooses Omniglot's classes, and cifar_fs has a split of its own; drop --split."),
+    ("--task copy --rule all --resume", "there is no run to resume in"),
     ("--task copy --steps 50 --warmup 50", "--warmup 50 is not below --steps 50"),
     ("--task copy --decay 0.7", "decay must lie in [0, 0.5]"),
     ("--task copy --rule gradient --compile", "--compile cannot run the gradient rule"),
@@ -1410,10 +1434,11 @@ def test_the_fingerprint_tells_the_same_targets_on_other_images_apart(tmp_path, 
     vinyals = run("vinyals", "vinyals", episodes_md5="t", inputs_md5="v")
     lake = run("lake", "lake", episodes_md5="t", inputs_md5="l")
     vinyals_old, lake_old = run("vinyals-old", "vinyals", episodes_md5="t"), run("lake-old", "lake", episodes_md5="t")
+    vinyals_old_too = run("vinyals-old-too", "vinyals", episodes_md5="t")  # another run of the same split
     narrow = run("narrow", "vinyals", episodes_md5="t", inputs_md5="v", images_md5="i")  # trained 5-way and 10-way
     wide = run("wide", "vinyals", episodes_md5="t", inputs_md5="w", images_md5="i")
     for a, b, paired in ((vinyals, lake, False), (vinyals_old, lake_old, False), (lake, lake_old, True),
-                         (vinyals, vinyals_old, True), (vinyals_old, vinyals_old, True), (narrow, wide, True),
+                         (vinyals, vinyals_old, True), (vinyals_old, vinyals_old_too, True), (narrow, wide, True),
                          (narrow, vinyals, True), (wide, vinyals, False)):
         for i in (0, 1):  # the runs, then their retests
             code = report.main(["--paired", a[i], b[i]])
@@ -1450,10 +1475,11 @@ def test_report_averages_pairs_over_seeds(tmp_path, capsys):
     want = f"over the 3 pairs: A - B {100 * np.mean(diffs):+.2f} ± {100 * half:.2f} points"
     assert lines[3].startswith(want), f"expected {want!r}, got {lines[3]!r}"
     assert ", ".join(f"{100 * d:+.2f}" for d in diffs) in lines[3], f"each pair's difference should be listed: {lines[3]}"
-    mse = tmp_path / "mse.json"
-    mse.write_text(json.dumps(dict(metric="mse", test_mean=0.5, test_episodes=40, episodes_md5="seed0",
-                                   by_episode=[0.5] * 40)))
-    assert report.main(argv[:3] + ["--paired", str(mse), str(mse)]) == 2, "pairs of two metrics should exit with code 2"
+    mse = [tmp_path / f"mse{i}.json" for i in range(2)]
+    for file in mse:
+        file.write_text(json.dumps(dict(metric="mse", test_mean=0.5, test_episodes=40, episodes_md5="seed0",
+                                        by_episode=[0.5] * 40)))
+    assert report.main(argv[:3] + ["--paired", *map(str, mse)]) == 2, "pairs of two metrics should exit with code 2"
     err = capsys.readouterr().err
     assert "different metrics" in err and err.count("\n") == 1, f"one sentence naming the metrics, got {err!r}"
     assert report.main(argv + argv[:3]) == 2, "a pair given twice would count as a fourth seed"
@@ -1597,6 +1623,8 @@ def test_report_paired_line_against_an_explicit_computation(tmp_path, capsys):
     assert report.main(["--paired", *spelled[:2], "--paired", paths[2], paths[3], "--paired", *spelled[2:]]) == 2, \
         "the same pair given as folders and as their results.json would count as a second seed"
     assert "is given twice" in capsys.readouterr().err
+    assert report.main(["--paired", spelled[0], spelled[2]]) == 2, "a run paired with itself differs by zero by construction"
+    assert "are the same test" in capsys.readouterr().err
 
 
 @pytest.mark.train
@@ -2097,6 +2125,12 @@ def test_report_reads_train_py_default_layout_and_has_help(tmp_path, capsys):
     assert report.main([str(tmp_path / "nothing")]) == 2, "a folder without a finished run is refused"
     err = capsys.readouterr().err
     assert "no finished run" in err and err.count("\n") == 1, f"one sentence, got {err!r}"
+    for argv, message in (([str(tmp_path / "missing")], "missing is not a folder"),
+                          ([str(tmp_path / "runs" / "copy-none" / "results.json")], "results.json is not a folder"),
+                          ([str(tmp_path / "runs"), "--paired", "a", "b"], "drop the folder, or run report.py on it alone")):
+        assert report.main(argv) == 2, f"{argv}: refused"
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, f"{argv}: one sentence with {message!r}, got {err!r}"
     with pytest.raises(SystemExit) as done:
         report.main(["--help"])
     assert done.value.code == 0 and "folder" in capsys.readouterr().out, "--help prints the usage and exits 0"

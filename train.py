@@ -567,6 +567,14 @@ def check_same_config(saved: dict, current: dict, path: str, finished: bool = Fa
                 trained = f"with {flag} {was}" + (f", not {now}" if now is not None else "")
             raise UsageError(f"{path} was trained {trained}; {'reuse it' if reuse else 'resume'} with the run's own "
                              "options, or start it again with --overwrite.")
+    matched = saved["train"].get("match_params", False)
+    if current["train"]["rule"] == "none" and matched != current["train"]["match_params"]:  # it sets d_model
+        if reuse:  # by --rule all, which always matches
+            raise UsageError(f"{path} was trained without --match-params, which --rule all turns on; resume it alone "
+                             f"(--rule none), or start it again with --overwrite.")
+        raise UsageError(f"{path} was trained {'with' if matched else 'without'} --match-params"
+                         f"{' (as --rule all does)' if matched else ''}; resume it {'with' if matched else 'without'} "
+                         f"that option, or start it again with --overwrite.")
     as_trained = lambda task: task | dict(train_shot=task["train_shot"] or task["shot"])
     saved, current = ({**config, "task": as_trained(config["task"])} for config in (with_options_added(saved, current), current))
     for section in ("task", "model"):
@@ -1145,6 +1153,10 @@ def compare(cfg: RunConfig) -> dict:
         refuse_to_replace(run.train, run_dir)
         if run.train.resume and run_state(run_dir) == "finished":
             finished[run.train.rule] = read_finished(run, run_dir)
+    folders = [run_folder(run.train, cfg.task.name) for run in runs]
+    if cfg.train.resume and all(run_state(folder) is None for folder in folders):  # a mistyped --out-dir, most likely
+        raise UsageError(f"there is no run to resume in {cfg.train.out_dir} (no {', '.join(map(os.path.basename, folders))}"
+                         f"); run without --resume, or give the --out-dir of the runs.")
     results = []
     for run in runs:
         print(f"\n=== rule {run.train.rule} ===")
