@@ -85,8 +85,8 @@ class Config:
             raise ValueError(f"unknown rule {self.rule!r}; choose one of {', '.join(RULES)}.")
         if self.d_model % self.n_head != 0:
             heads = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0]
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}): choose n_head from "
-                             f"{', '.join(map(str, heads))}, or another d_model.")
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}): choose n_head "
+                             f"(--n-head) from {', '.join(map(str, heads))}, or another d_model (--d-model).")
         if self.attn_window is not None and self.attn_window < 1:
             raise ValueError(f"attn_window must be at least 1 (or None for the whole sequence), got {self.attn_window}.")
         if self.plastic_blocks is not None:
@@ -95,7 +95,8 @@ class Config:
                 raise ValueError("plastic_blocks must name at least one block, or be None for all (no plastic block: rule 'none').")
             if any(not 0 <= i < self.n_layer for i in self.plastic_blocks):
                 raise ValueError(f"plastic_blocks {self.plastic_blocks} must index blocks 0..{self.n_layer - 1} of the "
-                                 f"n_layer = {self.n_layer} blocks: name blocks below {self.n_layer}, or more layers.")
+                                 f"n_layer = {self.n_layer} blocks: name blocks below {self.n_layer} (--plastic-blocks), "
+                                 f"or more layers (--n-layer).")
         if self.fast_form not in ("dense", "factored"):
             raise ValueError(f"fast_form must be 'dense' or 'factored', got {self.fast_form!r}.")
         if self.coef_init is not None and self.coef_init not in COEF_INITS:

@@ -93,14 +93,16 @@ OPTIONS_ADDED = {("task", "omniglot_split"): (("omniglot",), "lake"), ("task", "
 
 def with_options_added(saved: dict, otherwise: dict | None) -> dict:
     """The model and task sections of a saved config.json (train.py's), each option added since it was saved
-    set to what the run did (OPTIONS_ADDED), or, for a task the option does not act on, to otherwise's value
-    (with otherwise None: left out, as the config left it)."""
+    set to what the run did (OPTIONS_ADDED). An option that does not act on the run's task changed nothing, so
+    it takes otherwise's value, whatever the config says (with otherwise None it is left out)."""
     saved = {section: dict(saved[section]) for section in ("model", "task")}
     for (section, k), (applies, before) in OPTIONS_ADDED.items():
         if saved["task"]["name"] in applies:
             saved[section].setdefault(k, before)
         elif otherwise is not None:
-            saved[section].setdefault(k, otherwise[section][k])
+            saved[section][k] = otherwise[section][k]
+        else:
+            saved[section].pop(k, None)
     return saved
 
 
@@ -128,9 +130,8 @@ def differing_options(results):
     the configs in their results.json: a row should average runs that differ only by seed. Options of how or
     where a run went (HOW_RUN) do not count, nor, for the static model, those of the fast weights, nor, for the
     plastic ones, --match-params. An option that a config does not record (saved before the option existed) takes
-    the value the run used (OPTIONS_ADDED) where it acts on the run's task, and is otherwise compared among the
-    runs whose configs record it. train.py's config has sections (train, model, task); pretrain.py's is one
-    flat dict."""
+    the value the run used (OPTIONS_ADDED); one of OPTIONS_ADDED that does not act on the run's task is not
+    compared. train.py's config has sections (train, model, task); pretrain.py's is one flat dict."""
     values = defaultdict(set)
     for result in results:
         rule, config = result["rule"], result.get("config") or {}

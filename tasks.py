@@ -99,8 +99,8 @@ class TaskConfig:
         if self.omniglot_split not in OMNIGLOT_SPLITS:
             raise ValueError(f"unknown Omniglot split {self.omniglot_split!r}; choose one of {', '.join(OMNIGLOT_SPLITS)}.")
         if self.omniglot_split != "vinyals" and self.name != "omniglot":  # vinyals: the default, whatever the task
-            raise ValueError(f"--split {self.omniglot_split} chooses Omniglot's classes, and {self.name} has a split "
-                             f"of its own; drop --split.")
+            raise ValueError(f"--split {self.omniglot_split} chooses Omniglot's classes and does nothing for "
+                             f"{self.name}; drop --split.")
         if not 0 <= self.jitter <= 1:
             raise ValueError(f"jitter = {self.jitter} must be between 0 (no colour jitter) and 1.")
         if self.jitter and self.name != "cifar_fs":

@@ -180,4 +180,3 @@ def test_bench_py_run_alone_points_to_train_py_with_exit_code_2(capsys):
     err = capsys.readouterr().err
     assert done.value.code == 2 and "python train.py --bench" in err and err.count("\n") == 1, \
         f"expected exit 2 and one sentence naming train.py --bench, got {done.value.code}: {err!r}"
-

@@ -392,26 +392,37 @@ def test_a_run_saved_before_the_kept_training_options_resumes_at_their_old_value
         train.check_same_config(saved, changed(encoder_lr_scale=0.1), "old")
 
 
-@pytest.mark.train
-def test_a_static_run_resumes_only_as_parameter_matched_as_it_was_trained(tmp_path):
-    """--match-params sets the static model's width, and --rule all turns it on: its static run, resumed alone,
-    is refused without --match-params in a sentence that names it (not d_model, which the user never gave), and
-    resumes with it. A plastic run's width does not depend on it, so it resumes either way."""
-    for rule in ("none", "hebbian"):
-        current = json.loads(json.dumps(dataclasses.asdict(tiny(tmp_path, rule=rule))))  # as config.json holds it
-        matched = current | dict(train=current["train"] | dict(match_params=True))
-        if rule == "none":
-            with pytest.raises(train.UsageError, match=r"old was trained with --match-params \(as --rule all does\); "
-                                                       r"resume it with that option, or start it again with --overwrite"):
-                train.check_same_config(matched, current, "old")
-            with pytest.raises(train.UsageError, match="old was trained without --match-params; resume it without"):
-                train.check_same_config(current, matched, "old")
-            with pytest.raises(train.UsageError, match=r"without --match-params, which --rule all turns on; resume it "
-                                                       r"alone \(--rule none\)"):
-                train.check_same_config(current, matched, "old", reuse=True)
-        else:
-            train.check_same_config(matched, current, "old")
-        train.check_same_config(matched, matched, "old")
+@pytest.mark.cli
+def test_a_static_run_resumes_only_as_parameter_matched_as_it_was_trained(tmp_path, capsys):
+    """--match-params sets the static model's width (d_model, which the user never gave), and --rule all always
+    gives it: a static run resumed with it otherwise is refused in one sentence naming --match-params, and a
+    static run trained alone without it is refused by --rule all --resume (finished or not) with the fix that
+    works there (alone, with --rule none), leaving every file as it was. A plastic run's width ignores it.
+    --rule all --resume with none of its runs in --out-dir is refused too, rather than training all three."""
+    def refused(argv, message, folder):
+        before = {f: f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+        assert train.main(argv) == 2, f"{argv}: should be refused"
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, f"{argv}: one sentence with {message!r}, got {err!r}"
+        assert {f: f.read_bytes() for f in folder.rglob("*") if f.is_file()} == before, f"{argv}: a refusal changes no file"
+    matched = tmp_path / "matched"
+    assert train.main(tiny_argv(matched, "--steps", "2", "--match-params")) == 0
+    refused(tiny_argv(matched, "--steps", "3", "--resume"), "was trained with --match-params (as --rule all does); "
+            "resume it with that option", matched)
+    assert train.main(tiny_argv(matched, "--steps", "3", "--resume", "--match-params")) == 0, "resumed as it was trained"
+    alone = tmp_path / "alone"
+    assert train.main(tiny_argv(alone, "--steps", "2")) == 0
+    for state in ("finished", "unfinished"):
+        if state == "unfinished":
+            (alone / "copy-none" / "results.json").unlink()
+        refused(tiny_argv(alone, "--steps", "2", "--resume", "--rule", "all"), "was trained without --match-params, "
+                "which --rule all always gives; resume it alone with --rule none", alone)
+    plastic = tmp_path / "plastic"
+    assert train.main(tiny_argv(plastic, "--steps", "2", "--rule", "hebbian", "--match-params")) == 0
+    assert train.main(tiny_argv(plastic, "--steps", "3", "--rule", "hebbian", "--resume")) == 0, "a plastic run resumes"
+    (tmp_path / "empty").mkdir()
+    refused(tiny_argv(tmp_path / "empty", "--steps", "2", "--resume", "--rule", "all"), "there is no run to resume in",
+            tmp_path / "empty")
 
 
 @pytest.mark.train
@@ -439,6 +450,9 @@ def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was
     with pytest.raises(train.UsageError, match="task augment=False, not True"):
         train.check_same_config(*configs("omniglot", omniglot_split="lake", **old), "old")
     train.check_same_config(*configs("cifar_fs", augment=False, **old), "old")
+    saved, current = configs("cifar_fs", augment=False, **old)
+    saved["task"]["omniglot_split"] = "lake"  # what --split lake did to CIFAR-FS before it was refused: nothing
+    train.check_same_config(saved, current, "old")
     with pytest.raises(train.UsageError, match="task augment=False, not True"):
         train.check_same_config(*configs("cifar_fs", **old), "old")
     train.check_same_config(*configs("copy"), "old")
@@ -1099,12 +1113,11 @@ def test_cli_rejects_bad_arguments_with_exit_code_2(capsys, argv, message):
     ("--task omniglot --shot 3 --query 2 --train-way 5", "shot + query = 5 exceeds"),
     ("--task omniglot --way 6 --train-way 6", "way = 6 exceeds the 4 classes of the omniglot val split; lower --way."),
     ("--task omniglot", "train_way = 10 exceeds the 8 classes of the omniglot train split; lower --train-way."),
-    ("--task copy --d-model 15 --n-head 2", "divisible by n_head (2): choose n_head from 1, 3, 5, 15, or another d_model."),
+    ("--task copy --d-model 15 --n-head 2", "divisible by n_head (2): choose n_head (--n-head) from 1, 3, 5, 15, or another d_model (--d-model)."),
     ("--task copy --device cuda:7", "device 'cuda:7' was asked for but"),
     ("--task copy --device gpu", "unknown device 'gpu'"),
-    ("--task copy --plastic-blocks 5", "of the n_layer = 2 blocks: name blocks below 2, or more layers."),
-    ("--task cifar_fs --split lake", "--split lake chooses Omniglot's classes, and cifar_fs has a split of its own; drop --split."),
-    ("--task copy --rule all --resume", "there is no run to resume in"),
+    ("--task copy --plastic-blocks 5", "of the n_layer = 2 blocks: name blocks below 2 (--plastic-blocks), or more layers (--n-layer)."),
+    ("--task cifar_fs --split lake", "--split lake chooses Omniglot's classes and does nothing for cifar_fs; drop --split."),
     ("--task copy --steps 50 --warmup 50", "--warmup 50 is not below --steps 50"),
     ("--task copy --decay 0.7", "decay must lie in [0, 0.5]"),
     ("--task copy --rule gradient --compile", "--compile cannot run the gradient rule"),

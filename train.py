@@ -544,6 +544,7 @@ def read_encoder(path: str, model_cfg: Config, task_cfg: TaskConfig) -> dict:
 # (a run repeats bit for bit only if every part of it ran deterministic); a finished run also keeps its test
 # episodes. --init-encoder is kept too: it only starts a run, so a resume ignores it, and config.json must name
 # the encoder the run started from. A run saved before these options had scale 1 and was not deterministic.
+# A static run also keeps --match-params (check_same_config), a plastic one need not (its width ignores it).
 # --steps, the learning rate and the weight decay may change (resumed_optimizer_state).
 KEPT_ON_RESUME = {"seed": None, "batch_size": None, "eval_episodes": None, "encoder_lr_scale": 1.0, "deterministic": False,
                   "init_encoder": None}
@@ -552,7 +553,8 @@ KEPT_ON_RESUME = {"seed": None, "batch_size": None, "eval_episodes": None, "enco
 def check_same_config(saved: dict, current: dict, path: str, finished: bool = False, reuse: bool = False) -> None:
     """A resumed run must use the training options of KEPT_ON_RESUME, the model and the task it was started
     with; a finished one (tested again by --resume, or reused as it is by --rule all --resume: reuse) also its
-    test episodes. The task is checked before the model: the model's sizes (d_in, max_len) follow from it, and
+    test episodes, and a static one its --match-params (it sets d_model, an option the user never gave; --rule all
+    always gives it). The task is checked before the model: the model's sizes (d_in, max_len) follow from it, and
     the option to name is the task's (--train-way, not d_in).
     A train_shot of None trains at shot, so it is compared as shot (a 1-shot run saved with None resumes under
     Omniglot's default of 1)."""
@@ -569,12 +571,11 @@ def check_same_config(saved: dict, current: dict, path: str, finished: bool = Fa
                              "options, or start it again with --overwrite.")
     matched = saved["train"].get("match_params", False)
     if current["train"]["rule"] == "none" and matched != current["train"]["match_params"]:  # it sets d_model
-        if reuse:  # by --rule all, which always matches
-            raise UsageError(f"{path} was trained without --match-params, which --rule all turns on; resume it alone "
-                             f"(--rule none), or start it again with --overwrite.")
-        raise UsageError(f"{path} was trained {'with' if matched else 'without'} --match-params"
-                         f"{' (as --rule all does)' if matched else ''}; resume it {'with' if matched else 'without'} "
-                         f"that option, or start it again with --overwrite.")
+        if matched:
+            raise UsageError(f"{path} was trained with --match-params (as --rule all does); resume it with that "
+                             f"option, or start it again with --overwrite.")
+        raise UsageError(f"{path} was trained without --match-params, which --rule all always gives; resume it alone "
+                         f"with --rule none and without that option, or move it away to train it again.")
     as_trained = lambda task: task | dict(train_shot=task["train_shot"] or task["shot"])
     saved, current = ({**config, "task": as_trained(config["task"])} for config in (with_options_added(saved, current), current))
     for section in ("task", "model"):
@@ -1145,7 +1146,8 @@ def read_finished(run: RunConfig, run_dir: str) -> dict:
 def compare(cfg: RunConfig) -> dict:
     """Train none (widened to the Hebbian model's parameter count), hebbian and gradient with the same
     settings; print and return one table. With --resume a finished rule's results.json is used as it
-    is, an unfinished one resumes and one not started yet starts."""
+    is, an unfinished one resumes and one not started yet starts; with none of the three there, --resume is
+    refused (a mistyped --out-dir, most likely)."""
     runs = [dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rule=rule, match_params=True)) for rule in RULES]
     finished = {}
     for run in runs:  # every folder is checked, and every finished run to reuse read, before anything is trained
