@@ -1279,7 +1279,7 @@ def test_report_names_the_options_that_the_runs_of_a_row_set_differently(tmp_pat
         "encoder": ("hebbian", {"train.init_encoder": "a/pretrain"}, {}, "train.init_encoder false and true"),
         "older": ("hebbian", {"task.train_on_val": False}, {}, None),  # an option the other config does not record:
         "older-on": ("hebbian", {"task.train_on_val": True}, {}, "task.train_on_val false and true"),  # it was False
-        "older-jitter": ("hebbian", {"task.jitter": 0.4}, {}, None),  # it acts on CIFAR-FS only: compared where recorded
+        "older-jitter": ("hebbian", {"task.jitter": 0.4}, {}, None),  # it acts on CIFAR-FS only: not compared here
         "lr": ("hebbian", {}, {"train.lr": 0.0005}, "train.lr 0.0005 and 0.001"),
         "way-and-window": ("hebbian", {"task.train_way": 10}, {"model.attn_window": 1},
                            "model.attn_window 1 and null; task.train_way 10 and 5"),
