@@ -1149,20 +1149,17 @@ def compare(cfg: RunConfig) -> dict:
     is, an unfinished one resumes and one not started yet starts; with none of the three there, --resume is
     refused (a mistyped --out-dir, most likely)."""
     runs = [dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rule=rule, match_params=True)) for rule in RULES]
-    finished = {}
-    for run in runs:  # every folder is checked, and every finished run to reuse read, before anything is trained
-        run_dir = run_folder(run.train, cfg.task.name)
+    folders, finished = [run_folder(run.train, cfg.task.name) for run in runs], {}
+    for run, run_dir in zip(runs, folders):  # every folder checked, every finished run to reuse read, before training
         refuse_to_replace(run.train, run_dir)
         if run.train.resume and run_state(run_dir) == "finished":
             finished[run.train.rule] = read_finished(run, run_dir)
-    folders = [run_folder(run.train, cfg.task.name) for run in runs]
     if cfg.train.resume and all(run_state(folder) is None for folder in folders):  # a mistyped --out-dir, most likely
         raise UsageError(f"there is no run to resume in {cfg.train.out_dir} (no {', '.join(map(os.path.basename, folders))}"
                          f"); run without --resume, or give the --out-dir of the runs.")
     results = []
-    for run in runs:
+    for run, run_dir in zip(runs, folders):
         print(f"\n=== rule {run.train.rule} ===")
-        run_dir = run_folder(run.train, cfg.task.name)
         if run.train.rule in finished:
             print(f"{run_dir} is finished with these options; its results.json is used as it is")
             results.append(finished[run.train.rule])
