@@ -42,6 +42,7 @@ of two settings, once each seed's episodes have said how far apart its two runs 
 
 import argparse
 import io
+import itertools
 import json
 import math
 import os
@@ -136,9 +137,9 @@ def differing_options(results):
     for result in results:
         rule, config = result["rule"], result.get("config") or {}
         sections = {s: options for s, options in config.items() if isinstance(options, dict)}
-        if sections:
+        if {"model", "task"} <= sections.keys():  # train.py's
             sections |= with_options_added(sections, otherwise=None)
-        else:
+        elif not sections:
             sections = {None: config}
         ignored = HOW_RUN + (FAST_WEIGHT_OPTIONS if rule == "none" else ("match_params",))
         for section, options in sections.items():
@@ -302,9 +303,9 @@ class UsageError(Exception):
     """A mistake in what was asked: one sentence, exit code 2."""
 
 
-def split_of(test, file):
-    """The Omniglot split a final test drew its episodes from: a run's config names it (train.py's under
-    "task", pretrain.py's at the top), and a retest's run's results.json beside it; None where nothing does."""
+def run_config(test, file):
+    """The config of the run a final test tested: its own (a results.json's), or for a retest-*.json that of the
+    results.json beside it; None where nothing names it."""
     config = test.get("config")
     if config is None and os.path.basename(file) != "results.json":
         try:
@@ -312,22 +313,40 @@ def split_of(test, file):
                 config = json.load(f).get("config")
         except (OSError, ValueError):
             config = None
+    return config or None
+
+
+def split_of(test, file):
+    """The Omniglot split a final test drew its episodes from: a run's config names it (train.py's under
+    "task", pretrain.py's at the top); None where nothing does."""
+    config = run_config(test, file)
     if not config:
         return None
     return config["task"].get("omniglot_split") if isinstance(config.get("task"), dict) else config.get("split")
 
 
-def same_episodes(a, b):
-    """Whether two final tests scored the same episodes: the same number, task and targets (episodes_md5),
-    and the same images where both kept images_md5 (whatever their training classes), or else the same
-    inputs where both kept inputs_md5, or else the same split (read_test's "split")."""
-    if (a.get("test_episodes"), a.get("task"), a.get("episodes_md5")) != (b.get("test_episodes"), b.get("task"), b.get("episodes_md5")):
-        return False
+def episodes_differ(a, b):
+    """Why two final tests did not score the same episodes, or None where they did: the same number, task and
+    targets (episodes_md5), and the same images where both kept images_md5 (whatever their training classes),
+    or else the same inputs where both kept inputs_md5, or else the same split (read_test's "split")."""
+    if a.get("test_episodes") != b.get("test_episodes"):
+        return f"{a.get('test_episodes'):,} and {b.get('test_episodes'):,} of them; test both on as many: --test-episodes"
+    if a.get("task") != b.get("task"):
+        return f"of {a.get('task')} and of {b.get('task')}"
+    if a.get("episodes_md5") != b.get("episodes_md5"):
+        return "other classes and images drawn: another seed, or other episode sizes (way, shot, query)"
     if a.get("images_md5") and b.get("images_md5"):
-        return a["images_md5"] == b["images_md5"]
-    if "inputs_md5" in a and "inputs_md5" in b:
-        return a["inputs_md5"] == b["inputs_md5"]
-    return a["split"] == b["split"]
+        same = a["images_md5"] == b["images_md5"]
+    elif "inputs_md5" in a and "inputs_md5" in b:
+        same = a["inputs_md5"] == b["inputs_md5"]
+    else:
+        same = a["split"] == b["split"]
+    return None if same else "the same classes drawn from other images: another split, or another kind of device"
+
+
+def same_episodes(a, b):
+    """Whether two final tests scored the same episodes (episodes_differ says why not)."""
+    return episodes_differ(a, b) is None
 
 
 def final_test_file(path):
@@ -351,7 +370,7 @@ def read_test(path):
     if not test.get("by_episode"):
         raise UsageError(f"{path} keeps no per-episode scores (runs tested before they were kept); test it again "
                          f"(retest.py for a few-shot run) to pair it.")
-    return test | dict(split=split_of(test, file))
+    return test | dict(split=split_of(test, file), file=file)
 
 
 def paired(a, b):
@@ -372,22 +391,44 @@ def shown(metric):
     return lambda v, sign="": f"{v:{sign}.3g}"
 
 
-def paired_line(path_a, path_b):
-    """The line --paired prints: A - B over their shared test episodes, with both means; and A - B's mean and
-    its metric, for the line over seeds."""
-    a, b = read_test(path_a), read_test(path_b)
-    if not same_episodes(a, b):
-        unfingerprinted = a.get("episodes_md5") == b.get("episodes_md5") and not (a.get("images_md5") and b.get("images_md5"))
+def paired_line(path_a, path_b, a, b):
+    """The line --paired prints for tests a and b (read_test of path_a and path_b): A - B over their shared test
+    episodes, with both means; and A - B's mean and its metric, for the line over seeds."""
+    differ = episodes_differ(a, b)
+    if differ:
+        unfingerprinted = (a.get("test_episodes"), a.get("task"), a.get("episodes_md5")) == \
+            (b.get("test_episodes"), b.get("task"), b.get("episodes_md5")) and not (a.get("images_md5") and b.get("images_md5"))
         hint = (" (if they were trained on other numbers of classes, `python fingerprint.py` on their folders, on the "
                 "kind of device that tested them, gives them the images_md5 that pairs them)") if unfingerprinted else ""
-        raise UsageError(f"{path_a} and {path_b} were tested on different episodes (seed, episode sizes, task, split or "
-                         f"kind of device differ), so they cannot be paired; compare their intervals instead{hint}.")
+        raise UsageError(f"{path_a} and {path_b} were tested on different episodes ({differ}), so they cannot be "
+                         f"paired; compare their intervals instead{hint}.")
     mean, ci, above, below, level = paired(a["by_episode"], b["by_episode"])
     percent, show = a["metric"] == "accuracy", shown(a["metric"])
     line = (f"A - B: {show(mean, '+')} ± {show(ci)}{' points' if percent else ''} of {a['metric']} (paired 95% "
             f"interval over the same {a['test_episodes']:,} test episodes); A {show(a['test_mean'])}, B "
             f"{show(b['test_mean'])}; A higher on {above}, lower on {below}, level on {level}")
     return line, mean, a["metric"]
+
+
+def why_no_mean(tests):
+    """Why the pairs' A - B should not be averaged over seeds, or None: two pairs tested on the same episodes
+    (one seed counted twice), or pairs whose A runs (or B runs) differ in more than the seed (differing_options;
+    a retest's episode sizes count as options), so that each pair asks another question."""
+    for i, j in itertools.combinations(range(len(tests)), 2):
+        if same_episodes(tests[i][0], tests[j][0]) or same_episodes(tests[i][1], tests[j][1]):
+            return f"pairs {i + 1} and {j + 1} were tested on the same episodes (one seed)"
+    for side, name in ((0, "A"), (1, "B")):
+        compared = []
+        for pair in tests:
+            test = pair[side]
+            config = dict(run_config(test, test["file"]) or {})
+            if "config" not in test:  # a retest: the episodes it drew are part of what it asks
+                config["retest"] = {k: test.get(k) for k in ("way", "shot", "query")}
+            compared.append(dict(rule=test.get("rule"), config=config))
+        differ = differing_options(compared)  # the rule among them (train.rule)
+        if differ:
+            return f"their {name} runs differ in more than the seed ({', '.join(differ)})"
+    return None
 
 
 def over_pairs_line(differences, metric):
@@ -407,7 +448,9 @@ def main(argv=None):
                         help="a folder holding run folders (each with a results.json) at any depth (default: results)")
     parser.add_argument("--paired", nargs=2, action="append", metavar=("RUN_A", "RUN_B"),
                         help="instead: A - B over the test episodes both runs scored (each a run folder, results.json "
-                             "or retest-*.json); given once per seed, also the mean of A - B over the seeds")
+                             "or retest-*.json); given once per seed, also the mean of A - B over the seeds (not where two pairs "
+                             "share their test episodes, or their A runs or B runs differ in more than the seed: a "
+                             "line says so)")
     args = parser.parse_args(argv)
     if args.paired and args.folder is not None:
         print(f"report.py: --paired compares the runs it names, and prints no tables of {args.folder}; drop the folder, "
@@ -415,6 +458,7 @@ def main(argv=None):
         return 2
     if args.paired:
         try:
+            tests = [(read_test(a), read_test(b)) for a, b in args.paired]  # first: a path that is no test says so
             files = [tuple(final_test_file(path) for path in pair) for pair in args.paired]  # a folder and its results.json alike
             twice = next((pair for pair, f in zip(args.paired, files) if files.count(f) > 1), None)
             if twice:
@@ -424,7 +468,7 @@ def main(argv=None):
             if alone:
                 raise UsageError(f"{alone[0]} and {alone[1]} are the same test, so A - B is zero by construction; pair "
                                  f"it with another run.")
-            lines = [paired_line(*pair) for pair in args.paired]
+            lines = [paired_line(*pair, *test) for pair, test in zip(args.paired, tests)]
             metrics = sorted({metric for _, _, metric in lines})
             if len(metrics) > 1:
                 raise UsageError(f"the pairs measure different metrics ({' and '.join(metrics)}), so they cannot be "
@@ -435,7 +479,9 @@ def main(argv=None):
         for line, _, _ in lines:
             print(line)
         if len(lines) > 1:
-            print(over_pairs_line([mean for _, mean, _ in lines], lines[0][2]))
+            reason = why_no_mean(tests)
+            print(f"no mean over the pairs: {reason}; a mean over seeds takes one pair per seed, each the same "
+                  f"comparison." if reason else over_pairs_line([mean for _, mean, _ in lines], lines[0][2]))
         return 0
     root = "results" if args.folder is None else args.folder
     if not os.path.isdir(root):

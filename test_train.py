@@ -1501,6 +1501,40 @@ def test_report_averages_pairs_over_seeds(tmp_path, capsys):
 
 
 @pytest.mark.train
+def test_report_averages_only_one_comparison_over_other_seeds(tmp_path, capsys):
+    """--paired prints a mean over the pairs only where each pair is another seed's test of the same comparison:
+    two pairs on one seed's episodes (one seed counted twice), or A runs that differ in more than the seed (here
+    the rule), print each pair's line and then, in place of the mean, one line saying why (exit code 0: every
+    line printed is right). Tests of other numbers of episodes are refused naming both numbers, and a folder of
+    runs given as a run is refused as no test rather than as the same test twice."""
+    import report
+    scores = {0: [1.0, 0.0, 1.0, 1.0], 1: [0.0, 1.0, 1.0, 1.0]}
+
+    def test(rule, seed, episodes=4):
+        name = f"{rule}-{seed}-{episodes}"
+        config = dict(train=dict(rule=rule, seed=seed), model=dict(rule=rule), task=dict(name="omniglot"))
+        write_results(tmp_path / name, task="omniglot", rule=rule, metric="accuracy", test_mean=0.75,
+                      test_episodes=episodes, episodes_md5=f"seed{seed}", by_episode=scores[seed][:episodes], config=config)
+        return str(tmp_path / name)
+    for pairs, want in (([("hebbian", 0), ("none", 0), ("hebbian", 1), ("none", 1)], "over the 2 pairs: A - B"),
+                        ([("hebbian", 0), ("none", 0), ("gradient", 0), ("none", 0)],
+                         "no mean over the pairs: pairs 1 and 2 were tested on the same episodes (one seed)"),
+                        ([("hebbian", 0), ("none", 0), ("gradient", 1), ("none", 1)],
+                         "no mean over the pairs: their A runs differ in more than the seed (model.rule, train.rule)")):
+        runs = [test(*run) for run in pairs]
+        assert report.main(["--paired", *runs[:2], "--paired", *runs[2:]]) == 0, f"{pairs}: each pair's line is right"
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == 3 and lines[0].startswith("A - B: ") and lines[1].startswith("A - B: "), lines
+        assert lines[2].startswith(want), f"{pairs}: expected {want!r}, got {lines[2]!r}"
+    assert report.main(["--paired", test("hebbian", 0, episodes=3), test("none", 0)]) == 2, "3 and 4 episodes cannot pair"
+    err = capsys.readouterr().err
+    assert "3 and 4 of them" in err and "--test-episodes" in err and err.count("\n") == 1, f"name both numbers: {err!r}"
+    assert report.main(["--paired", str(tmp_path), str(tmp_path)]) == 2, "a folder of runs is no test"
+    err = capsys.readouterr().err
+    assert "cannot read a final test" in err and "same test" not in err, f"say it is no test: {err!r}"
+
+
+@pytest.mark.train
 @pytest.mark.parametrize("n, t", [(2, 12.706), (11, 2.228), (20, 2.093), (31, 2.042), (32, 2.0395), (41, 2.0211),
                                   (121, 1.9799), (1001, 1.9623)])
 def test_t_95_is_students_quantile_for_any_number_of_seeds(n, t):
