@@ -378,13 +378,14 @@ def test_a_log_line_cut_short_is_left_out_and_a_damaged_one_named(tmp_path):
 @pytest.mark.train
 def test_a_run_saved_before_the_kept_training_options_resumes_at_their_old_values(tmp_path):
     """Checkpoints saved before --encoder-lr-scale and --deterministic trained at scale 1 and not
-    deterministic (KEPT_ON_RESUME's defaults): they resume with those values and are refused with others,
-    naming the option."""
+    deterministic (KEPT_ON_RESUME's defaults): they resume with those values, recorded as no change, and are
+    refused with others, naming the option."""
     current = json.loads(json.dumps(dataclasses.asdict(tiny(tmp_path))))  # as config.json holds it
     saved = json.loads(json.dumps(current))
     for option in ("encoder_lr_scale", "deterministic"):
         del saved["train"][option]
     train.check_same_config(saved, current, "old")
+    assert train.resumed_record(saved, current, 2, "old", steps_left=True) == [], "the old values are no change to record"
     changed = lambda **options: current | dict(train=current["train"] | options)
     with pytest.raises(train.UsageError, match="old was trained without --deterministic; resume"):
         train.check_same_config(saved, changed(deterministic=True), "old")
@@ -982,6 +983,36 @@ def test_a_resume_that_would_relabel_or_retest_a_finished_run_is_refused_and_cha
         train.train(tiny(tmp_path, steps=2, resume=True))
     with pytest.raises(train.UsageError, match="was trained with --test-episodes 8, not 16; resume with the run's own options, or start it again with --overwrite"):
         train.train(tiny(tmp_path, test_episodes=16, resume=True))
+    assert all((run_dir / name).read_bytes() == data for name, data in before.items()), "a refused resume must change no file"
+
+
+@pytest.mark.train
+def test_a_resume_records_the_training_options_it_changed_and_a_trained_run_refuses_idle_ones(tmp_path):
+    """A resume that trains on with another --steps and --lr: config.json, results.json's config and the
+    checkpoint (so a later resume keeps it) record under "resumed" the step it resumed at and each option it
+    changed, [before, after], while the options themselves are the new ones; a second resume adds its own entry,
+    one that changes nothing adds none. A run with every step trained refuses another --lr or --weight-decay (each
+    would change nothing but config.json) in one sentence naming both values, and changes no file."""
+    train.train(tiny(tmp_path, rule="none", steps=2))
+    run_dir = tmp_path / "copy-none"
+    train.train(tiny(tmp_path, rule="none", steps=4, lr=5e-4, resume=True))
+    first = dict(step=2, steps=[2, 4], lr=[1e-3, 5e-4])
+    for name in ("config.json", "results.json"):
+        saved = json.loads((run_dir / name).read_text())
+        config = saved if name == "config.json" else saved["config"]
+        assert config["train"]["lr"] == 5e-4 and config.get("resumed") == [first], \
+            f"{name}: the new lr, and the resume at step 2 with what it changed; got {config.get('resumed')}"
+    train.train(tiny(tmp_path, rule="none", steps=6, lr=5e-4, resume=True))
+    assert json.loads((run_dir / "config.json").read_text())["resumed"] == [first, dict(step=4, steps=[4, 6])], \
+        "a second resume keeps the first's record and adds its own"
+    train.train(tiny(tmp_path, rule="none", steps=6, lr=5e-4, resume=True))  # every step trained: tested again
+    assert len(json.loads((run_dir / "config.json").read_text())["resumed"]) == 2, "a resume that changes nothing adds nothing"
+    before = {name: (run_dir / name).read_bytes() for name in RUN_FILES}
+    for option, value, was in (("lr", 1e-3, 5e-4), ("weight_decay", 0.5, 0.01)):
+        with pytest.raises(train.UsageError, match=f"has trained all its 6 steps, so --{option.replace('_', '-')} {value} "
+                                                   f"would change nothing but its config.json; give the run's own "
+                                                   f"--{option.replace('_', '-')} {was} to test it again"):
+            train.train(tiny(tmp_path, rule="none", steps=6, resume=True, **dict(lr=5e-4) | {option: value}))
     assert all((run_dir / name).read_bytes() == data for name, data in before.items()), "a refused resume must change no file"
 
 

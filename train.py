@@ -548,6 +548,28 @@ def read_encoder(path: str, model_cfg: Config, task_cfg: TaskConfig) -> dict:
 # --steps, the learning rate and the weight decay may change (resumed_optimizer_state).
 KEPT_ON_RESUME = {"seed": None, "batch_size": None, "eval_episodes": None, "encoder_lr_scale": 1.0, "deterministic": False,
                   "init_encoder": None}
+# A resume that changes a training option (--steps, --lr, ...) trains the rest of the run with it, and config.json
+# records the new value; its "resumed" list keeps each such resume's step and every option it changed, [before,
+# after], so the run's record says how all of its steps trained. Options of where and how often a run writes
+# are not recorded. A run with no step left to train (a finished one, tested again by --resume) refuses a change
+# of the options that act only on training steps: they would change nothing but its config.json.
+UNRECORDED_ON_RESUME = ("resume", "overwrite", "out_dir", "threads", "log_interval", "log_seconds", "checkpoint_minutes")
+TRAINING_ONLY = ("lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "eval_interval")
+
+
+def resumed_record(saved: dict, current: dict, step: int, path: str, steps_left: bool) -> list[dict]:
+    """config.json's "resumed" list for a resume at step of the run saved with config saved: the saved run's list,
+    and this resume's step and changed training options, if any; a change that would act on no step is refused."""
+    before = {k: saved["train"].get(k, KEPT_ON_RESUME.get(k)) for k in current["train"]}  # as check_same_config reads it
+    changed = {k: [before[k], v] for k, v in current["train"].items() if k not in UNRECORDED_ON_RESUME and before[k] != v}
+    idle = [k for k in changed if k in TRAINING_ONLY]
+    if idle and not steps_left:
+        k, (was, now) = idle[0], changed[idle[0]]
+        flag = "--" + k.replace("_", "-")
+        raise UsageError(f"{path} has trained all its {step} steps, so {flag} {now} would change nothing but its "
+                         f"config.json; give the run's own {flag} {was} to test it again, or --steps above {step} "
+                         f"to train on with {flag} {now}.")
+    return saved.get("resumed", []) + ([dict(step=step, **changed)] if changed else [])
 
 
 def check_same_config(saved: dict, current: dict, path: str, finished: bool = False, reuse: bool = False) -> None:
@@ -1006,6 +1028,8 @@ def train_rule(cfg: RunConfig) -> dict:
             raise UsageError(f"{checkpoint_path} is at step {state['step']}, past --steps {tc.steps}; resume with --steps "
                              f"{state['step']} or more.")
         kept = [r for r in read_log(run_dir) if r["step"] <= state["step"]]
+        if resumed := resumed_record(state["config"], config, state["step"], checkpoint_path, state["step"] < tc.steps):
+            config["resumed"] = resumed
     encoder = read_encoder(tc.init_encoder, model_cfg, cfg.task) if tc.init_encoder and state is None else None
     check_memory(cfg, task, device)
     make_run_dir(tc, run_dir)
