@@ -39,6 +39,25 @@ SPLITS = ("train", "val", "test")
 OMNIGLOT_SPLITS = ("vinyals", "lake")
 
 
+# The options each task reads; given to a task that does not read them, they are refused (TaskConfig), not
+# recorded in config.json as if they had done something. The other options act on every task.
+TASK_OPTIONS = {
+    ("copy",): ("seq_len", "delay", "dim"),
+    ("regression",): ("n_train", "n_test", "x_dim", "mode", "mlp_hidden", "noise"),
+    ("cue_reward",): ("n_cues", "cue_dim", "trial_len", "cue_noise"),
+    FEW_SHOT: ("way", "train_way", "shot", "train_shot", "query", "isolate_queries", "train_on_val", "augment", "jitter"),
+    ("omniglot",): ("rotations", "omniglot_split"),
+}
+
+
+def flag(name: str, value) -> str:
+    """The command-line flag that sets a TaskConfig field to value: --shot 5, --no-augment, --split lake."""
+    option = "--" + {"omniglot_split": "split"}.get(name, name).replace("_", "-")
+    if isinstance(value, bool):
+        return option if value else option.replace("--", "--no-", 1)
+    return f"{option} {value}"
+
+
 @dataclass
 class TaskConfig:
     name: str = "omniglot"          # copy | regression | cue_reward | omniglot | cifar_fs
@@ -109,6 +128,15 @@ class TaskConfig:
         if self.jitter and not self.augment:
             raise ValueError(f"jitter = {self.jitter} is part of the training images' augmentation, which --no-augment "
                              f"turns off; drop one of them.")
+        for owners, names in TASK_OPTIONS.items():
+            given = [k for k in names if getattr(self, k) != TASK_DEFAULT_VALUES[k]]
+            if self.name not in owners and given:
+                readers = f"the {owners[0]} task reads" if len(owners) == 1 else f"the few-shot tasks ({', '.join(owners)}) read"
+                raise ValueError(f"{flag(given[0], getattr(self, given[0]))} does nothing for {self.name}: only "
+                                 f"{readers} it; drop it.")
+
+
+TASK_DEFAULT_VALUES = {f.name: f.default for f in fields(TaskConfig)}
 
 
 @dataclass

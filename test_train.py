@@ -398,8 +398,9 @@ def test_a_static_run_resumes_only_as_parameter_matched_as_it_was_trained(tmp_pa
     """--match-params sets the static model's width (d_model, which the user never gave), and --rule all always
     gives it: a static run resumed with it otherwise is refused in one sentence naming --match-params, and a
     static run trained alone without it is refused by --rule all --resume (finished or not) with the fix that
-    works there (alone, with --rule none), leaving every file as it was. A plastic run's width ignores it.
-    --rule all --resume with none of its runs in --out-dir is refused too, rather than training all three."""
+    works there (alone, with --rule none), leaving every file as it was. A plastic run's width ignores it. The
+    static run of --rule all resumes alone without the fast-weight options --rule all gave it (refused with
+    --rule none, as they act on nothing). --rule all --resume with none of its runs in --out-dir is refused too, rather than training all three."""
     def refused(argv, message, folder):
         before = {f: f.read_bytes() for f in folder.rglob("*") if f.is_file()}
         assert train.main(argv) == 2, f"{argv}: should be refused"
@@ -421,6 +422,12 @@ def test_a_static_run_resumes_only_as_parameter_matched_as_it_was_trained(tmp_pa
     plastic = tmp_path / "plastic"
     assert train.main(tiny_argv(plastic, "--steps", "2", "--rule", "hebbian", "--match-params")) == 0
     assert train.main(tiny_argv(plastic, "--steps", "3", "--rule", "hebbian", "--resume")) == 0, "a plastic run resumes"
+    three = tmp_path / "three"  # --rule all gives its static run the fast-weight options too, which it does not read
+    assert train.main(tiny_argv(three, "--steps", "2", "--rule", "all", "--eta", "0.05")) == 0
+    refused(tiny_argv(three, "--steps", "3", "--resume", "--match-params", "--eta", "0.05"), "--eta sets the fast "
+            "weights, and the static model (--rule none) has none; drop it", three)
+    assert train.main(tiny_argv(three, "--steps", "3", "--resume", "--match-params")) == 0, \
+        "the static run of --rule all resumes alone without the fast-weight options it never read"
     (tmp_path / "empty").mkdir()
     refused(tiny_argv(tmp_path / "empty", "--steps", "2", "--resume", "--rule", "all"), "there is no run to resume in",
             tmp_path / "empty")
@@ -1121,9 +1128,9 @@ def test_cli_is_built_from_the_dataclasses():
         assert flag in help_text, f"--help lacks {flag}"
     assert "--d-in" not in help_text and "--image-shape" not in help_text, "sizes the task sets are not options"
     cfg = train.config_from_args(parser.parse_args(
-        "--task cue_reward --rule gradient --steps 7 --n-layer 4 --plastic-blocks 1 3 --no-modulation --attn-window 4 --way 3".split()))
+        "--task cue_reward --rule gradient --steps 7 --n-layer 4 --plastic-blocks 1 3 --no-modulation --attn-window 4 --n-cues 3".split()))
     assert (cfg.task.name, cfg.train.rule, cfg.train.steps, cfg.train.batch_size) == ("cue_reward", "gradient", 7, None)
-    assert (cfg.model.plastic_blocks, cfg.model.modulation, cfg.model.attn_window, cfg.task.way) == ((1, 3), False, 4, 3)
+    assert (cfg.model.plastic_blocks, cfg.model.modulation, cfg.model.attn_window, cfg.task.n_cues) == ((1, 3), False, 4, 3)
 
 
 @pytest.mark.cli
@@ -1149,6 +1156,12 @@ def test_cli_rejects_bad_arguments_with_exit_code_2(capsys, argv, message):
     ("--task copy --device gpu", "unknown device 'gpu'"),
     ("--task copy --plastic-blocks 5", "of the n_layer = 2 blocks: name blocks below 2 (--plastic-blocks), or more layers (--n-layer)."),
     ("--task cifar_fs --split lake", "--split lake chooses Omniglot's classes and does nothing for cifar_fs; drop --split."),
+    ("--task copy --shot 5", "--shot 5 does nothing for copy: only the few-shot tasks (omniglot, cifar_fs) read it; drop it."),
+    ("--task copy --no-isolate-queries", "--no-isolate-queries does nothing for copy: only the few-shot tasks"),
+    ("--task omniglot --delay 50", "--delay 50 does nothing for omniglot: only the copy task reads it; drop it."),
+    ("--task cifar_fs --no-rotations", "--no-rotations does nothing for cifar_fs: only the omniglot task reads it; drop it."),
+    ("--task copy --rule none --eta 0.5", "--eta sets the fast weights, and the static model (--rule none) has none; drop it"),
+    ("--task copy --rule none --decay 0.1", "--decay sets the fast weights, and the static model (--rule none) has none"),
     ("--task copy --steps 50 --warmup 50", "--warmup 50 is not below --steps 50"),
     ("--task copy --decay 0.7", "decay must lie in [0, 0.5]"),
     ("--task copy --rule gradient --compile", "--compile cannot run the gradient rule"),

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 import memory
-from plastic import COEF_INITS, INITS, Config, Conv4, PlasticGPT
+from plastic import COEF_INITS, FAST_WEIGHT_OPTIONS, INITS, Config, Conv4, PlasticGPT
 from report import RETEST_FILE, save_plot, with_options_added
 from tasks import OMNIGLOT_SPLITS, TASKS, TaskConfig, make_task_from_config
 
@@ -600,8 +600,10 @@ def check_same_config(saved: dict, current: dict, path: str, finished: bool = Fa
                          f"with --rule none and without that option, or move it away to train it again.")
     as_trained = lambda task: task | dict(train_shot=task["train_shot"] or task["shot"])
     saved, current = ({**config, "task": as_trained(config["task"])} for config in (with_options_added(saved, current), current))
+    idle = FAST_WEIGHT_OPTIONS if current["train"]["rule"] == "none" else ()  # --rule all gives its static run them too
     for section in ("task", "model"):
-        changed = [k for k in current[section] if k != "data_dir" and saved[section].get(k) != current[section][k]]
+        changed = [k for k in current[section] if k != "data_dir" and not (section == "model" and k in idle)
+                   and saved[section].get(k) != current[section][k]]
         if changed:
             k = changed[0]
             raise UsageError(f"{path} was trained with {section} {k}={saved[section].get(k)!r}, not "
@@ -1317,6 +1319,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             one_shot = (given["train_shot"] or given["shot"]) == 1
             given["train_way"] = max(given["train_way"], given["way"]) if one_shot else given["way"]
         check_numbers(given)  # before the dataclass checks its own fields: Config(n_head=0) would divide by zero
+        if section == "model" and values["train.rule"] == "none":  # given, they would be recorded as if they acted
+            raw, own = {k: values[f"model.{k}"] for k in FAST_WEIGHT_OPTIONS}, {f.name: f.default for f in dataclasses.fields(cls)}
+            idle = [k for k in FAST_WEIGHT_OPTIONS if (raw[k] is not None if k in PER_TASK else raw[k] != own[k])]
+            if idle:
+                raise UsageError(f"--{'no-' if raw[idle[0]] is False else ''}{idle[0].replace('_', '-')} sets the fast weights, and the static model (--rule "
+                                 f"none) has none; drop it, or train a plastic rule (--rule hebbian, gradient or all).")
         try:
             sections[section] = cls(**given)
         except ValueError as err:
