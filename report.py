@@ -37,7 +37,10 @@ cannot be paired.
 
 Given once per seed, --paired prints each seed's line and then the mean of the seeds' differences with
 its 95% interval over seeds (t distribution), as the rows above average runs: the question a reader asks
-of two settings, once each seed's episodes have said how far apart its two runs are.
+of two settings, once each seed's episodes have said how far apart its two runs are. Where two pairs were
+tested on the same episodes (one seed given twice), or their A runs (or B runs) differ in more than the
+seed (another rule, option, or retest's episode sizes), a line says so in place of the mean: each pair
+then asks another question, and their mean answers none.
 """
 
 import argparse
@@ -330,18 +333,19 @@ def episodes_differ(a, b):
     targets (episodes_md5), and the same images where both kept images_md5 (whatever their training classes),
     or else the same inputs where both kept inputs_md5, or else the same split (read_test's "split")."""
     if a.get("test_episodes") != b.get("test_episodes"):
-        return f"{a.get('test_episodes'):,} and {b.get('test_episodes'):,} of them; test both on as many: --test-episodes"
+        return f"{a.get('test_episodes')} and {b.get('test_episodes')} of them; test both on as many: --test-episodes"
     if a.get("task") != b.get("task"):
         return f"of {a.get('task')} and of {b.get('task')}"
     if a.get("episodes_md5") != b.get("episodes_md5"):
-        return "other classes and images drawn: another seed, or other episode sizes (way, shot, query)"
+        return "other classes and images drawn: another seed, or other sizes of episode: way, shot, query"
     if a.get("images_md5") and b.get("images_md5"):
-        same = a["images_md5"] == b["images_md5"]
+        same, why = a["images_md5"] == b["images_md5"], "from other images: another split, or another kind of device"
     elif "inputs_md5" in a and "inputs_md5" in b:
-        same = a["inputs_md5"] == b["inputs_md5"]
+        same, why = a["inputs_md5"] == b["inputs_md5"], ("read as other inputs: by models trained on other numbers of "
+                                                         "classes, or from other images")
     else:
-        same = a["split"] == b["split"]
-    return None if same else "the same classes drawn from other images: another split, or another kind of device"
+        same, why = a["split"] == b["split"], "from another split"
+    return None if same else f"the same classes drawn, {why}"
 
 
 def same_episodes(a, b):

@@ -61,8 +61,8 @@ def read_run(run_dir: str) -> dict:
     if not os.path.exists(run_dir):
         raise UsageError(f"there is no {run_dir}; give a run folder that train.py wrote (<out-dir>/<task>-<rule>/).")
     if not os.path.isdir(run_dir):
-        raise UsageError(f"{run_dir} is a file; give the run folder that holds it ({os.path.dirname(run_dir) or '.'}), "
-                         "a folder that train.py wrote.")
+        raise UsageError(f"{run_dir} is a file; give the run folder that train.py wrote (<out-dir>/<task>-<rule>/), "
+                         f"not a file in it.")
     for name in ("config.json", "best.pt"):
         if not os.path.isfile(os.path.join(run_dir, name)):
             raise UsageError(f"{run_dir} holds no {name}; give a run folder that train.py wrote "

@@ -50,12 +50,15 @@ TASK_OPTIONS = {
 }
 
 
-def flag(name: str, value) -> str:
-    """The command-line flag that sets a TaskConfig field to value: --shot 5, --no-augment, --split lake."""
+def option_flag(name: str, value=None) -> str:
+    """The command-line flag that sets option name (a field of TaskConfig, or of train.py's other configs) to
+    value: --shot 5, --no-augment, --split lake; with value None the flag alone (--eta)."""
     option = "--" + {"omniglot_split": "split"}.get(name, name).replace("_", "-")
     if isinstance(value, bool):
         return option if value else option.replace("--", "--no-", 1)
-    return f"{option} {value}"
+    if isinstance(value, (list, tuple)):  # --plastic-blocks 1 3
+        value = " ".join(map(str, value))
+    return option if value is None else f"{option} {value}"
 
 
 @dataclass
@@ -132,7 +135,7 @@ class TaskConfig:
             given = [k for k in names if getattr(self, k) != TASK_DEFAULT_VALUES[k]]
             if self.name not in owners and given:
                 readers = f"the {owners[0]} task reads" if len(owners) == 1 else f"the few-shot tasks ({', '.join(owners)}) read"
-                raise ValueError(f"{flag(given[0], getattr(self, given[0]))} does nothing for {self.name}: only "
+                raise ValueError(f"{option_flag(given[0], getattr(self, given[0]))} does nothing for {self.name}: only "
                                  f"{readers} it; drop it.")
 
 

@@ -130,7 +130,7 @@ def test_cli_refuses_bad_runs_and_numbers_with_exit_code_2_and_one_sentence(tmp_
         (tmp_path / name / "best.pt").write_bytes(b"")
     for argv, message in [([str(tmp_path / "empty")], "holds no config.json"),
                           ([str(tmp_path / "nowhere")], f"there is no {tmp_path / 'nowhere'}; give a run folder"),
-                          ([str(tmp_path / "copy-none" / "results.json")], f"is a file; give the run folder that holds it ({tmp_path / 'copy-none'})"),
+                          ([str(tmp_path / "copy-none" / "results.json")], "copy-none/results.json is a file; give the run folder that train.py wrote"),
                           ([str(tmp_path / "damaged")], "config.json is not readable JSON"),
                           ([str(tmp_path / "other")], "config.json is not a train.py run's config"),
                           ([str(tmp_path / "copy-none")], "is a copy run; retest.py retests few-shot runs"),

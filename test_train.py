@@ -399,8 +399,8 @@ def test_a_static_run_resumes_only_as_parameter_matched_as_it_was_trained(tmp_pa
     gives it: a static run resumed with it otherwise is refused in one sentence naming --match-params, and a
     static run trained alone without it is refused by --rule all --resume (finished or not) with the fix that
     works there (alone, with --rule none), leaving every file as it was. A plastic run's width ignores it. The
-    static run of --rule all resumes alone without the fast-weight options --rule all gave it (refused with
-    --rule none, as they act on nothing). --rule all --resume with none of its runs in --out-dir is refused too, rather than training all three."""
+    static run of --rule all resumes alone without the fast-weight options --rule all gave it, but for those that
+    set the parameter count --match-params matched (--plastic-blocks), which are named. --rule all --resume with none of its runs in --out-dir is refused too, rather than training all three."""
     def refused(argv, message, folder):
         before = {f: f.read_bytes() for f in folder.rglob("*") if f.is_file()}
         assert train.main(argv) == 2, f"{argv}: should be refused"
@@ -422,12 +422,12 @@ def test_a_static_run_resumes_only_as_parameter_matched_as_it_was_trained(tmp_pa
     plastic = tmp_path / "plastic"
     assert train.main(tiny_argv(plastic, "--steps", "2", "--rule", "hebbian", "--match-params")) == 0
     assert train.main(tiny_argv(plastic, "--steps", "3", "--rule", "hebbian", "--resume")) == 0, "a plastic run resumes"
-    three = tmp_path / "three"  # --rule all gives its static run the fast-weight options too, which it does not read
-    assert train.main(tiny_argv(three, "--steps", "2", "--rule", "all", "--eta", "0.05")) == 0
-    refused(tiny_argv(three, "--steps", "3", "--resume", "--match-params", "--eta", "0.05"), "--eta sets the fast "
-            "weights, and the static model (--rule none) has none; drop it", three)
-    assert train.main(tiny_argv(three, "--steps", "3", "--resume", "--match-params")) == 0, \
-        "the static run of --rule all resumes alone without the fast-weight options it never read"
+    three = tmp_path / "three"  # --rule all gives its static run the fast-weight options too, read only by --match-params
+    assert train.main(tiny_argv(three, "--steps", "1", "--rule", "all", "--eta", "0.05", "--plastic-blocks", "1")) == 0
+    refused(tiny_argv(three, "--steps", "2", "--resume", "--match-params"), "was matched (--match-params) to a "
+            "plastic model with --eta 0.05 and --plastic-blocks 1, whose parameter count sets its width", three)
+    assert train.main(tiny_argv(three, "--steps", "2", "--resume", "--match-params", "--plastic-blocks", "1")) == 0, \
+        "the static run of --rule all resumes alone with the option that set its width, without the one that did not"
     (tmp_path / "empty").mkdir()
     refused(tiny_argv(tmp_path / "empty", "--steps", "2", "--resume", "--rule", "all"), "there is no run to resume in",
             tmp_path / "empty")
@@ -1023,6 +1023,30 @@ def test_a_resume_records_the_training_options_it_changed_and_a_trained_run_refu
     assert all((run_dir / name).read_bytes() == data for name, data in before.items()), "a refused resume must change no file"
 
 
+@pytest.mark.cli
+def test_rule_all_resume_trains_finished_runs_on_to_more_steps_and_refuses_idle_options(tmp_path, capsys):
+    """--rule all --resume reuses a finished run only as it is: another --lr at the same --steps is refused as a
+    single rule's resume refuses it (one sentence, no file changed), and more --steps trains all three on,
+    each recording the resume; a plastic run resumed alone after --rule all does not record --match-params,
+    which it never read."""
+    argv = lambda *options: tiny_argv(tmp_path, "--rule", "all", *options)
+    assert train.main(argv("--steps", "1")) == 0
+    before = {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
+    assert train.main(argv("--steps", "1", "--lr", "5e-4", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "has trained all its 1 steps, so --lr 0.0005 would change nothing" in err and err.count("\n") == 1, err
+    assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before, "a refusal changes no file"
+    assert train.main(argv("--steps", "2", "--lr", "5e-4", "--resume")) == 0
+    for rule in train.RULES:
+        config = json.loads((tmp_path / f"copy-{rule}" / "config.json").read_text())
+        assert config["train"]["steps"] == 2 and config.get("resumed") == [dict(step=1, steps=[1, 2], lr=[1e-3, 5e-4])], \
+            f"{rule}: trained on to step 2 with the resume recorded, got {config['train']['steps']}, {config.get('resumed')}"
+    saved = json.loads((tmp_path / "copy-hebbian" / "config.json").read_text())
+    alone = saved | dict(train=saved["train"] | dict(match_params=False))
+    assert train.resumed_record(saved, alone, 2, "run", steps_left=True) == saved["resumed"], \
+        "--match-params, which a plastic run never reads, is no change to record"
+
+
 @pytest.mark.train
 def test_rule_all_refuses_a_damaged_results_json_or_a_file_for_a_folder_before_training_anything(tmp_path):
     train.train(tiny(tmp_path, "copy", "none", steps=2, match_params=True))
@@ -1570,6 +1594,21 @@ def test_report_averages_only_one_comparison_over_other_seeds(tmp_path, capsys):
         lines = capsys.readouterr().out.strip().splitlines()
         assert len(lines) == 3 and lines[0].startswith("A - B: ") and lines[1].startswith("A - B: "), lines
         assert lines[2].startswith(want), f"{pairs}: expected {want!r}, got {lines[2]!r}"
+    retests = []
+    for rule in ("hebbian", "none"):  # seed 0 retested at 5 shots, seed 1 at 1 shot: two questions
+        for seed, shot in ((0, 5), (1, 1)):
+            test(rule, seed)
+            write_results(tmp_path / f"{rule}-{seed}-4", f"retest-3way-{shot}shot-1query.json", task="omniglot", rule=rule,
+                          way=3, shot=shot, query=1, metric="accuracy", test_mean=0.75, test_episodes=4,
+                          episodes_md5=f"retest{seed}", by_episode=scores[seed])
+            retests.append(str(tmp_path / f"{rule}-{seed}-4" / f"retest-3way-{shot}shot-1query.json"))
+    b_only = [test("hebbian", 0), test("none", 0), test("hebbian", 1), test("gradient", 1)]
+    for argv, want in ((["--paired", retests[0], retests[2], "--paired", retests[1], retests[3]],
+                        "their A runs differ in more than the seed (retest.shot)"),
+                       (["--paired", *b_only[:2], "--paired", *b_only[2:]], "their B runs differ in more than the seed")):
+        assert report.main(argv) == 0, f"{argv}: each pair's line is right"
+        last = capsys.readouterr().out.strip().splitlines()[-1]
+        assert last.startswith(f"no mean over the pairs: {want}"), f"expected {want!r}, got {last!r}"
     assert report.main(["--paired", test("hebbian", 0, episodes=3), test("none", 0)]) == 2, "3 and 4 episodes cannot pair"
     err = capsys.readouterr().err
     assert "3 and 4 of them" in err and "--test-episodes" in err and err.count("\n") == 1, f"name both numbers: {err!r}"
@@ -1726,8 +1765,11 @@ def test_report_pairs_only_tests_of_the_same_number_task_and_images(tmp_path, ca
     import report
     test = dict(test_episodes=4, task="omniglot", episodes_md5="t", inputs_md5="v", images_md5="i", split=None)
     assert report.same_episodes(test, dict(test)), "a test is paired with itself"
-    for change in (dict(test_episodes=5), dict(task="cifar_fs"), dict(images_md5="j")):
+    for change in (dict(test_episodes=5), dict(test_episodes=None), dict(task="cifar_fs"), dict(images_md5="j")):
         assert not report.same_episodes(test, test | change), f"{change}: other episodes, which should not be paired"
+    unprinted = {k: v for k, v in test.items() if k != "images_md5"}
+    assert "read as other inputs" in report.episodes_differ(unprinted, unprinted | dict(inputs_md5="w")), \
+        "without images_md5, other inputs_md5 may be other training classes: say so, not other images alone"
     for name, images in (("vinyals", "i"), ("lake", "j")):
         write_results(tmp_path, f"{name}.json", metric="accuracy", test_mean=0.5, by_episode=[1.0, 0.0, 1.0, 0.0],
                       **{k: v for k, v in test.items() if k != "split"} | dict(images_md5=images))

@@ -44,7 +44,7 @@ import torch
 import memory
 from plastic import COEF_INITS, FAST_WEIGHT_OPTIONS, INITS, Config, Conv4, PlasticGPT
 from report import RETEST_FILE, save_plot, with_options_added
-from tasks import OMNIGLOT_SPLITS, TASKS, TaskConfig, make_task_from_config
+from tasks import OMNIGLOT_SPLITS, TASKS, TaskConfig, make_task_from_config, option_flag
 
 RULES = ("none", "hebbian", "gradient")
 
@@ -553,7 +553,8 @@ KEPT_ON_RESUME = {"seed": None, "batch_size": None, "eval_episodes": None, "enco
 # after], so the run's record says how all of its steps trained. Options of where and how often a run writes
 # are not recorded. A run with no step left to train (a finished one, tested again by --resume) refuses a change
 # of the options that act only on training steps: they would change nothing but its config.json.
-UNRECORDED_ON_RESUME = ("resume", "overwrite", "out_dir", "threads", "log_interval", "log_seconds", "checkpoint_minutes")
+UNRECORDED_ON_RESUME = ("resume", "overwrite", "out_dir", "threads", "log_interval", "log_seconds", "checkpoint_minutes",
+                        "match_params")  # a static run keeps it (check_same_config), a plastic one does not read it
 TRAINING_ONLY = ("lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "eval_interval")
 
 
@@ -565,10 +566,9 @@ def resumed_record(saved: dict, current: dict, step: int, path: str, steps_left:
     idle = [k for k in changed if k in TRAINING_ONLY]
     if idle and not steps_left:
         k, (was, now) = idle[0], changed[idle[0]]
-        flag = "--" + k.replace("_", "-")
-        raise UsageError(f"{path} has trained all its {step} steps, so {flag} {now} would change nothing but its "
-                         f"config.json; give the run's own {flag} {was} to test it again, or --steps above {step} "
-                         f"to train on with {flag} {now}.")
+        raise UsageError(f"{path} has trained all its {step} steps, so {option_flag(k, now)} would change nothing but its "
+                         f"config.json; give the run's own {option_flag(k, was)} to test it again, or --steps above {step} "
+                         f"to train on with {option_flag(k, now)}.")
     return saved.get("resumed", []) + ([dict(step=step, **changed)] if changed else [])
 
 
@@ -604,6 +604,13 @@ def check_same_config(saved: dict, current: dict, path: str, finished: bool = Fa
     for section in ("task", "model"):
         changed = [k for k in current[section] if k != "data_dir" and not (section == "model" and k in idle)
                    and saved[section].get(k) != current[section][k]]
+        matched_to = [f for f in idle if saved["model"].get(f) != current["model"][f]]
+        if changed and changed[0] == "d_model" and matched and matched_to:  # the width --match-params matched
+            given = " and ".join(option_flag(f, saved["model"].get(f)) if saved["model"].get(f) is not None
+                                 else f"no {option_flag(f)}" for f in matched_to)
+            raise UsageError(f"{path} was matched (--match-params) to a plastic model with {given}, whose parameter "
+                             f"count sets its width; {'reuse it' if reuse else 'resume it'} with the options it was "
+                             f"trained with.")
         if changed:
             k = changed[0]
             raise UsageError(f"{path} was trained with {section} {k}={saved[section].get(k)!r}, not "
@@ -1151,9 +1158,10 @@ def train_rule(cfg: RunConfig) -> dict:
     return results
 
 
-def read_finished(run: RunConfig, run_dir: str) -> dict:
-    """A finished run's results.json, for --rule all --resume to reuse as it is; one that cannot be read, or
-    was run with other options (check_same_config), is refused in one sentence."""
+def read_finished(run: RunConfig, run_dir: str) -> dict | None:
+    """A finished run's results.json, for --rule all --resume to reuse as it is, or None where --steps asks for
+    more steps (it resumes); one that cannot be read, was run with other options (check_same_config), or is
+    given another option of the training steps alone (resumed_record), is refused in one sentence."""
     path = os.path.join(run_dir, "results.json")
     try:
         with open(path) as f:
@@ -1166,6 +1174,12 @@ def read_finished(run: RunConfig, run_dir: str) -> dict:
                          "checkpoint with --resume, or start the run again with --overwrite.")
     config = json.loads(json.dumps(dataclasses.asdict(resolve(run, load_task(run.task)))))
     check_same_config(saved, config, run_dir, finished=True, reuse=True)
+    trained, steps = saved["train"]["steps"], config["train"]["steps"]
+    if steps < trained:
+        raise UsageError(f"{run_dir} trained {trained} steps, past --steps {steps}; resume with --steps {trained} or more.")
+    if steps > trained:
+        return None
+    resumed_record(saved, config, trained, run_dir, steps_left=False)
     return finished
 
 
@@ -1178,8 +1192,8 @@ def compare(cfg: RunConfig) -> dict:
     folders, finished = [run_folder(run.train, cfg.task.name) for run in runs], {}
     for run, run_dir in zip(runs, folders):  # every folder checked, every finished run to reuse read, before training
         refuse_to_replace(run.train, run_dir)
-        if run.train.resume and run_state(run_dir) == "finished":
-            finished[run.train.rule] = read_finished(run, run_dir)
+        if run.train.resume and run_state(run_dir) == "finished" and (results := read_finished(run, run_dir)):
+            finished[run.train.rule] = results
     if cfg.train.resume and all(run_state(folder) is None for folder in folders):  # a mistyped --out-dir, most likely
         raise UsageError(f"there is no run to resume in {cfg.train.out_dir} (no {', '.join(map(os.path.basename, folders))}"
                          f"); run without --resume, or give the --out-dir of the runs.")
@@ -1319,12 +1333,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             one_shot = (given["train_shot"] or given["shot"]) == 1
             given["train_way"] = max(given["train_way"], given["way"]) if one_shot else given["way"]
         check_numbers(given)  # before the dataclass checks its own fields: Config(n_head=0) would divide by zero
-        if section == "model" and values["train.rule"] == "none":  # given, they would be recorded as if they acted
+        if section == "model" and values["train.rule"] == "none" and not values["train.match_params"]:
+            # the static model has no fast weights: given, these would be recorded as if they acted (with
+            # --match-params they do: they set the plastic model whose parameter count it matches)
             raw, own = {k: values[f"model.{k}"] for k in FAST_WEIGHT_OPTIONS}, {f.name: f.default for f in dataclasses.fields(cls)}
             idle = [k for k in FAST_WEIGHT_OPTIONS if (raw[k] is not None if k in PER_TASK else raw[k] != own[k])]
             if idle:
-                raise UsageError(f"--{'no-' if raw[idle[0]] is False else ''}{idle[0].replace('_', '-')} sets the fast weights, and the static model (--rule "
-                                 f"none) has none; drop it, or train a plastic rule (--rule hebbian, gradient or all).")
+                raise UsageError(f"{option_flag(idle[0], raw[idle[0]] if isinstance(raw[idle[0]], bool) else None)} sets the "
+                                 f"fast weights, and the static model (--rule none) has none; drop it, or train a plastic "
+                                 f"rule (--rule hebbian, gradient or all).")
         try:
             sections[section] = cls(**given)
         except ValueError as err:
