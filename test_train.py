@@ -973,10 +973,26 @@ def test_resume_with_dropout_restores_the_global_rng_and_reaches_the_same_parame
 
 @pytest.mark.train
 def test_rule_all_resume_reuses_a_finished_rule_and_starts_the_ones_not_started(tmp_path):
+    """--rule all --resume reuses a finished run only as it is: another --lr at the same --steps is refused as a
+    single rule's resume refuses it (no file changed), and more --steps trains all three on, each recording the
+    resume; a plastic run resumed alone after --rule all does not record --match-params, which it never read."""
     first = train.train(tiny(tmp_path, "copy", "none", steps=2, match_params=True))
     out = train.compare(tiny(tmp_path, "copy", "all", steps=2, resume=True))
     assert [r["rule"] for r in out["runs"]] == ["none", "hebbian", "gradient"], "every rule should have its results"
     assert out["runs"][0] == first, "the finished static run should be reused as it is"
+    before = {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
+    with pytest.raises(train.UsageError, match="has trained all its 2 steps, so --lr 0.0005 would change nothing"):
+        train.compare(tiny(tmp_path, "copy", "all", steps=2, lr=5e-4, resume=True))
+    assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before, "a refusal changes no file"
+    train.compare(tiny(tmp_path, "copy", "all", steps=3, lr=5e-4, resume=True))
+    for rule in train.RULES:
+        config = json.loads((tmp_path / f"copy-{rule}" / "config.json").read_text())
+        assert config["train"]["steps"] == 3 and config.get("resumed") == [dict(step=2, steps=[2, 3], lr=[1e-3, 5e-4])], \
+            f"{rule}: trained on to step 3 with the resume recorded, got {config['train']['steps']}, {config.get('resumed')}"
+    saved = json.loads((tmp_path / "copy-hebbian" / "config.json").read_text())
+    alone = saved | dict(train=saved["train"] | dict(match_params=False))
+    assert train.resumed_record(saved, alone, 3, "run", steps_left=True) == saved["resumed"], \
+        "--match-params, which a plastic run never reads, is no change to record"
 
 
 @pytest.mark.train
@@ -1021,30 +1037,6 @@ def test_a_resume_records_the_training_options_it_changed_and_a_trained_run_refu
                                                    f"--{option.replace('_', '-')} {was} to test it again"):
             train.train(tiny(tmp_path, rule="none", steps=6, resume=True, **dict(lr=5e-4) | {option: value}))
     assert all((run_dir / name).read_bytes() == data for name, data in before.items()), "a refused resume must change no file"
-
-
-@pytest.mark.cli
-def test_rule_all_resume_trains_finished_runs_on_to_more_steps_and_refuses_idle_options(tmp_path, capsys):
-    """--rule all --resume reuses a finished run only as it is: another --lr at the same --steps is refused as a
-    single rule's resume refuses it (one sentence, no file changed), and more --steps trains all three on,
-    each recording the resume; a plastic run resumed alone after --rule all does not record --match-params,
-    which it never read."""
-    argv = lambda *options: tiny_argv(tmp_path, "--rule", "all", *options)
-    assert train.main(argv("--steps", "1")) == 0
-    before = {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
-    assert train.main(argv("--steps", "1", "--lr", "5e-4", "--resume")) == 2
-    err = capsys.readouterr().err
-    assert "has trained all its 1 steps, so --lr 0.0005 would change nothing" in err and err.count("\n") == 1, err
-    assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before, "a refusal changes no file"
-    assert train.main(argv("--steps", "2", "--lr", "5e-4", "--resume")) == 0
-    for rule in train.RULES:
-        config = json.loads((tmp_path / f"copy-{rule}" / "config.json").read_text())
-        assert config["train"]["steps"] == 2 and config.get("resumed") == [dict(step=1, steps=[1, 2], lr=[1e-3, 5e-4])], \
-            f"{rule}: trained on to step 2 with the resume recorded, got {config['train']['steps']}, {config.get('resumed')}"
-    saved = json.loads((tmp_path / "copy-hebbian" / "config.json").read_text())
-    alone = saved | dict(train=saved["train"] | dict(match_params=False))
-    assert train.resumed_record(saved, alone, 2, "run", steps_left=True) == saved["resumed"], \
-        "--match-params, which a plastic run never reads, is no change to record"
 
 
 @pytest.mark.train
