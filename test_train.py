@@ -422,8 +422,8 @@ def test_a_static_run_resumes_only_as_parameter_matched_as_it_was_trained(tmp_pa
     plastic = tmp_path / "plastic"
     assert train.main(tiny_argv(plastic, "--steps", "2", "--rule", "hebbian", "--match-params")) == 0
     assert train.main(tiny_argv(plastic, "--steps", "3", "--rule", "hebbian", "--resume")) == 0, "a plastic run resumes"
-    three = tmp_path / "three"  # --rule all gives its static run the fast-weight options too, read only by --match-params
-    assert train.main(tiny_argv(three, "--steps", "1", "--rule", "all", "--eta", "0.05", "--plastic-blocks", "1")) == 0
+    three = tmp_path / "three"  # as --rule all gives its static run the fast-weight options, read by --match-params alone
+    assert train.main(tiny_argv(three, "--steps", "1", "--match-params", "--eta", "0.05", "--plastic-blocks", "1")) == 0
     refused(tiny_argv(three, "--steps", "2", "--resume", "--match-params"), "was matched (--match-params) to a "
             "plastic model with --eta 0.05 and --plastic-blocks 1, whose parameter count sets its width", three)
     assert train.main(tiny_argv(three, "--steps", "2", "--resume", "--match-params", "--plastic-blocks", "1")) == 0, \
