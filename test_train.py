@@ -422,10 +422,16 @@ def test_a_static_run_resumes_only_as_parameter_matched_as_it_was_trained(tmp_pa
     plastic = tmp_path / "plastic"
     assert train.main(tiny_argv(plastic, "--steps", "2", "--rule", "hebbian", "--match-params")) == 0
     assert train.main(tiny_argv(plastic, "--steps", "3", "--rule", "hebbian", "--resume")) == 0, "a plastic run resumes"
-    three = tmp_path / "three"  # as --rule all gives its static run the fast-weight options, read by --match-params alone
-    assert train.main(tiny_argv(three, "--steps", "1", "--match-params", "--eta", "0.05", "--plastic-blocks", "1")) == 0
-    refused(tiny_argv(three, "--steps", "2", "--resume", "--match-params"), "was matched (--match-params) to a "
-            "plastic model with --eta 0.05 and --plastic-blocks 1, whose parameter count sets its width", three)
+    three = tmp_path / "three"  # --rule all gives its static run the fast-weight options, of which --match-params
+    assert train.main(tiny_argv(three, "--steps", "1", "--rule", "all", "--eta", "0.05", "--plastic-blocks", "1")) == 0
+    for options, message in ((["--eta", "0.05"], "--eta sets the fast weights, and the static model (--rule none) has "
+                              "none (with --match-params it would not change the parameter count the width matches)"),
+                             ([], "was matched (--match-params) to a plastic model with --plastic-blocks 1, whose "
+                              "parameter count sets its width"),
+                             (["--eta", "0.5", "--d-model", "24"], "--eta sets the fast weights")):
+        refused(tiny_argv(three, "--steps", "2", "--rule", "none", "--resume", "--match-params", *options), message, three)
+    refused(tiny_argv(three, "--steps", "2", "--rule", "none", "--resume", "--match-params", "--plastic-blocks", "1",
+                      "--d-model", "24"), "was trained with model d_model=", three)  # its own option, not a fast weight's
     assert train.main(tiny_argv(three, "--steps", "2", "--resume", "--match-params", "--plastic-blocks", "1")) == 0, \
         "the static run of --rule all resumes alone with the option that set its width, without the one that did not"
     (tmp_path / "empty").mkdir()
@@ -984,6 +990,9 @@ def test_rule_all_resume_reuses_a_finished_rule_and_starts_the_ones_not_started(
     with pytest.raises(train.UsageError, match="has trained all its 2 steps, so --lr 0.0005 would change nothing"):
         train.compare(tiny(tmp_path, "copy", "all", steps=2, lr=5e-4, resume=True))
     assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before, "a refusal changes no file"
+    with pytest.raises(train.UsageError, match="trained 2 steps, past --steps 1; resume with --steps 2 or more"):
+        train.compare(tiny(tmp_path, "copy", "all", steps=1, resume=True))
+    assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before, "a refusal changes no file"
     train.compare(tiny(tmp_path, "copy", "all", steps=3, lr=5e-4, resume=True))
     for rule in train.RULES:
         config = json.loads((tmp_path / f"copy-{rule}" / "config.json").read_text())
@@ -1043,9 +1052,12 @@ def test_a_resume_records_the_training_options_it_changed_and_a_trained_run_refu
 def test_rule_all_refuses_a_damaged_results_json_or_a_file_for_a_folder_before_training_anything(tmp_path):
     train.train(tiny(tmp_path, "copy", "none", steps=2, match_params=True))
     results = tmp_path / "copy-none/results.json"
-    results.write_text(results.read_text()[:30])  # cut short
-    with pytest.raises(train.UsageError, match="copy-none/results.json is damaged .*move it away .* --resume"):
-        train.compare(tiny(tmp_path, "copy", "all", steps=2, resume=True))
+    finished = json.loads(results.read_text())
+    for damaged in (results.read_text()[:30], json.dumps(finished | dict(config=finished["config"] | dict(
+            train={k: v for k, v in finished["config"]["train"].items() if k != "steps"})))):  # cut short; no steps
+        results.write_text(damaged)
+        with pytest.raises(train.UsageError, match="copy-none/results.json is damaged .*move it away .* --resume"):
+            train.compare(tiny(tmp_path, "copy", "all", steps=2, resume=True))
     assert not (tmp_path / "copy-hebbian").exists(), "nothing may train before every folder is checked"
     (tmp_path / "b").mkdir()
     (tmp_path / "b/copy-gradient").write_text("notes")

@@ -306,6 +306,40 @@ def matched_static_width(model_cfg: Config) -> int:
         dataclasses.replace(model_cfg, rule="none", d_model=width)) - target))
 
 
+def model_of(saved: dict) -> Config:
+    """A Config from config.json's model section (JSON's lists back to tuples)."""
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
+def sets_width(model_cfg: Config, name: str, other) -> bool:
+    """Whether fast-weight option name at value other, rather than model_cfg's, gives the Hebbian model another
+    parameter count: only such an option sets the width that --match-params matches."""
+    plastic = dataclasses.replace(model_cfg, rule="hebbian")
+    try:
+        return count_params(dataclasses.replace(plastic, **{name: tuple(other) if isinstance(other, list) else other})) \
+            != count_params(plastic)
+    except ValueError:  # a value this model cannot take at all: it is part of what the run was
+        return True
+
+
+def refuse_idle_fast_weights(values: dict, model_cfg: Config, match_params: bool) -> None:
+    """The static model (--rule none) has no fast weights: a fast-weight option given would be recorded in
+    config.json as if it had acted. With --match-params those that set the matched plastic model's parameter
+    count do act (sets_width); the rest are refused all the same."""
+    own = {f.name: f.default for f in dataclasses.fields(Config)}
+    default = {k: TASK_DEFAULTS[values["task.name"]].get(k, own[k]) for k in FAST_WEIGHT_OPTIONS}
+    parser_default = {k: None if k in PER_TASK else own[k] for k in FAST_WEIGHT_OPTIONS}  # None: not given
+    given = [k for k in FAST_WEIGHT_OPTIONS if values[f"model.{k}"] != parser_default[k]]
+    idle = [k for k in given if not (match_params and sets_width(model_cfg, k, default[k]))]
+    if idle:
+        k, value = idle[0], values[f"model.{idle[0]}"]
+        why = (" (with --match-params it would not change the parameter count the width matches)" if match_params
+               else "")
+        raise UsageError(f"{option_flag(k, value if isinstance(value, bool) else None)} sets the fast weights, and the "
+                         f"static model (--rule none) has none{why}; drop it, or train a plastic rule (--rule hebbian, "
+                         f"gradient or all).")
+
+
 def pick_device(name: str) -> torch.device:
     """auto, cpu or cuda[:N]; other kinds (mps, meta) and numbered CPUs are refused: checkpoints saved from
     "cpu:0" would not load again."""
@@ -604,13 +638,14 @@ def check_same_config(saved: dict, current: dict, path: str, finished: bool = Fa
     for section in ("task", "model"):
         changed = [k for k in current[section] if k != "data_dir" and not (section == "model" and k in idle)
                    and saved[section].get(k) != current[section][k]]
-        matched_to = [f for f in idle if saved["model"].get(f) != current["model"][f]]
-        if changed and changed[0] == "d_model" and matched and matched_to:  # the width --match-params matched
-            given = " and ".join(option_flag(f, saved["model"].get(f)) if saved["model"].get(f) is not None
-                                 else f"no {option_flag(f)}" for f in matched_to)
-            raise UsageError(f"{path} was matched (--match-params) to a plastic model with {given}, whose parameter "
-                             f"count sets its width; {'reuse it' if reuse else 'resume it'} with the options it was "
-                             f"trained with.")
+        if changed and changed[0] == "d_model" and matched:  # the width --match-params matched: which options set it
+            set_by = [f for f in idle if saved["model"].get(f) != current["model"][f]
+                      and sets_width(model_of(current["model"]), f, saved["model"].get(f))]
+            if set_by:
+                given = " and ".join(option_flag(f, saved["model"][f]) for f in set_by)
+                raise UsageError(f"{path} was matched (--match-params) to a plastic model with {given}, whose "
+                                 f"parameter count sets its width; {'reuse it' if reuse else 'resume it'} with the "
+                                 f"options it was trained with.")
         if changed:
             k = changed[0]
             raise UsageError(f"{path} was trained with {section} {k}={saved[section].get(k)!r}, not "
@@ -1169,7 +1204,8 @@ def read_finished(run: RunConfig, run_dir: str) -> dict | None:
     except (OSError, ValueError):
         finished = None
     saved = finished.get("config") if isinstance(finished, dict) else None
-    if not (isinstance(saved, dict) and all(isinstance(saved.get(k), dict) for k in ("train", "model", "task"))):
+    if not (isinstance(saved, dict) and all(isinstance(saved.get(k), dict) for k in ("train", "model", "task"))
+            and isinstance(saved["train"].get("steps"), int)):
         raise UsageError(f"{path} is damaged (no readable config); move it away to test the run again from its "
                          "checkpoint with --resume, or start the run again with --overwrite.")
     config = json.loads(json.dumps(dataclasses.asdict(resolve(run, load_task(run.task)))))
@@ -1333,19 +1369,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             one_shot = (given["train_shot"] or given["shot"]) == 1
             given["train_way"] = max(given["train_way"], given["way"]) if one_shot else given["way"]
         check_numbers(given)  # before the dataclass checks its own fields: Config(n_head=0) would divide by zero
-        if section == "model" and values["train.rule"] == "none" and not values["train.match_params"]:
-            # the static model has no fast weights: given, these would be recorded as if they acted (with
-            # --match-params they do: they set the plastic model whose parameter count it matches)
-            raw, own = {k: values[f"model.{k}"] for k in FAST_WEIGHT_OPTIONS}, {f.name: f.default for f in dataclasses.fields(cls)}
-            idle = [k for k in FAST_WEIGHT_OPTIONS if (raw[k] is not None if k in PER_TASK else raw[k] != own[k])]
-            if idle:
-                raise UsageError(f"{option_flag(idle[0], raw[idle[0]] if isinstance(raw[idle[0]], bool) else None)} sets the "
-                                 f"fast weights, and the static model (--rule none) has none; drop it, or train a plastic "
-                                 f"rule (--rule hebbian, gradient or all).")
         try:
             sections[section] = cls(**given)
         except ValueError as err:
             raise UsageError(str(err)) from err
+        if section == "model" and values["train.rule"] == "none":
+            refuse_idle_fast_weights(values, sections["model"], values["train.match_params"])
     tc = sections["train"]
     if tc.compile and (tc.rule in ("gradient", "all") or tc.bench):
         raise UsageError("--compile cannot run the gradient rule (torch.compile cannot differentiate through the rule's "
