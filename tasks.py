@@ -131,15 +131,13 @@ class TaskConfig:
         if self.jitter and not self.augment:
             raise ValueError(f"jitter = {self.jitter} is part of the training images' augmentation, which --no-augment "
                              f"turns off; drop one of them.")
+        default = {f.name: f.default for f in fields(self)}
         for owners, names in TASK_OPTIONS.items():
-            given = [k for k in names if getattr(self, k) != TASK_DEFAULT_VALUES[k]]
+            given = [k for k in names if getattr(self, k) != default[k]]
             if self.name not in owners and given:
                 readers = f"the {owners[0]} task reads" if len(owners) == 1 else f"the few-shot tasks ({', '.join(owners)}) read"
                 raise ValueError(f"{option_flag(given[0], getattr(self, given[0]))} does nothing for {self.name}: only "
                                  f"{readers} it; drop it.")
-
-
-TASK_DEFAULT_VALUES = {f.name: f.default for f in fields(TaskConfig)}
 
 
 @dataclass

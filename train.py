@@ -322,7 +322,7 @@ def sets_width(model_cfg: Config, name: str, other) -> bool:
         return True
 
 
-def refuse_idle_fast_weights(values: dict, model_cfg: Config, match_params: bool) -> None:
+def refuse_idle_fast_weights(values: dict, model_cfg: Config) -> None:
     """The static model (--rule none) has no fast weights: a fast-weight option given would be recorded in
     config.json as if it had acted. With --match-params those that set the matched plastic model's parameter
     count do act (sets_width); the rest are refused all the same."""
@@ -330,11 +330,11 @@ def refuse_idle_fast_weights(values: dict, model_cfg: Config, match_params: bool
     default = {k: TASK_DEFAULTS[values["task.name"]].get(k, own[k]) for k in FAST_WEIGHT_OPTIONS}
     parser_default = {k: None if k in PER_TASK else own[k] for k in FAST_WEIGHT_OPTIONS}  # None: not given
     given = [k for k in FAST_WEIGHT_OPTIONS if values[f"model.{k}"] != parser_default[k]]
-    idle = [k for k in given if not (match_params and sets_width(model_cfg, k, default[k]))]
+    matched = values["train.match_params"]
+    idle = [k for k in given if not (matched and sets_width(model_cfg, k, default[k]))]
     if idle:
         k, value = idle[0], values[f"model.{idle[0]}"]
-        why = (" (with --match-params it would not change the parameter count the width matches)" if match_params
-               else "")
+        why = " (with --match-params it would not change the parameter count the width matches)" if matched else ""
         raise UsageError(f"{option_flag(k, value if isinstance(value, bool) else None)} sets the fast weights, and the "
                          f"static model (--rule none) has none{why}; drop it, or train a plastic rule (--rule hebbian, "
                          f"gradient or all).")
@@ -1374,7 +1374,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         except ValueError as err:
             raise UsageError(str(err)) from err
         if section == "model" and values["train.rule"] == "none":
-            refuse_idle_fast_weights(values, sections["model"], values["train.match_params"])
+            refuse_idle_fast_weights(values, sections["model"])
     tc = sections["train"]
     if tc.compile and (tc.rule in ("gradient", "all") or tc.bench):
         raise UsageError("--compile cannot run the gradient rule (torch.compile cannot differentiate through the rule's "
