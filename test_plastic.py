@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import memory
-from plastic import (AppendRow, CausalSelfAttention, Config, FactoredRead, InnerGradient, KVCache, PlasticGPT, PlasticLinear,
-                     TokenLinears, factored_read, update_norm)
+import plastic
+from plastic import (AppendRow, Block, CausalSelfAttention, Config, FactoredRead, InnerGradient, KVCache, PlasticGPT,
+                     PlasticLinear, TokenLinears, factored_read, update_norm)
 
 RULES = ("none", "hebbian", "gradient")
 PLASTIC_RULES = ("hebbian", "gradient")
@@ -445,6 +446,40 @@ def test_static_step_by_step_runs_the_blocks_above_the_first_through_the_kv_cach
     assert calls.count("parallel") == 1, f"expected the first block's attention once, in parallel; got {calls.count('parallel')}"
 
 
+
+@pytest.mark.attention
+@pytest.mark.hebbian
+def test_blocks_below_the_first_plastic_block_run_in_parallel(monkeypatch):
+    """Only the first plastic block and those above it take the token loop: with plastic_blocks=(2,) of three,
+    the static blocks 0 and 1 run once each for all tokens (Block.forward), block 2 attends once for all
+    tokens and steps its MLP once per token (Block.step), and no attention runs token by token."""
+    model = tiny_model("hebbian", n_layer=3, plastic_blocks=(2,))
+    calls = []
+    forward, step, attention_step = Block.forward, Block.step, CausalSelfAttention.step
+
+    def index(block):
+        return next(i for i, b in enumerate(model.blocks) if b is block)
+
+    def counted_forward(self, h, context=None):
+        calls.append(("forward", index(self)))
+        return forward(self, h, context)
+
+    def counted_step(self, h, cache, linears, fast=(None, None)):
+        calls.append(("step", index(self)))
+        return step(self, h, cache, linears, fast)
+
+    def counted_attention_step(self, x, cache, linears):
+        calls.append(("attention step", None))
+        return attention_step(self, x, cache, linears)
+
+    monkeypatch.setattr(Block, "forward", counted_forward)
+    monkeypatch.setattr(Block, "step", counted_step)
+    monkeypatch.setattr(CausalSelfAttention, "step", counted_attention_step)
+    model(random_tokens(T=5))
+    want = [("forward", 0), ("forward", 1)] + [("step", 2)] * 5
+    assert calls == want, f"blocks 0 and 1 should run in parallel and only block 2 step, per token; got {calls}"
+
+
 @pytest.mark.attention
 def test_queries_after_a_context_run_at_once(monkeypatch):
     """With a context S only the context goes through the token loop (CausalSelfAttention.step once per
@@ -842,6 +877,46 @@ def test_gradient_rule_evaluates_without_a_graph(fast_form):
     assert torch.all(info_no_graph["fast_norm"] > 0), "the gradient rule must still update its fast weights under no_grad"
     err = (with_graph - without_graph).abs().max().item()
     assert err < 1e-12, f"the gradient rule computes something else under no_grad (difference {err:.2e})"
+
+
+
+@pytest.mark.gradient
+def test_gradient_rule_evaluation_keeps_no_graph_from_token_to_token(monkeypatch):
+    """Under torch.no_grad() the gradient rule takes dL_t/dy_t without a graph of it (create_graph False), the
+    KV cache keeps only the current token's graph (each AppendRow on a detached buffer), and the inner
+    gradient leaves nothing on the slow weights' tapes (InnerGradient): evaluation's memory does not grow
+    with the tokens. With a graph (training) the same probes see create_graph and the cache's chain."""
+    seen = dict(create_graph=[], chain=[], tapes=[])
+    factors, append, linears_init = plastic.gradient_factors, KVCache.append, TokenLinears.__init__
+
+    def recorded_factors(records, loss, create_graph):
+        seen["create_graph"].append(create_graph)
+        return factors(records, loss, create_graph)
+
+    def recorded_append(self, k, v):
+        append(self, k, v)
+        node, length = self.key_rows.grad_fn, 0  # AppendRow nodes chained through the buffer (its first input)
+        while node is not None and type(node).__name__ == "AppendRowBackward":
+            node, length = node.next_functions[0][0], length + 1
+        seen["chain"].append(length)
+
+    def recorded_init(self, layers):
+        linears_init(self, layers)
+        seen["tapes"] += [tape for _, _, tape in self.taped.values()]
+
+    monkeypatch.setattr(plastic, "gradient_factors", recorded_factors)
+    monkeypatch.setattr(KVCache, "append", recorded_append)
+    monkeypatch.setattr(TokenLinears, "__init__", recorded_init)
+    model, x = tiny_model("gradient"), random_tokens(T=6)  # two blocks: the second attends through a KV cache
+    with torch.no_grad():
+        model(x)
+    assert seen["create_graph"] == [False] * 6, f"evaluation should take dL_t/dy_t without a graph: {seen['create_graph']}"
+    assert seen["chain"] == [1] * 6, f"evaluation's KV cache should keep only the current token's graph: {seen['chain']}"
+    assert all(not tape for tape in seen["tapes"]), "the inner gradient should leave nothing on the weights' tapes"
+    seen.update(create_graph=[], chain=[])
+    model(x)
+    assert seen["create_graph"] == [True] * 6 and seen["chain"] == list(range(1, 7)), \
+        f"with a graph the probes should see it: create_graph {seen['create_graph']}, chain {seen['chain']}"
 
 
 @pytest.mark.gradient
