@@ -321,6 +321,29 @@ def test_gpt2_initialisation_has_its_standard_deviations():
             assert abs(p.std().item() / expected - 1) < 0.1, f"{name}: std {p.std():.5f}, expected {expected:.5f}"
 
 
+
+@pytest.mark.model
+@pytest.mark.parametrize("rule, options", [("none", {}), ("hebbian", {}), ("gradient", {}),
+                                           ("hebbian", dict(plastic_blocks=(1,))), ("hebbian", dict(modulation=False)),
+                                           ("gradient", dict(n_extra=2, modulation=False))],
+                         ids=["none", "hebbian", "gradient", "hebbian-block-1", "hebbian-unmodulated", "gradient-2-extra"])
+def test_parameter_count_is_the_gpts_plus_a_coefficient_per_plastic_connection(rule, options):
+    """num_params (what --match-params matches) counted layer by layer: the GPT (embedding, positions, blocks of
+    two LayerNorms, qkv, proj and a 4C MLP, final LayerNorm, head), a coefficient A per connection of each
+    plastic MLP layer (twice the MLP's weights), and head units [d_out | n_extra (gradient) | modulator
+    (plastic, modulated)], each weighted in the gradient rule's inner loss."""
+    d_in, C, n_layer, max_len, d_out = 3, 8, 2, 16, 1
+    model = PlasticGPT(Config(d_in=d_in, d_out=d_out, n_layer=n_layer, n_head=2, d_model=C, max_len=max_len,
+                              rule=rule, **options))
+    cfg = model.config
+    block = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
+    plastic_blocks = 0 if rule == "none" else len(cfg.plastic_blocks or range(n_layer))
+    units = d_out + (cfg.n_extra if rule == "gradient" else 0) + (rule != "none" and cfg.modulation)
+    want = ((d_in * C + C) + max_len * C + n_layer * block + 2 * C + (units * C + units)
+            + plastic_blocks * 2 * (C * 4 * C) + (units if rule == "gradient" else 0))
+    assert model.num_params() == want, f"{rule} {options}: {model.num_params()} parameters, the explicit count gives {want}"
+
+
 @pytest.mark.model
 @pytest.mark.parametrize("rule", PLASTIC_RULES)
 def test_plasticity_coefficient_is_a_learned_parameter(rule):
