@@ -11,6 +11,7 @@ or the network.
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -1224,8 +1225,26 @@ def test_cli_runs_end_to_end_in_a_subprocess(tmp_path):
     assert done.returncode == 0, f"train.py failed:\n{done.stdout}\n{done.stderr}"
     assert "step 4/4 | loss" in done.stdout and "ms/step" in done.stdout and "test mse" in done.stdout, done.stdout
     assert all((tmp_path / "copy-hebbian" / name).is_file() for name in RUN_FILES + TRACE_FILES)
-    imported = subprocess.run([sys.executable, "-c", "import train"], cwd=HERE, capture_output=True, text=True, env=env)
-    assert imported.returncode == 0 and imported.stdout == "" and imported.stderr == "", "importing train.py should run nothing"
+
+
+@pytest.mark.cli
+def test_importing_a_module_runs_nothing(tmp_path, monkeypatch, capfd):
+    """Each of the project's modules, executed afresh as an import executes it (in a folder of its own, with
+    a command line it would refuse), prints nothing, writes nothing, reads no command line and leaves
+    torch's threads and default dtype as they were."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["python", "--no-such-option"])
+    state = torch.get_num_threads(), torch.get_default_dtype()
+    modules = sorted(name for name in os.listdir(HERE) if name.endswith(".py") and not name.startswith("test_")
+                     and name != "conftest.py")
+    assert "train.py" in modules and "plastic.py" in modules, modules
+    for name in modules:
+        spec = importlib.util.spec_from_file_location(f"fresh_{name[:-3]}", os.path.join(HERE, name))
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        out, err = capfd.readouterr()
+        assert out == err == "", f"importing {name} should print nothing, got {out + err!r}"
+        assert not any(tmp_path.iterdir()), f"importing {name} should write nothing, found {list(tmp_path.iterdir())}"
+        assert (torch.get_num_threads(), torch.get_default_dtype()) == state, f"importing {name} changed torch's settings"
 
 
 def deterministic_state() -> dict:

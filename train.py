@@ -20,6 +20,7 @@ From Python: `train(RunConfig(...)) -> dict`, `compare(RunConfig(...)) -> dict`.
 """
 
 import argparse
+import bisect
 import contextlib
 import dataclasses
 import hashlib
@@ -302,8 +303,11 @@ def matched_static_width(model_cfg: Config) -> int:
     Duan et al. widen theirs. The plastic coefficients A make the plastic MLPs twice as large."""
     target = count_params(dataclasses.replace(model_cfg, rule="hebbian"))
     widths = range(model_cfg.n_head, 4 * model_cfg.d_model + 1, model_cfg.n_head)
-    return min(widths, key=lambda width: abs(count_params(
-        dataclasses.replace(model_cfg, rule="none", d_model=width)) - target))
+
+    def static(width):
+        return count_params(dataclasses.replace(model_cfg, rule="none", d_model=width))
+    above = bisect.bisect_left(widths, target, key=static)  # the count grows with the width: the first at or above
+    return min(widths[max(above - 1, 0):above + 1], key=lambda width: abs(static(width) - target))
 
 
 def model_of(saved: dict) -> Config:
