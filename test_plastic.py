@@ -321,7 +321,6 @@ def test_gpt2_initialisation_has_its_standard_deviations():
             assert abs(p.std().item() / expected - 1) < 0.1, f"{name}: std {p.std():.5f}, expected {expected:.5f}"
 
 
-
 @pytest.mark.model
 @pytest.mark.parametrize("rule, options", [("none", {}), ("hebbian", {}), ("gradient", {}),
                                            ("hebbian", dict(plastic_blocks=(1,))), ("hebbian", dict(modulation=False)),
@@ -467,7 +466,6 @@ def test_static_step_by_step_runs_the_blocks_above_the_first_through_the_kv_cach
     model(random_tokens(T=5), step_by_step=True)
     assert calls.count("step") == 2 * 5, f"expected step() for 2 blocks x 5 tokens, got {calls.count('step')} calls"
     assert calls.count("parallel") == 1, f"expected the first block's attention once, in parallel; got {calls.count('parallel')}"
-
 
 
 @pytest.mark.attention
@@ -900,7 +898,6 @@ def test_gradient_rule_evaluates_without_a_graph(fast_form):
     assert torch.all(info_no_graph["fast_norm"] > 0), "the gradient rule must still update its fast weights under no_grad"
     err = (with_graph - without_graph).abs().max().item()
     assert err < 1e-12, f"the gradient rule computes something else under no_grad (difference {err:.2e})"
-
 
 
 @pytest.mark.gradient
