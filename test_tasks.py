@@ -191,6 +191,9 @@ def test_cue_reward_rewards_follow_their_cues():
         "the second half hides the reward and asks"
     assert batch.mask[:, 6:].all() and not batch.mask[:, :6].any(), "mask exactly the second half"
     assert batch.target.abs().max() <= 1, "rewards lie in [-1, 1]"
+    odd = make_task("cue_reward", trial_len=5).sample(4, generator=torch.Generator().manual_seed(0))
+    assert odd.mask[:, 2:].all() and not odd.mask[:, :2].any() and (odd.x[:, 2:, -2] == 0).all(), \
+        "an odd trial shows rewards on its first floor(T/2) steps and asks on the rest"
 
 
 @pytest.mark.tasks
@@ -657,15 +660,17 @@ def test_color_jitter_equals_torchvisions_formulas_by_hand():
 
 
 @pytest.mark.tasks
-def test_jitter_recolours_only_training_images_with_factors_and_orders_as_drawn(monkeypatch):
-    """CIFAR-FS with and without --jitter 0.4, sampled from the same seed: the episodes and their crops are the
+@pytest.mark.parametrize("strength", [0.4, 0.1])
+def test_jitter_recolours_only_training_images_with_factors_and_orders_as_drawn(monkeypatch, strength):
+    """CIFAR-FS with and without --jitter s, sampled from the same seed: the episodes and their crops are the
     same, validation and test images untouched, and every training image is color_jitter of its plain
-    augmented self with factors in [0.6, 1.4] and a permutation for order, as they were drawn."""
+    augmented self with factors in [1 - s, 1 + s] (ColorJitter's range) and a permutation for order, as they
+    were drawn."""
     rng = np.random.default_rng(0)
     splits = {split: rng.integers(1, 256, (6, 4, 3, 8, 8), dtype=np.uint8) for split in SPLITS}
     names = {split: [f"{split}{i}" for i in range(6)] for split in SPLITS}
     plain, jittered = (FewShot(TaskConfig(name="cifar_fs", jitter=jitter), splits, names, (0.0,) * 3, (1.0,) * 3)
-                       for jitter in (0.0, 0.4))
+                       for jitter in (0.0, strength))
     drawn, color_jitter = [], tasks.color_jitter
 
     def recorded(images, factors, order):
@@ -683,9 +688,11 @@ def test_jitter_recolours_only_training_images_with_factors_and_orders_as_drawn(
             continue
         (images, factors, order), = drawn
         assert torch.equal(images, a.images.flatten(0, 1)), "jitter acts on the cropped and mirrored images"
-        assert factors.min() >= 0.6 and factors.max() <= 1.4, "factors drawn from [0.6, 1.4]"
-        assert factors.min() < 0.7 and factors.max() > 1.3, f"480 factors should span [0.6, 1.4], got " \
-            f"[{factors.min():.2f}, {factors.max():.2f}]: images are darkened and brightened alike"
+        low, high = 1 - strength, 1 + strength
+        assert factors.min() >= low and factors.max() <= high, f"factors drawn from [{low}, {high}]"
+        assert factors.min() < 1 - 0.75 * strength and factors.max() > 1 + 0.75 * strength, \
+            f"480 factors should span [{low}, {high}], got [{factors.min():.2f}, {factors.max():.2f}]: images " \
+            f"are darkened and brightened alike"
         assert (order.sort(1).values == torch.arange(3)).all() and len(set(map(tuple, order.tolist()))) > 1, \
             "each image's order is a permutation, and they differ"
         assert torch.allclose(b.images.flatten(0, 1), color_jitter(images, factors, order)), \
@@ -794,9 +801,10 @@ def test_cifar_fs_split_is_64_16_20_disjoint_and_picks_by_name():
 
 
 @pytest.mark.tasks
-def test_make_task_passes_train_on_val_to_the_split(monkeypatch):
+def test_make_task_passes_train_on_val_and_rotations_to_the_split(monkeypatch):
     """make_task, as train.py builds its task, gives train_on_val to each dataset's split: Omniglot on
-    thirteen_alphabets trains on 114 + 20 characters in four rotations, CIFAR-FS on 64 + 16 classes."""
+    thirteen_alphabets trains on 114 + 20 characters in four rotations, CIFAR-FS on 64 + 16 classes; and
+    --no-rotations to Omniglot's: 114 training classes, not 4 x 114."""
     data = thirteen_alphabets(monkeypatch)
     monkeypatch.setattr(tasks, "load_omniglot", lambda data_dir: data)
     names = np.array(sorted(sum(tasks.CIFAR_FS_SPLIT.values(), [])))
@@ -805,6 +813,8 @@ def test_make_task_passes_train_on_val_to_the_split(monkeypatch):
     for name, want in (("omniglot", (4 * 134, 20, 3)), ("cifar_fs", (80, 16, 20))):
         found = tuple(len(make_task(name, way=2, train_on_val=True).class_names[s]) for s in SPLITS)
         assert found == want, f"{name} with train_on_val: {found} train / val / test classes, expected {want}"
+    found = len(make_task("omniglot", way=2, rotations=False).class_names["train"])
+    assert found == 114, f"without rotations Omniglot trains on its 114 characters alone, found {found} classes"
 
 
 @pytest.mark.tasks
