@@ -1579,6 +1579,16 @@ def test_report_averages_pairs_over_seeds(tmp_path, capsys):
     want = f"over the 3 pairs: A - B {100 * np.mean(diffs):+.2f} ± {100 * half:.2f} points"
     assert lines[3].startswith(want), f"expected {want!r}, got {lines[3]!r}"
     assert ", ".join(f"{100 * d:+.2f}" for d in diffs) in lines[3], f"each pair's difference should be listed: {lines[3]}"
+    unequal = []  # a pair of 40 episodes (+100 points) and one of 10 (0): each seed counts once, whatever its episodes
+    for seed, (n, a, b) in enumerate(((40, 1.0, 0.0), (10, 0.0, 0.0))):
+        for name, score in (("a", a), ("b", b)):
+            path = tmp_path / f"unequal-{name}{seed}.json"
+            path.write_text(json.dumps(dict(metric="accuracy", test_mean=score, test_episodes=n,
+                                            episodes_md5=f"other{seed}", by_episode=[score] * n)))
+            unequal.append(str(path))
+    assert report.main(["--paired", *unequal[:2], "--paired", *unequal[2:]]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("over the 2 pairs: A - B +50.00"), f"the mean of +100 and 0 points, unweighted, got {last!r}"
     mse = [tmp_path / f"mse{i}.json" for i in range(2)]
     for file in mse:
         file.write_text(json.dumps(dict(metric="mse", test_mean=0.5, test_episodes=40, episodes_md5="seed0",
@@ -1908,6 +1918,14 @@ def test_the_final_test_pairs_the_model_with_its_knock_out_episode_by_episode():
     assert results["inputs_md5"] == "inputs", "the episodes' whole fingerprint should be kept"
     assert results["knockout_by_episode"] == pytest.approx(knocked.tolist(), abs=1e-6), \
         f"knockout_by_episode should be the knock-out's own scores {knocked.tolist()}, got {results['knockout_by_episode']}"
+    k = knocked.double().numpy()
+    want = (k.mean(), 1.96 * k.std(ddof=1) / np.sqrt(6))
+    assert (results["knockout_mean"], results["knockout_ci95"]) == pytest.approx(want, abs=1e-6), \
+        f"the knock-out's mean and interval should be its own scores' {want}, got {results['knockout_mean']}, " \
+        f"{results['knockout_ci95']}"
+    half_scored = dict(metric=torch.tensor([0.3, 0.0]), scored=torch.tensor([0.5, 0.0]))
+    assert train.metric_by_position(half_scored) == [0.6, None], \
+        "a position scored in half the episodes: its metric summed over them, divided by that half; None where none is"
 
 
 @pytest.mark.train
@@ -1958,8 +1976,12 @@ def test_evaluate_scores_the_requested_episodes_reproducibly(monkeypatch):
         batches = [task.sample(n, "test", "cpu", generator) for n in (4, 4, 2)]
         expected = torch.cat([task.metric(model(b.x)[0], b) for b in batches])
         per_position = torch.cat([(model(b.x)[0] - b.target).pow(2).mean(-1) * b.mask for b in batches]).mean(0)
+        eta = torch.cat([model(b.x)[1]["eta"] for b in batches]).mean(0)
     assert torch.allclose(values, expected), "evaluate() should score exactly the seeded episodes, drawn 4 + 4 + 2"
     assert torch.allclose(trace["metric"], per_position), "the trace's metric should be each position's mean squared error"
+    assert torch.allclose(trace["eta"], eta), "the trace's eta should be each position's mean over the 10 episodes"
+    assert torch.equal(trace["scored"], torch.cat([b.mask for b in batches]).float().mean(0)), \
+        "the trace's scored should be the fraction of episodes that score each position"
     again, _ = train.evaluate(model, task, "test", episodes=10, batch_size=3, device="cpu", seed=3)
     assert torch.equal(values, again), "the same seed must give the same episodes and scores"
     _, knocked = train.evaluate(model, task, "test", episodes=10, batch_size=3, device="cpu", seed=3, eta=0.0)
