@@ -247,6 +247,23 @@ def test_each_logged_training_record_is_its_intervals_own(tmp_path, offline, mon
     assert got == pytest.approx(want, rel=1e-5), f"each record's loss should be its interval's mean {want}, got {got}"
 
 
+
+def test_the_first_steps_logged_loss_is_the_mean_cross_entropy_of_its_batch(tmp_path, offline):
+    """Step 1's logged loss is the cross-entropy averaged over its 16 images (not summed), of the classifier
+    built from the seed on the first images of the seeded stream: reproduced here from the task and seed."""
+    pc = tiny(tmp_path, steps=1, seed=5)
+    pretrain.pretrain(pc)
+    records = [json.loads(line) for line in open(tmp_path / "pretrain-cifar_fs" / "log.jsonl")]
+    logged = next(r["loss"] for r in records if r["split"] == "train")
+    task = train.load_task(pc.task_config())
+    torch.manual_seed(5)
+    model = pretrain.Classifier(task.image_shape, pc.widths(), task.splits["train"].shape[0])
+    images, labels = pretrain.sample_images(task, 16, "cpu", torch.Generator().manual_seed(5))
+    logits = model(images).double()
+    want = (logits.logsumexp(1) - logits.gather(1, labels[:, None])[:, 0]).mean().item()  # -log softmax, by hand
+    assert logged == pytest.approx(want, rel=1e-5), f"step 1 logged {logged}, the batch's mean cross-entropy is {want}"
+
+
 def test_validation_hands_the_encoder_back_in_training_mode(offline):
     """evaluate_prototypes runs in eval mode, and the steps after a validation train with batch statistics again."""
     pc = tiny("unused")

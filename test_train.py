@@ -2041,6 +2041,26 @@ def tiny_argv(out_dir, *options) -> list[str]:
             "--out-dir", str(out_dir), *options]
 
 
+
+@pytest.mark.train
+def test_the_first_steps_logged_loss_is_the_tasks_loss_averaged_over_its_batch(tmp_path):
+    """The loss a step trains on and logs is task.loss, the mean over the batch's sequences, on the first
+    batch of the training stream (seeded by --seed) for the model built from the seed: reproduced here from
+    the saved config, and not the sum over the batch (which --grad-clip would then clip B times sooner)."""
+    cfg = tiny(tmp_path, "copy", "hebbian", steps=1, batch_size=4, log_interval=1, grad_clip=0.0, seed=3)
+    train.train(cfg)
+    run_dir = tmp_path / "copy-hebbian"
+    logged = next(r["loss"] for r in train.read_log(run_dir) if r["split"] == "train" and r["step"] == 1)
+    saved = json.loads((run_dir / "config.json").read_text())
+    task = train.load_task(cfg.task)
+    torch.manual_seed(3)
+    model = PlasticGPT(train.model_of(saved["model"]))
+    batch = task.sample(4, "train", "cpu", torch.Generator().manual_seed(3))
+    out, _ = model(batch.x, batch.images, fast_norm=False, context=batch.context)
+    want = task.loss(out.float(), batch).item()
+    assert logged == pytest.approx(want, rel=1e-5), f"step 1 logged loss {logged}, the task's mean loss on its batch {want}"
+
+
 @pytest.mark.train
 def test_progress_lines_come_after_the_first_step_then_by_steps_or_seconds(tmp_path):
     train.train(tiny(tmp_path / "by_steps", rule="none", steps=5, log_interval=100, log_seconds=1000.0, eval_interval=100))
