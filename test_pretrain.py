@@ -247,7 +247,6 @@ def test_each_logged_training_record_is_its_intervals_own(tmp_path, offline, mon
     assert got == pytest.approx(want, rel=1e-5), f"each record's loss should be its interval's mean {want}, got {got}"
 
 
-
 def test_the_first_steps_logged_loss_is_the_mean_cross_entropy_of_its_batch(tmp_path, offline):
     """Step 1's logged loss is the cross-entropy averaged over its 16 images (not summed), of the classifier
     built from the seed on the first images of the seeded stream: reproduced here from the task and seed."""

@@ -2041,7 +2041,6 @@ def tiny_argv(out_dir, *options) -> list[str]:
             "--out-dir", str(out_dir), *options]
 
 
-
 @pytest.mark.train
 def test_the_first_steps_logged_loss_is_the_tasks_loss_averaged_over_its_batch(tmp_path):
     """The loss a step trains on and logs is task.loss, the mean over the batch's sequences, on the first
