@@ -40,10 +40,10 @@ from torch import nn
 from memory import is_out_of_memory
 from plastic import Config, Conv4
 from tasks import FEW_SHOT, OMNIGLOT_SPLITS, TaskConfig
-from train import (TASK_DEFAULTS, Diverged, HelpFormatter, Parser, UsageError, check_numbers, check_warmup,
-                   deterministic_algorithms, device_name, draws, episodes_fingerprint, field_comments, kept_note,
-                   learning_rate, load_task, mean_ci95, optional, pick_device, protocol_note, save_checkpoint,
-                   set_cpu_threads, write_json)
+from train import (PROTOCOL_EPISODES, SMOKE_RUN, TASK_DEFAULTS, Diverged, HelpFormatter, Parser, UsageError,
+                   check_numbers, check_warmup, deterministic_algorithms, device_name, draws, episodes_fingerprint,
+                   field_comments, is_smoke_run, kept_note, learning_rate, load_task, mean_ci95, optional,
+                   pick_device, protocol_note, save_checkpoint, set_cpu_threads, smoke_note, write_json)
 
 
 @dataclass
@@ -65,8 +65,8 @@ class PretrainConfig:
     shot: int = 1  # validation and test episodes: support images per class
     query: int | None = None  # validation and test episodes: query images per class; None: the task's default, as train.py's
     eval_interval: int = 500  # steps between validations
-    eval_episodes: int = 500  # validation episodes (train.py's: the same ones, seed + 1)
-    test_episodes: int = 1000  # test episodes (train.py's: the same ones, seed + 2, for report.py --paired)
+    eval_episodes: int | None = None  # validation episodes (train.py's: the same ones, seed + 1); None: 500, or 100 in a smoke run (under 100 steps), as train.py's
+    test_episodes: int | None = None  # test episodes (train.py's: the same ones, seed + 2, for report.py --paired); None: 1000, or 100 in a smoke run (under 100 steps)
     seed: int = 0  # seeds the classifier's initialisation and the training images; seed + 1 and + 2 the episodes
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     threads: int | None = None  # CPU threads of PyTorch; None: $OMP_NUM_THREADS where it is a positive number, else half the cores, at least 1
@@ -166,17 +166,25 @@ def make_run_dir(pc: PretrainConfig) -> str:
     return run_dir
 
 
-def check(pc: PretrainConfig) -> None:
+SMOKE_EPISODES = {k: SMOKE_RUN[k] for k in PROTOCOL_EPISODES}  # what a smoke run (under 100 steps) shrinks here: not the batch
+
+
+def resolve(pc: PretrainConfig) -> PretrainConfig:
+    """The options left at None filled as train.py fills them (the protocol's episodes, or a smoke run's; a
+    warm-up of 5% of the steps), and every option checked."""
     if pc.task not in FEW_SHOT:
         raise UsageError(f"pretrain.py pre-trains an image encoder: --task must be one of {', '.join(FEW_SHOT)}, not {pc.task}.")
+    episodes = PROTOCOL_EPISODES | (SMOKE_EPISODES if is_smoke_run(pc) else {})
+    pc = dataclasses.replace(pc, **{k: v for k, v in episodes.items() if getattr(pc, k) is None})
     check_numbers(dataclasses.asdict(pc))  # seed, weight decay and jitter may be 0, jitter at most 1, the rest above 0
+    pc = dataclasses.replace(pc, warmup=pc.steps // 20 if pc.warmup is None else pc.warmup)
+    check_warmup(pc.warmup, pc.steps)
+    return pc
 
 
 def pretrain_encoder(pc: PretrainConfig) -> dict:
     """Pre-train, validate and keep the best encoder, test it; write the folder and return results.json's contents."""
-    check(pc)
-    pc = dataclasses.replace(pc, warmup=pc.steps // 20 if pc.warmup is None else pc.warmup)  # as train.py's
-    check_warmup(pc.warmup, pc.steps)
+    pc = resolve(pc)
     try:
         task_cfg, widths = pc.task_config(), pc.widths()
     except ValueError as err:
@@ -195,6 +203,8 @@ def pretrain_encoder(pc: PretrainConfig) -> dict:
     generator = torch.Generator(device=device).manual_seed(pc.seed)
     print(f"pre-training the {'-'.join(map(str, widths))} Conv4 of {task.name} on its {classes} training classes: "
           f"{pc.steps} steps of {pc.batch_size} images on {device_name(device)}; writing {run_dir}", flush=True)
+    if note := smoke_note(pc, SMOKE_EPISODES):
+        print(note)
     best, started, pending = dict(value=None, step=0), time.perf_counter(), []
     with open(os.path.join(run_dir, "log.jsonl"), "w") as log:
         interval_start = time.perf_counter()

@@ -230,6 +230,23 @@ def test_validation_and_test_episodes_take_train_pys_default_queries():
         assert got == query, f"{task}: pretrain.py's episodes should have train.py's {query} queries per class, not {got}"
 
 
+def test_a_smoke_run_validates_and_tests_on_fewer_episodes_and_says_so(tmp_path, offline, capsys):
+    """As train.py's: a pre-training of under 100 steps validates and tests on 100 episodes unless given others
+    (its batch is its own), records them in config.json and results.json, and says it is a smoke run; from 100
+    steps the protocol's 500 and 1,000 episodes."""
+    sizes = lambda pc: (pc.eval_episodes, pc.test_episodes, pc.batch_size)
+    assert sizes(pretrain.resolve(PretrainConfig(steps=99))) == (100, 100, 256), "under 100 steps: 100 episodes each"
+    assert sizes(pretrain.resolve(PretrainConfig(steps=100))) == (500, 1000, 256), "100 steps: the protocol's episodes"
+    assert sizes(pretrain.resolve(PretrainConfig(steps=99, test_episodes=40))) == (100, 40, 256), "a given number stays"
+    results = pretrain.pretrain(tiny(tmp_path, eval_episodes=None, test_episodes=None))
+    config = json.loads((tmp_path / "pretrain-cifar_fs" / "config.json").read_text())
+    assert results["test_episodes"] == len(results["by_episode"]) == 100, f"tested on {results['test_episodes']} episodes"
+    assert (config["eval_episodes"], config["test_episodes"]) == (100, 100), "config.json should record what ran"
+    out = capsys.readouterr().out
+    assert "a smoke run (under 100 steps)" in out and "(eval_episodes 100, test_episodes 100)" in out, out
+    assert "not the protocol's 1000: --test-episodes 1000 for results to report" in out, out
+
+
 def test_each_logged_training_record_is_its_intervals_own(tmp_path, offline, monkeypatch):
     """4 steps validated at 2 and 4: records at steps 1, 2 and 4, each the mean loss of the steps since the record
     before (step 1; step 2; steps 3 and 4), not of every step so far."""
@@ -312,6 +329,7 @@ def exit_code(argv) -> int:
     (["--encoder-widths", "96", "192"], "channels of the 4 Conv4 blocks"),
     (["--shot", "3", "--query", "2"], "exceeds the 4 images per cifar_fs class; lower --shot or --query"),
     (["--query", "0"], "--query must be a number above 0"),
+    (["--test-episodes", "1"], "--test-episodes must be 2 or more (an interval needs two)"),
 ])
 def test_bad_options_are_refused_in_one_sentence(tmp_path, offline, capsys, argv, message):
     code = exit_code(argv + ["--out-dir", str(tmp_path), "--device", "cpu"])

@@ -249,12 +249,12 @@ def is_smoke_run(tc: TrainConfig) -> bool:
     return tc.steps < SMOKE_RUN["steps"]
 
 
-def smoke_note(tc: TrainConfig) -> str:
-    """What a smoke run says about itself: that it is one, and the smaller values of SMOKE_RUN it runs with
-    (an option given another value is the user's, and not named)."""
+def smoke_note(tc: TrainConfig, sizes: dict = SMOKE_RUN) -> str:
+    """What a smoke run says about itself: that it is one, and the smaller values of `sizes` (those a smoke run
+    takes) it runs with (an option given another value is the user's, and not named)."""
     if not is_smoke_run(tc):
         return ""
-    smaller = [f"{k} {v}" for k, v in SMOKE_RUN.items() if k != "steps" and getattr(tc, k) == v]
+    smaller = [f"{k} {v}" for k, v in sizes.items() if k != "steps" and getattr(tc, k) == v]
     return (f"a smoke run (under {SMOKE_RUN['steps']} steps): it shows that everything works, not a result"
             + (f"; options not given take smaller values ({', '.join(smaller)})" if smaller else ""))
 
