@@ -122,6 +122,55 @@ def test_op_counts_include_the_backward_pass(rule):
 
 
 @pytest.mark.train
+def test_op_count_is_a_training_forward_without_the_fast_weight_norm_its_loss_and_backward():
+    """count_ops counts what an explicit training pass launches, written out here: the forward pass as training
+    runs it (fast_norm=False: the norm of F_t is a diagnostic, computed only in evaluation), the loss, its backward."""
+    torch.manual_seed(0)
+    model = PlasticGPT(Config(d_in=2, d_out=2, max_len=16, rule="hebbian", n_layer=2, n_head=2, d_model=16))
+    batch = types.SimpleNamespace(x=torch.randn(2, 4, 2), images=None, context=None)
+    task = types.SimpleNamespace(loss=lambda out, batch: out.pow(2).mean())
+    counted = {}
+    for fast_norm in (False, True):
+        with bench.OpCounter() as ops:
+            out, _ = model(batch.x, fast_norm=fast_norm)
+            task.loss(out, batch).backward()
+        model.zero_grad(set_to_none=True)
+        counted[fast_norm] = dict(ops.counts)
+    assert counted[False] != counted[True], "setup: the fast-weight norm should add operations"
+    got = dict(bench.count_ops(model, task, batch).counts)
+    assert got == counted[False], f"count_ops should count a training pass (fast_norm=False): {got} != {counted[False]}"
+
+
+@pytest.mark.train
+def test_op_count_with_amp_counts_the_forward_pass_under_autocast(monkeypatch):
+    """count_ops(amp=True) runs the forward pass under train.autocast, as training does: with CPU bfloat16 autocast
+    standing in for CUDA's (train.autocast is a no-op on a CPU), the casts to bfloat16 are counted, and without amp none."""
+    monkeypatch.setattr(bench, "autocast", lambda amp, device: torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp))
+    torch.manual_seed(0)
+    model = PlasticGPT(Config(d_in=2, d_out=2, max_len=16, rule="none", n_layer=1, n_head=2, d_model=16))
+    batch = types.SimpleNamespace(x=torch.randn(2, 4, 2), images=None, context=None)
+    task = types.SimpleNamespace(loss=lambda out, batch: out.pow(2).mean())
+    casts = {amp: bench.count_ops(model, task, batch, amp).counts["_to_copy"] for amp in (False, True)}
+    assert casts[False] == 0 and casts[True] > 0, f"casts to bfloat16 counted without and with amp: {casts}"
+
+
+@pytest.mark.train
+def test_bench_rows_count_ops_with_the_runs_amp_and_report_its_test_episodes(tmp_path, monkeypatch):
+    """With --amp, bench() counts the operations under autocast as training runs them (a no-op on a CPU, so
+    count_ops' argument is recorded), and each row's test_episodes is the final test's 8, not validation's 4."""
+    amps, count_ops = [], bench.count_ops
+
+    def recorded(model, task, batch, amp=False):
+        amps.append(amp)
+        return count_ops(model, task, batch, amp)
+    monkeypatch.setattr(bench, "count_ops", recorded)
+    rows = bench.bench(tiny(tmp_path, batch_size=4, amp=True, eval_episodes=4, test_episodes=8), timed_steps=1)
+    assert amps == [True] * len(train.RULES), f"every rule's operations should be counted with --amp, got {amps}"
+    assert [r["test_episodes"] for r in rows] == [8] * len(train.RULES), \
+        f"each row should report the final test's 8 episodes, got {[r['test_episodes'] for r in rows]}"
+
+
+@pytest.mark.train
 def test_bench_refuses_a_step_that_cannot_fit_and_an_out_of_memory_is_one_sentence(tmp_path, monkeypatch, capsys):
     """--bench checks memory as a run does; memory running out anyway ends in one sentence and exit code 2."""
     monkeypatch.setattr(train.memory, "free_bytes", lambda device: 1000)

@@ -1316,6 +1316,61 @@ def test_memory_leaves_out_what_an_inner_backward_pass_saved_and_dropped():
 
 
 @pytest.mark.model
+def test_memory_leaves_out_a_parameter_autograd_keeps():
+    """Linear, GELU, linear: the second layer's input needs a gradient, so autograd keeps its weight (a parameter,
+    left out) beside x (2, 5, 3), GELU's input (2, 5, 4) and the second layer's input (2, 5, 4): 880 bytes."""
+    class LinearGeluLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(3, 4, dtype=torch.float64)
+            self.fc2 = torch.nn.Linear(4, 2, dtype=torch.float64)
+
+        def forward(self, x, images=None, fast_norm=False, context=None):
+            return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+    kept = memory.saved_bytes(LinearGeluLinear(), SimpleNamespace(x=random_tokens(B=2, T=5), images=None, context=None))
+    assert kept == (2 * 5 * 3 + 2 * 5 * 4 + 2 * 5 * 4) * 8, f"expected 880 bytes (fc2's weight is a parameter, not counted), counted {kept}"
+
+
+@pytest.mark.model
+def test_memory_counts_the_whole_storage_behind_a_kept_view():
+    """pow keeps its input, here a (2, 1, 4) slice of the layer's (2, 5, 4) output: the slice keeps all 40 values
+    alive, so 30 (x) + 40 float64 values, 560 bytes, not 30 + 8."""
+    class LinearSliceCube(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 4, dtype=torch.float64)
+
+        def forward(self, x, images=None, fast_norm=False, context=None):
+            return self.fc(x)[:, :1].pow(3)
+
+    kept = memory.saved_bytes(LinearSliceCube(), SimpleNamespace(x=random_tokens(B=2, T=5), images=None, context=None))
+    assert kept == (2 * 5 * 3 + 2 * 5 * 4) * 8, f"expected 560 bytes (the slice's whole storage), counted {kept}"
+
+
+@pytest.mark.model
+def test_memory_runs_the_forward_pass_as_training_does_whatever_the_callers_grad_mode():
+    """saved_bytes runs the forward pass with gradients on, even when called under torch.no_grad() (where autograd
+    would keep nothing and any batch would seem to fit), and without the fast-weight norm (fast_norm=False), as a
+    training step does: a linear layer then GELU keeps its 560 bytes."""
+    calls = []
+
+    class LinearGelu(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 4, dtype=torch.float64)
+
+        def forward(self, x, images=None, fast_norm=True, context=None):
+            calls.append(dict(grad=torch.is_grad_enabled(), fast_norm=fast_norm))
+            return torch.nn.functional.gelu(self.fc(x))
+
+    with torch.no_grad():
+        kept = memory.saved_bytes(LinearGelu(), SimpleNamespace(x=random_tokens(B=2, T=5), images=None, context=None))
+    assert calls == [dict(grad=True, fast_norm=False)], f"the forward pass should run as in training, ran {calls}"
+    assert kept == 560, f"under torch.no_grad() the 560 bytes a training step keeps should still count, counted {kept}"
+
+
+@pytest.mark.model
 def test_a_step_is_estimated_at_twice_the_batch_of_one_sequence_plus_four_copies_of_the_parameters():
     """step_bytes = 2 (BACKWARD, as measured on an H100) x batch x one sequence's saved bytes + parameters,
     gradients and AdamW's two moments (4 x 4 bytes per float32 parameter)."""
@@ -1342,11 +1397,30 @@ def test_free_memory_on_linux_is_memavailable_in_bytes(monkeypatch):
 
 
 @pytest.mark.model
+def test_free_memory_is_unknown_without_proc_meminfo(monkeypatch):
+    """On a CPU without /proc/meminfo (macOS, Windows) the free memory is unknown, None, so that no run is refused,
+    rather than 0, which would refuse every run."""
+    monkeypatch.setattr(memory.os.path, "exists", lambda path: False)
+    got = memory.free_bytes(torch.device("cpu"))
+    assert got is None, f"free memory without /proc/meminfo should be None (unknown), got {got}"
+
+
+@pytest.mark.model
+def test_free_memory_on_a_gpu_is_its_free_memory_not_its_total(monkeypatch):
+    """torch.cuda.mem_get_info gives (free, total) bytes; what a run can still take is the free part."""
+    monkeypatch.setattr(memory.torch.cuda, "mem_get_info", lambda device: (3 * 2**30, 141 * 2**30))
+    got = memory.free_bytes(torch.device("cuda", 0))
+    assert got == 3 * 2**30, f"3 GiB of 141 GiB free should read {3 * 2**30} bytes, got {got}"
+
+
+@pytest.mark.model
 def test_out_of_memory_errors_are_told_from_other_errors():
     assert memory.is_out_of_memory(MemoryError()), "Python's MemoryError is running out of memory"
     assert memory.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory."))
     assert memory.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes."))
     assert not memory.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")), "a bug is not memory"
+    assert not memory.is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered")), \
+        "an illegal memory access is a bug, not memory running out"
 
 
 @pytest.mark.hebbian

@@ -107,6 +107,19 @@ def test_training_images_are_augmented_as_training_episodes_are(offline, monkeyp
     assert calls == [("train", generator)], f"training images should be prepared as training episodes, got {calls}"
 
 
+def test_training_images_come_from_the_runs_generator_alone(offline):
+    """Two generators of one seed draw the same images and classes, whatever state the global RNG is in: every
+    draw (class, image, augmentation) takes the generator passed in."""
+    task = train.load_task(TaskConfig(name="cifar_fs", way=3))
+    draws = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        draws.append(pretrain.sample_images(task, 64, "cpu", torch.Generator().manual_seed(0)))
+    (images, classes), (images_again, classes_again) = draws
+    assert torch.equal(classes, classes_again), "the classes drawn should depend on the generator alone, not the global RNG"
+    assert torch.equal(images, images_again), "the images drawn should depend on the generator alone, not the global RNG"
+
+
 # ----------------------------------------------------------------------------------------------
 # The run: what it learns, what it writes, and the episodes it is tested on
 
@@ -150,6 +163,28 @@ def test_it_is_tested_on_the_episodes_a_train_py_run_of_the_seed_is_tested_on(tm
     assert (results["episodes_md5"], results["inputs_md5"]) == (model_results["episodes_md5"], model_results["inputs_md5"]), \
         "the test episodes should be train.py's of the same seed"
     assert len(results["by_episode"]) == model_results["test_episodes"] == 6
+
+
+def test_results_json_holds_the_episodes_settings_and_the_confidence_interval(tmp_path, offline):
+    """results.json on disk is what pretrain() returns: the episodes' way, shot and query (--query unset: the
+    task's default, 1), the 6 test episodes (not the 4 of validation), test_ci95 = 1.96 * std / sqrt(n) of
+    by_episode (recomputed here in float64), the run's folder and its config.json."""
+    results = pretrain.pretrain(tiny(tmp_path))
+    run_dir = tmp_path / "pretrain-cifar_fs"
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results)), \
+        f"results.json should hold what pretrain() returns; differs in {[k for k in results if on_disk.get(k) != results[k]]}"
+    settings = {key: on_disk[key] for key in ("task", "rule", "way", "shot", "query", "metric", "test_episodes")}
+    want = dict(task="cifar_fs", rule="prototypes", way=3, shot=1, query=1, metric="accuracy", test_episodes=6)
+    assert settings == want, f"results.json should record the test episodes' settings {want}, got {settings}"
+    values = [float(v) for v in on_disk["by_episode"]]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    assert std > 0, "setup: the 6 test episodes should not all score the same"
+    assert on_disk["test_ci95"] == pytest.approx(1.96 * std / math.sqrt(len(values)), abs=1e-5), \
+        f"test_ci95 {on_disk['test_ci95']} is not 1.96 * std / sqrt(6) = {1.96 * std / math.sqrt(len(values))} of by_episode"
+    assert on_disk["run_dir"] == str(run_dir), f"run_dir should be the run's folder {run_dir}, got {on_disk['run_dir']}"
+    assert on_disk["config"] == json.loads((run_dir / "config.json").read_text()), "results.json's config should be config.json's"
 
 
 def test_scores_are_best_pts_encoder_in_eval_mode_on_train_pys_seeded_episodes(tmp_path, offline):
@@ -245,6 +280,16 @@ def test_a_smoke_run_validates_and_tests_on_fewer_episodes_and_says_so(tmp_path,
     out = capsys.readouterr().out
     assert "a smoke run (under 100 steps)" in out and "(eval_episodes 100, test_episodes 100)" in out, out
     assert "not the protocol's 1000: --test-episodes 1000 for results to report" in out, out
+
+
+def test_default_episodes_are_a_train_py_runs_of_as_many_steps():
+    """Left at their defaults, pretrain.py (4,000 steps) validates and tests on as many episodes as a train.py run
+    (PROTOCOL_EPISODES: 500 and 1,000), of the same way and shot, so that report.py --paired pairs the two episode
+    by episode."""
+    pc, task = pretrain.resolve(PretrainConfig()), TaskConfig()
+    got = dict(eval_episodes=pc.eval_episodes, test_episodes=pc.test_episodes, way=pc.way, shot=pc.shot)
+    want = train.PROTOCOL_EPISODES | dict(way=task.way, shot=task.shot)
+    assert got == want, f"pretrain.py's default episodes should be train.py's {want}, got {got}"
 
 
 def test_each_logged_training_record_is_its_intervals_own(tmp_path, offline, monkeypatch):
@@ -365,6 +410,17 @@ def test_deterministic_holds_during_pretraining_is_recorded_and_undone_after(tmp
         "config.json should record --deterministic"
 
 
+def test_an_out_dir_that_cannot_hold_a_folder_is_refused_in_one_sentence(tmp_path, offline, capsys):
+    """--out-dir naming a file: exit code 2 and one sentence naming --out-dir, not a traceback; the file is left as it was."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    code = exit_code(["--out-dir", str(blocker), "--device", "cpu", "--way", "3", "--steps", "2", "--batch-size", "8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write the folder" in err and "--out-dir" in err and err.count("\n") == 1, \
+        f"an unwritable --out-dir should exit with 2 and one sentence, got exit {code}: {err!r}"
+    assert blocker.read_text() == "kept" and os.listdir(tmp_path) == ["a-file"], f"a refused run changed {os.listdir(tmp_path)}"
+
+
 def test_an_earlier_pretraining_is_kept_without_overwrite(tmp_path, offline, capsys):
     pretrain.pretrain(tiny(tmp_path))
     run_dir = tmp_path / "pretrain-cifar_fs"
@@ -376,6 +432,16 @@ def test_an_earlier_pretraining_is_kept_without_overwrite(tmp_path, offline, cap
     assert json.loads((run_dir / "config.json").read_text())["steps"] == 2, "--overwrite should replace the earlier run"
 
 
+def test_overwrite_removes_the_earlier_results_before_training(tmp_path, offline):
+    """--overwrite removes the earlier pre-training's files first: a new run that then diverges leaves no
+    results.json or best.pt of the old one beside its own config.json, for report.py or --init-encoder to take."""
+    pretrain.pretrain(tiny(tmp_path))
+    with pytest.raises(pretrain.Diverged):
+        pretrain.pretrain(tiny(tmp_path, steps=2, lr=1e30, overwrite=True))
+    left = sorted(os.listdir(tmp_path / "pretrain-cifar_fs"))
+    assert left == ["config.json", "log.jsonl"], f"a diverged --overwrite run should leave its own two files, left {left}"
+
+
 def test_memory_running_out_is_one_sentence_and_exit_code_2(tmp_path, offline, capsys, monkeypatch):
     def out_of_memory(*args):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 921600000000 bytes.")
@@ -384,6 +450,27 @@ def test_memory_running_out_is_one_sentence_and_exit_code_2(tmp_path, offline, c
     err = capsys.readouterr().err
     assert code == 2 and "the memory ran out" in err and "lower --batch-size (now 8)" in err and err.count("\n") == 1, \
         f"exit {code}, {err!r}"
+
+
+def test_an_error_other_than_memory_is_raised_not_called_memory(tmp_path, offline, capsys, monkeypatch):
+    """A RuntimeError that is a bug (a shape mismatch) reaches the traceback; only memory running out is one sentence."""
+    def shape_bug(*args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (16x72 and 64x8)")
+    monkeypatch.setattr(pretrain, "sample_images", shape_bug)
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes"):
+        exit_code(["--out-dir", str(tmp_path), "--device", "cpu", "--way", "3", "--steps", "2", "--batch-size", "8"])
+    assert "memory ran out" not in capsys.readouterr().err, "a shape bug should not be reported as memory running out"
+
+
+def test_ctrl_c_stops_with_exit_code_130_in_one_sentence(tmp_path, offline, capsys, monkeypatch):
+    """Ctrl-C during the pre-training ends with the shell's code for it, 130, and one line saying what best.pt holds."""
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pretrain, "sample_images", interrupted)
+    code = exit_code(["--out-dir", str(tmp_path), "--device", "cpu", "--way", "3", "--steps", "2", "--batch-size", "8"])
+    err = capsys.readouterr().err
+    assert code == 130 and "stopped by Ctrl-C" in err and "best.pt" in err and err.count("\n") == 1, \
+        f"Ctrl-C should exit with 130 and one sentence, got exit {code}: {err!r}"
 
 
 def test_a_diverging_loss_stops_naming_the_step_and_the_fix(tmp_path, offline, capsys):
