@@ -154,7 +154,8 @@ def retest(rc: RetestConfig) -> dict:
     try:
         best = torch.load(os.path.join(rc.run, "best.pt"), map_location="cpu", weights_only=True)
         model.load_state_dict(best["model"])
-    except Exception as err:  # a truncated file, or weights of another model
+        best_step = best["step"]
+    except Exception as err:  # a truncated file, weights of another model, or no step (not one train.py wrote)
         raise UsageError(f"{rc.run}/best.pt is not a readable checkpoint of this run's model ({type(err).__name__}); "
                          "train the run again.") from err
     model.to(device)
@@ -168,7 +169,7 @@ def retest(rc: RetestConfig) -> dict:
     seconds = time.perf_counter() - started
     summary, line = summarise_test(values, trace, knocked, fingerprint, task)
     results = dict(run=rc.run, task=task.name, rule=model_cfg.rule, way=way, shot=shot,
-                   query=query, train_way=task.ways["train"], seed=tc.seed, best_step=best["step"], metric=task.metric_name,
+                   query=query, train_way=task.ways["train"], seed=tc.seed, best_step=best_step, metric=task.metric_name,
                    **summary, device=device_name(device), seconds=seconds)
     queries = "1 query" if query == 1 else f"{query} queries"
     print(f"{task.name} {way}-way {shot}-shot, {queries} per class, rule "

@@ -102,6 +102,8 @@ def test_the_way_goes_up_to_the_classes_of_the_training_episodes(tmp_path, offli
         f"the 4-way retest's accuracy per position {four['by_position']} is not train.evaluate's {by_position}"
     with pytest.raises(train.UsageError, match="labels name at most 4; test --way 4 or fewer"):
         retest.retest(retest.RetestConfig(run=str(run_dir), way=5, device="cpu"))
+    with pytest.raises(train.UsageError, match="^way = 1 must be at least 2"):  # the asked way's fault, not config.json's
+        retest.retest(retest.RetestConfig(run=str(run_dir), way=1, device="cpu"))
 
 
 def test_a_run_trained_at_fewer_shots_is_chosen_and_tested_at_its_shot(tmp_path, offline):
@@ -124,15 +126,20 @@ def test_a_run_trained_at_fewer_shots_is_chosen_and_tested_at_its_shot(tmp_path,
 def test_cli_refuses_bad_runs_and_numbers_with_exit_code_2_and_one_sentence(tmp_path, offline, capsys):
     train.train(tiny(tmp_path, "copy", "none"))
     (tmp_path / "empty").mkdir()
-    for name, config in (("damaged", "{not json"), ("other", "{}")):
+    for name, config in (("damaged", "{not json"), ("other", "{}"),
+                         ("nameless", '{"train": {}, "model": {}, "task": {}}')):  # a task without its name
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(config)
         (tmp_path / name / "best.pt").write_bytes(b"")
+    (tmp_path / "unvalidated").mkdir()  # stopped before its first validation: config.json, no best.pt
+    (tmp_path / "unvalidated" / "config.json").write_text((tmp_path / "copy-none" / "config.json").read_text())
     for argv, message in [([str(tmp_path / "empty")], "holds no config.json"),
                           ([str(tmp_path / "nowhere")], f"there is no {tmp_path / 'nowhere'}; give a run folder"),
                           ([str(tmp_path / "copy-none" / "results.json")], "copy-none/results.json is a file; give the run folder that train.py wrote"),
                           ([str(tmp_path / "damaged")], "config.json is not readable JSON"),
                           ([str(tmp_path / "other")], "config.json is not a train.py run's config"),
+                          ([str(tmp_path / "nameless")], "config.json is not a train.py run's config"),
+                          ([str(tmp_path / "unvalidated")], "unvalidated holds no best.pt; give a run folder"),
                           ([str(tmp_path / "copy-none")], "is a copy run; retest.py retests few-shot runs"),
                           ([str(tmp_path / "copy-none"), "--shot", "0"], "--shot must be a number above 0, not 0")]:
         assert retest.main(argv + ["--device", "cpu"]) == 2, f"{argv} should exit with code 2"
@@ -179,9 +186,12 @@ def test_a_retest_of_other_episodes_is_never_replaced_silently(tmp_path, offline
         assert path.read_bytes() == kept, f"{options}: the refused retest should leave the file as it was"
     assert retest.main([str(run_dir), "--device", "cpu", "--seed", "5", "--overwrite"]) == 0, "--overwrite replaces it"
     assert json.loads(path.read_text())["seed"] == 5 and json.loads(path.read_text())["episodes_md5"] != first["episodes_md5"]
-    path.write_text("{not json")
-    assert retest.main([str(run_dir), "--device", "cpu"]) == 2, "an unreadable file is refused too"
-    assert "cannot read as a retest" in capsys.readouterr().err and path.read_text() == "{not json"
+    for unreadable in ("{not json", "[]"):  # not JSON; JSON, but not a retest's object
+        path.write_text(unreadable)
+        assert retest.main([str(run_dir), "--device", "cpu"]) == 2, f"an unreadable file ({unreadable}) is refused too"
+        err = capsys.readouterr().err
+        assert "cannot read as a retest" in err and path.read_text() == unreadable, \
+            f"{unreadable}: one sentence, the file untouched, got {err!r}"
     (run_dir / "best.pt").write_bytes((run_dir / "best.pt").read_bytes()[:1000])  # cut short
     assert retest.main([str(run_dir), "--device", "cpu", "--overwrite"]) == 2, "a damaged best.pt is refused"
     err = capsys.readouterr().err
@@ -204,11 +214,112 @@ def test_a_retest_records_the_seed_and_the_training_way_it_was_asked_for(tmp_pat
 
 def test_a_run_from_before_an_option_is_retested_as_it_ran(tmp_path, offline):
     """A config.json saved before isolate_queries existed is a run whose queries saw each other (report.OPTIONS_ADDED
-    says False, not today's default True): a retest at the run's own sizes gives its final test again."""
+    says False, not today's default True), and one saved before --amp trained without it: a retest at the run's own
+    sizes gives its final test again."""
     run_dir, results = trained(tmp_path, "hebbian", isolate_queries=False)
     config = json.loads((run_dir / "config.json").read_text())
-    del config["task"]["isolate_queries"]
+    del config["task"]["isolate_queries"], config["train"]["amp"]
     (run_dir / "config.json").write_text(json.dumps(config))
     again = retest.retest(retest.RetestConfig(run=str(run_dir), device="cpu"))
     for key in ("by_position", "by_episode", "knockout_by_episode", "inputs_md5"):
         assert again[key] == results[key], f"the retest's {key} {again[key]} is not the run's own {results[key]}"
+
+
+def test_a_retest_file_is_named_by_its_episodes_and_records_what_was_tested(tmp_path, offline):
+    """A 2-way 3-shot retest at 1 query with seed 1, of a run trained 4-way with seed 0 (every number another, so
+    none can stand for another): retest-2way-3shot-1query.json holds the run folder, its task, rule and metric, the
+    asked sizes and seed, the model's training way, the step of the best.pt tested, the device the test ran on by
+    name (never 'auto') and the seconds it took."""
+    run_dir, results = trained(tmp_path, "none", model=dict(positions=False), train_way=4)
+    retest.retest(retest.RetestConfig(run=str(run_dir), way=2, shot=3, query=1, seed=1, device="auto"))
+    path = run_dir / "retest-2way-3shot-1query.json"
+    assert path.is_file(), f"the retest should write {path.name}, wrote {[p.name for p in run_dir.glob('retest-*')]}"
+    saved = json.loads(path.read_text())
+    want = dict(run=str(run_dir), task="omniglot", rule="none", way=2, shot=3, query=1, train_way=4, seed=1,
+                best_step=results["best_step"], metric=results["metric"],
+                device=train.device_name(train.pick_device("auto")))
+    got = {key: saved.get(key) for key in want}
+    assert got == want, f"the retest file records {got}, not {want}"
+    assert isinstance(saved.get("seconds"), float) and saved["seconds"] > 0, \
+        f"the retest file should record the test's seconds, got {saved.get('seconds')!r}"
+
+
+def test_a_retest_prints_one_line_of_its_episodes_and_numbers(tmp_path, offline, capsys):
+    """One line: the task, the episodes' sizes (3 queries, plural), the rule, the test's mean and interval as
+    train.py prints them, and on fewer than the protocol's 1,000 episodes the note that says so."""
+    run_dir, _ = trained(tmp_path, "none", model=dict(positions=False))
+    capsys.readouterr()
+    again = retest.retest(retest.RetestConfig(run=str(run_dir), query=3, device="cpu"))
+    want = (f"omniglot 3-way 1-shot, 3 queries per class, rule none: test accuracy {again['test_mean']:.4g} ± "
+            f"{again['test_ci95']:.2g} over 8 episodes (not the protocol's 1000: --test-episodes 1000 for results to "
+            f"report)\n")
+    out = capsys.readouterr().out
+    assert out == want, f"the retest printed {out!r}, not {want!r}"
+
+
+def test_a_retest_of_other_episodes_is_refused_before_it_tests_anything(tmp_path, offline, monkeypatch):
+    """retest() refuses to replace a retest file of other episodes unless told to (RetestConfig's overwrite is
+    off, as the command line's --overwrite), and refuses before the test: another seed's quick check scores no
+    episode and leaves the file as it was."""
+    run_dir, _ = trained(tmp_path, "none")
+    retest.retest(retest.RetestConfig(run=str(run_dir), device="cpu"))
+    kept = (run_dir / "retest-3way-1shot-1query.json").read_bytes()
+    evaluated, evaluate = [], train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: evaluated.append(args[2]) or evaluate(*args, **kwargs))
+    with pytest.raises(train.UsageError, match="holds a retest of other episodes"):
+        retest.retest(retest.RetestConfig(run=str(run_dir), seed=5, device="cpu"))
+    assert not evaluated, f"the refused retest evaluated {len(evaluated)} times before it refused"
+    assert (run_dir / "retest-3way-1shot-1query.json").read_bytes() == kept, "the refused retest changed the file"
+
+
+def test_a_retest_runs_the_batch_it_is_given_on_the_runs_own_episodes(tmp_path, offline, monkeypatch):
+    """--batch-size 3 for a run trained at 4: the 8 test episodes go through the model 3, 3 and 2 at a time, and
+    each scores as in the run's final test (the episodes are drawn whatever the batch)."""
+    run_dir, results = trained(tmp_path, "none")
+    passes, forward = [], PlasticGPT.forward
+    monkeypatch.setattr(PlasticGPT, "forward",  # each pass's episodes: x is (B, T, ...)
+                        lambda self, x, *args, **kwargs: passes.append(x.shape[0]) or forward(self, x, *args, **kwargs))
+    again = retest.retest(retest.RetestConfig(run=str(run_dir), batch_size=3, device="cpu"))
+    assert passes == [3, 3, 2], f"8 episodes at --batch-size 3 should pass 3, 3 and 2 at a time, passed {passes}"
+    assert again["by_episode"] == results["by_episode"], \
+        f"the episodes' scores {again['by_episode']} are not the final test's {results['by_episode']}"
+
+
+def test_a_retest_reads_the_images_from_the_data_dir_it_is_given(tmp_path, offline, monkeypatch):
+    """--data-dir, for data moved since the run trained: the task is loaded from the folder given, not from the
+    one the run's config.json names (here none)."""
+    run_dir, _ = trained(tmp_path, "none")
+    loaded = []
+    monkeypatch.setattr(train, "make_task_from_config", lambda cfg: loaded.append(cfg.data_dir) or synthetic_few_shot(cfg))
+    retest.retest(retest.RetestConfig(run=str(run_dir), data_dir=str(tmp_path / "moved"), device="cpu"))
+    assert loaded == [str(tmp_path / "moved")], f"the task should be loaded once from {tmp_path / 'moved'}, was from {loaded}"
+
+
+@pytest.mark.cli
+def test_a_retest_file_that_cannot_be_written_is_one_sentence_after_the_printed_numbers(tmp_path, offline, capsys):
+    """A folder where retest-*.json would go, with --overwrite (so it is not refused as unreadable first): the
+    numbers are printed, then one sentence says the file cannot be written, and the exit code is 2."""
+    run_dir, _ = trained(tmp_path, "none")
+    (run_dir / "retest-3way-1shot-1query.json").mkdir()
+    capsys.readouterr()
+    assert retest.main([str(run_dir), "--device", "cpu", "--overwrite"]) == 2, "an unwritable file should exit with code 2"
+    out, err = capsys.readouterr()
+    assert "cannot write" in err and "retest-3way-1shot-1query.json" in err and err.count("\n") == 1 \
+        and "Traceback" not in err, f"one sentence naming the file, got {err!r}"
+    assert out.startswith("omniglot 3-way 1-shot, 1 query per class, rule none: test accuracy"), \
+        f"the numbers should be printed before the refusal, got {out!r}"
+    assert not list(run_dir.glob("*.tmp")), f"the failed write left {[p.name for p in run_dir.glob('*.tmp')]} in the run folder"
+
+
+def test_a_best_pt_that_would_unpickle_more_than_weights_is_refused(tmp_path, offline):
+    """best.pt is read as plain data and tensors (weights_only): one that also holds an object unpickling would
+    build by running code the file names (here a dataclass) is refused in one sentence, not loaded; so is one of
+    the model's weights without the step train.py records, before any episode is tested."""
+    run_dir, _ = trained(tmp_path, "none")
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    torch.save(best | dict(config=Config()), run_dir / "best.pt")
+    with pytest.raises(train.UsageError, match="best.pt is not a readable checkpoint of this run's model \\(UnpicklingError\\)"):
+        retest.retest(retest.RetestConfig(run=str(run_dir), device="cpu"))
+    torch.save(dict(model=best["model"]), run_dir / "best.pt")  # weights, but no step: not a checkpoint train.py wrote
+    with pytest.raises(train.UsageError, match="best.pt is not a readable checkpoint of this run's model \\(KeyError\\)"):
+        retest.retest(retest.RetestConfig(run=str(run_dir), device="cpu"))

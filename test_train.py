@@ -231,6 +231,23 @@ def test_the_rules_own_rate_is_written_into_the_config():
 # Checkpoints, resume, divergence
 
 
+def test_a_failed_write_keeps_the_file_it_would_replace_and_leaves_no_tmp(tmp_path):
+    """write_json and save_checkpoint write a .tmp and rename it: a write that fails midway (an object JSON
+    cannot hold, a state torch cannot pickle) leaves the earlier file whole and no .tmp beside it."""
+    path = tmp_path / "results.json"
+    train.write_json(str(path), dict(test_mean=0.5))
+    with pytest.raises(TypeError):
+        train.write_json(str(path), dict(test_mean=0.9, model=object()))  # fails after '{"test_mean": 0.9, '
+    assert json.loads(path.read_text()) == dict(test_mean=0.5), "a failed write should leave the earlier file whole"
+    checkpoint = tmp_path / "best.pt"
+    train.save_checkpoint(str(checkpoint), dict(step=1))
+    with pytest.raises(Exception):
+        train.save_checkpoint(str(checkpoint), dict(step=2, hook=lambda: None))  # a lambda cannot be pickled
+    assert torch.load(checkpoint, weights_only=True) == dict(step=1), "a failed save should leave the earlier checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "results.json"], \
+        f"a failed write should leave no .tmp: {sorted(p.name for p in tmp_path.iterdir())}"
+
+
 class Interrupted(Exception):
     pass
 

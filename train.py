@@ -493,15 +493,27 @@ def autocast(amp: bool, device: torch.device):
 # Files: atomic writes, checkpoints (plain dicts and tensors, so they load with weights_only=True)
 
 
+def write_whole(path: str, write) -> None:
+    """write(path + ".tmp"), then rename it onto path: a crash mid-write never leaves half a file at path, and a
+    write or rename that fails leaves no .tmp behind in the run's folder."""
+    try:
+        write(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise
+
+
 def write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    write_whole(path, write)
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a half-written checkpoint
+    write_whole(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str) -> dict:
