@@ -100,21 +100,20 @@ class TaskConfig:
         for name in ("seq_len", "dim", "n_train", "n_test", "x_dim", "mlp_hidden", "n_cues",
                      "cue_dim", "shot", "query"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} = {getattr(self, name)} must be at least 1.")
-        if self.delay < 0:
-            raise ValueError(f"delay = {self.delay} must be 0 or more.")
+                raise ValueError(f"{option_flag(name, getattr(self, name))} must be at least 1.")
+        for name in ("delay", "noise", "cue_noise"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{option_flag(name, getattr(self, name))} must be 0 or more.")
         if self.trial_len < 2:
-            raise ValueError(f"trial_len = {self.trial_len} must be at least 2 (a half to learn, a half to recall).")
-        if self.noise < 0 or self.cue_noise < 0:
-            raise ValueError(f"noise = {self.noise} and cue_noise = {self.cue_noise} must not be negative.")
+            raise ValueError(f"{option_flag('trial_len', self.trial_len)} must be at least 2 (a half to learn, a half to recall).")
         if self.mode not in ("linear", "mlp"):
             raise ValueError(f"unknown regression mode {self.mode!r}; choose linear or mlp.")
         if self.way < 2:
-            raise ValueError(f"way = {self.way} must be at least 2 (one class is no classification).")
+            raise ValueError(f"{option_flag('way', self.way)} must be at least 2 (one class is no classification).")
         if self.train_shot is not None and self.train_shot < 1:
-            raise ValueError(f"train_shot = {self.train_shot} must be at least 1 (or none, the same as shot).")
+            raise ValueError(f"{option_flag('train_shot', self.train_shot)} must be at least 1 (or left out: the same as --shot).")
         if self.train_way is not None and self.train_way < self.way:
-            raise ValueError(f"train_way = {self.train_way} must be at least way = {self.way} (or none, the same).")
+            raise ValueError(f"{option_flag('train_way', self.train_way)} must be at least {option_flag('way', self.way)} (or left out: the same).")
         if self.train_on_val and self.name not in FEW_SHOT:
             raise ValueError(f"train_on_val adds the validation classes of a few-shot task to its training classes, "
                              f"and {self.name} has none; drop --train-on-val.")
@@ -124,12 +123,12 @@ class TaskConfig:
             raise ValueError(f"--split {self.omniglot_split} chooses Omniglot's classes and does nothing for "
                              f"{self.name}; drop --split.")
         if not 0 <= self.jitter <= 1:
-            raise ValueError(f"jitter = {self.jitter} must be between 0 (no colour jitter) and 1.")
+            raise ValueError(f"{option_flag('jitter', self.jitter)} must be between 0 (no colour jitter) and 1.")
         if self.jitter and self.name != "cifar_fs":
-            raise ValueError(f"jitter = {self.jitter} changes colours, and only cifar_fs has them; "
+            raise ValueError(f"{option_flag('jitter', self.jitter)} changes colours, and only cifar_fs has them; "
                              f"drop --jitter for {self.name}.")
         if self.jitter and not self.augment:
-            raise ValueError(f"jitter = {self.jitter} is part of the training images' augmentation, which --no-augment "
+            raise ValueError(f"{option_flag('jitter', self.jitter)} is part of the training images' augmentation, which --no-augment "
                              f"turns off; drop one of them.")
         default = {f.name: f.default for f in fields(self)}
         for owners, names in TASK_OPTIONS.items():
@@ -371,7 +370,7 @@ class FewShot(Task):
                                  f"per {cfg.name} class; lower --{option.replace('_', '-')} or --query.")
             if self.ways[split] > images.shape[0]:
                 option = "train_way" if split == "train" and cfg.train_way else "way"
-                raise ValueError(f"{option} = {self.ways[split]} exceeds the {images.shape[0]} classes of the "
+                raise ValueError(f"{option_flag(option, self.ways[split])} exceeds the {images.shape[0]} classes of the "
                                  f"{cfg.name} {split} split; lower --{option.replace('_', '-')}.")
         self.splits, self.class_names = splits, class_names
         self.image_shape = tuple(splits["train"].shape[2:])

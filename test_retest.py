@@ -102,7 +102,7 @@ def test_the_way_goes_up_to_the_classes_of_the_training_episodes(tmp_path, offli
         f"the 4-way retest's accuracy per position {four['by_position']} is not train.evaluate's {by_position}"
     with pytest.raises(train.UsageError, match="labels name at most 4; test --way 4 or fewer"):
         retest.retest(retest.RetestConfig(run=str(run_dir), way=5, device="cpu"))
-    with pytest.raises(train.UsageError, match="^way = 1 must be at least 2"):  # the asked way's fault, not config.json's
+    with pytest.raises(train.UsageError, match="^--way 1 must be at least 2"):  # the asked way's fault, not config.json's
         retest.retest(retest.RetestConfig(run=str(run_dir), way=1, device="cpu"))
 
 

@@ -429,18 +429,18 @@ def test_loss_and_metric_count_only_masked_positions():
 @pytest.mark.parametrize("name, options, fragment", [
     ("sudoku", {}, "unknown task"),
     ("copy", {"lenght": 3}, "unknown task option 'lenght'"),
-    ("copy", {"seq_len": 0}, "seq_len"),
-    ("copy", {"delay": -1}, "delay"),
+    ("copy", {"seq_len": 0}, "--seq-len 0 must be at least 1"),
+    ("copy", {"delay": -1}, "--delay -1 must be 0 or more"),
     ("regression", {"mode": "cubic"}, "mode"),
-    ("regression", {"noise": -0.1}, "noise"),
-    ("cue_reward", {"trial_len": 1}, "trial_len"),
-    ("cue_reward", {"cue_noise": -0.1}, "cue_noise = -0.1 must not be negative"),
-    ("omniglot", {"shot": 0}, "shot = 0 must be at least 1"),
-    ("omniglot", {"query": 0}, "query = 0 must be at least 1"),
-    ("omniglot", {"way": 1}, "way"),
-    ("omniglot", {"way": 5, "train_way": 4}, "train_way = 4 must be at least way = 5"),
-    ("omniglot", {"train_shot": 0}, "train_shot = 0 must be at least 1"),
-    ("cifar_fs", {"jitter": 1.5}, "jitter = 1.5 must be between 0"),
+    ("regression", {"noise": -0.1}, "--noise -0.1 must be 0 or more"),
+    ("cue_reward", {"trial_len": 1}, "--trial-len 1 must be at least 2"),
+    ("cue_reward", {"cue_noise": -0.1}, "--cue-noise -0.1 must be 0 or more"),
+    ("omniglot", {"shot": 0}, "--shot 0 must be at least 1"),
+    ("omniglot", {"query": 0}, "--query 0 must be at least 1"),
+    ("omniglot", {"way": 1}, "--way 1 must be at least 2"),
+    ("omniglot", {"way": 5, "train_way": 4}, "--train-way 4 must be at least --way 5"),
+    ("omniglot", {"train_shot": 0}, "--train-shot 0 must be at least 1"),
+    ("cifar_fs", {"jitter": 1.5}, "--jitter 1.5 must be between 0"),
     ("omniglot", {"jitter": 0.4}, "only cifar_fs has them; drop --jitter for omniglot"),
     ("cifar_fs", {"jitter": 0.4, "augment": False}, "--no-augment turns off; drop one of them"),
 ])
@@ -460,7 +460,7 @@ def test_impossible_episodes_name_the_fix():
         make_task("copy").sample(2, "validation")
     with pytest.raises(ValueError, match="batch_size = 0 must be at least 1"):
         coded_task().sample(0)
-    with pytest.raises(ValueError, match="train_way = 8 exceeds the 7 classes of the omniglot train split; lower --train-way"):
+    with pytest.raises(ValueError, match="--train-way 8 exceeds the 7 classes of the omniglot train split; lower --train-way"):
         coded_task(way=3, train_way=8)
     with pytest.raises(ValueError, match=r"train_shot \+ query = 7 exceeds the 6 images per omniglot class; lower --train-shot"):
         coded_task(way=2, shot=1, query=3, train_shot=4)

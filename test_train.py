@@ -1195,8 +1195,8 @@ def test_cli_rejects_bad_arguments_with_exit_code_2(capsys, argv, message):
 @pytest.mark.cli
 @pytest.mark.parametrize("argv, message", [
     ("--task omniglot --shot 3 --query 2 --train-way 5", "shot + query = 5 exceeds"),
-    ("--task omniglot --way 6 --train-way 6", "way = 6 exceeds the 4 classes of the omniglot val split; lower --way."),
-    ("--task omniglot", "train_way = 10 exceeds the 8 classes of the omniglot train split; lower --train-way."),
+    ("--task omniglot --way 6 --train-way 6", "--way 6 exceeds the 4 classes of the omniglot val split; lower --way."),
+    ("--task omniglot", "--train-way 10 exceeds the 8 classes of the omniglot train split; lower --train-way."),
     ("--task copy --d-model 15 --n-head 2", "divisible by n_head (2): choose n_head (--n-head) from 1, 3, 5, 15, or another d_model (--d-model)."),
     ("--task copy --device cuda:7", "device 'cuda:7' was asked for but"),
     ("--task copy --device gpu", "unknown device 'gpu'"),
