@@ -45,7 +45,8 @@ TASK_OPTIONS = {
     ("copy",): ("seq_len", "delay", "dim"),
     ("regression",): ("n_train", "n_test", "x_dim", "mode", "mlp_hidden", "noise"),
     ("cue_reward",): ("n_cues", "cue_dim", "trial_len", "cue_noise"),
-    FEW_SHOT: ("way", "train_way", "shot", "train_shot", "query", "isolate_queries", "train_on_val", "augment", "jitter"),
+    FEW_SHOT: ("way", "train_way", "shot", "train_shot", "query", "isolate_queries", "train_on_val", "augment", "jitter",
+               "data_dir"),
     ("omniglot",): ("rotations", "omniglot_split"),
 }
 

@@ -443,6 +443,7 @@ def test_loss_and_metric_count_only_masked_positions():
     ("cifar_fs", {"jitter": 1.5}, "--jitter 1.5 must be between 0"),
     ("omniglot", {"jitter": 0.4}, "only cifar_fs has them; drop --jitter for omniglot"),
     ("cifar_fs", {"jitter": 0.4, "augment": False}, "--no-augment turns off; drop one of them"),
+    ("copy", {"data_dir": "data"}, r"--data-dir data does nothing for copy: only the few-shot tasks \(omniglot, cifar_fs\) read it"),
 ])
 def test_bad_options_raise_one_clear_sentence(name, options, fragment):
     with pytest.raises(ValueError, match=fragment):

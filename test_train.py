@@ -1107,10 +1107,10 @@ def test_results_json_holds_the_modulation_trace_of_modulation_csv(tmp_path):
 
 
 @pytest.mark.train
-def test_a_resume_may_find_the_data_in_another_folder(tmp_path):
+def test_a_resume_may_find_the_data_in_another_folder(tmp_path, offline):
     """--data-dir says where the files are, not what the run trains on: a resume from another folder is not refused."""
-    train.train(tiny(tmp_path, "copy", "none", steps=2))
-    cfg = tiny(tmp_path, "copy", "none", steps=2, resume=True)
+    train.train(tiny(tmp_path, "omniglot", "none", steps=2))
+    cfg = tiny(tmp_path, "omniglot", "none", steps=2, resume=True)
     cfg.task = dataclasses.replace(cfg.task, data_dir=str(tmp_path / "moved"))
     results = train.train(cfg)
     assert results["best_step"] == 2, f"the resumed run should finish as it was, got {results}"
@@ -1479,6 +1479,10 @@ def test_report_pairs_runs_tested_on_the_same_episodes(tmp_path, offline, capsys
                                             task=dataclasses.replace(cfg.task, train_way=4)))
     assert static["episodes_md5"] == plastic["episodes_md5"] == wider["episodes_md5"] != other["episodes_md5"], \
         "one seed's test episodes should be the same at any rule, batch and training way, another seed's not"
+    opening = [line for line in capsys.readouterr().out.splitlines() if " parameters, 4 steps of " in line]
+    assert [line.split(" on cpu")[0].split("episodes ")[-1] for line in opening] == \
+        ["(3-way 1-shot; validated and tested 3-way 1-shot)"] * 3 + ["(4-way 1-shot; validated and tested 3-way 1-shot)"], \
+        f"each run's first line should name its training and test episodes, whose chance levels differ: {opening}"
     assert len(plastic["by_episode"]) == 12 and np.mean(plastic["by_episode"]) == pytest.approx(plastic["test_mean"], abs=1e-6), \
         "by_episode should hold the 12 episodes whose mean is test_mean"
     runs = [str(tmp_path / folder / name) for folder, name in (("a", "omniglot-none"), ("b", "omniglot-hebbian"))]

@@ -1117,8 +1117,10 @@ def train_rule(cfg: RunConfig) -> dict:
     # kept, as the published figures that train on them test theirs.
     keep_last = cfg.task.train_on_val
     unit = sequence_unit(task)
+    sizes = (f" ({task.ways['train']}-way {task.shots['train']}-shot; validated and tested {task.ways['test']}-way "
+             f"{task.shots['test']}-shot)" if task.image_shape is not None else "")  # the training accuracy's chance differs
     print(f"{task.name}, rule {model_cfg.rule}: {model.num_params():,} parameters, {tc.steps} steps "
-          f"of {tc.batch_size} {unit} on {device_name(device)}; writing {run_dir}", flush=True)
+          f"of {tc.batch_size} {unit}{sizes} on {device_name(device)}; writing {run_dir}", flush=True)
     if note := smoke_note(tc):
         print(note)
 
