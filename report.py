@@ -219,6 +219,18 @@ def summary(results):
     return text, results[0]["params"], len(results), minutes, test
 
 
+def not_a_result(results) -> str:
+    """Why a cell's runs are no result, as train.py says when it runs them: a smoke run's steps (under 100), or
+    fewer test episodes than the protocol's 1,000; '' where the runs are neither (or kept no such record)."""
+    from train import PROTOCOL_EPISODES, SMOKE_RUN  # here, not above: train.py imports this module
+    configs = [r.get("config") if isinstance(r.get("config"), dict) else {} for r in results]
+    steps = [c.get("train", c).get("steps") for c in configs]  # train.py's config, or pretrain.py's flat one
+    steps = [n for n in steps if isinstance(n, int) and n < SMOKE_RUN["steps"]]
+    episodes = [r["test_episodes"] for r in results if r.get("test_episodes", math.inf) < PROTOCOL_EPISODES["test_episodes"]]
+    why = ([f"smoke run ({min(steps)} steps)"] if steps else []) + ([f"{min(episodes)} test episodes"] if episodes else [])
+    return f"; **{', '.join(why)}: not a result**" if why else ""
+
+
 def tables(runs):
     """Markdown: per experiment, a table per metric (train.py's default runs/ holds copy's MSE beside
     Omniglot's accuracy), a row per setting and task, a column per rule."""
@@ -247,7 +259,7 @@ def metric_table(runs, experiment, metric, keys, columns):
             results = runs[(experiment, setting, task, rule)]
             text, params, n, minutes, _ = summary(results)
             mixed = "; ".join(f"{name} {' and '.join(found)}" for name, found in differing_options(results).items())
-            cells.append(f"{text}; {params / 1e6:.2f}M; {n}; {minutes:.1f} min"
+            cells.append(f"{text}; {params / 1e6:.2f}M; {n}; {minutes:.1f} min" + not_a_result(results)
                          + (f"; **runs differ in {mixed}**" if mixed else ""))
         lines.append(f"| {setting} | {task} | " + " | ".join(cells) + " |")
     return lines

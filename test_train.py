@@ -1738,6 +1738,28 @@ def test_report_keeps_one_seeds_own_intervals_and_three_digits_of_mse(tmp_path):
 
 
 @pytest.mark.train
+def test_report_marks_smoke_runs_and_short_tests_as_no_result(tmp_path, capsys):
+    """A cell of runs under 100 steps, or tested on fewer than the protocol's 1,000 episodes, says so (as train.py
+    said when it ran them), whether train.py or pretrain.py wrote it; a run of the protocol says nothing more."""
+    import report
+    assert train.main(tiny_argv(tmp_path / "smoke", "--steps", "20", "--test-episodes", "100")) == 0
+    fields = dict(task="omniglot", metric="accuracy", test_mean=0.9, test_ci95=0.01, params=1000, train_time_s=60.0)
+    write_results(tmp_path / "protocol" / "omniglot-none", rule="none", test_episodes=1000,
+                  config=dict(train=dict(steps=8000)), **fields)
+    write_results(tmp_path / "fewer" / "omniglot-none", rule="none", test_episodes=200,
+                  config=dict(train=dict(steps=8000)), **fields)
+    write_results(tmp_path / "pretrain" / "pretrain-omniglot", rule="prototypes", test_episodes=1000,
+                  config=dict(steps=50), **fields)
+    capsys.readouterr()
+    table = report.tables(report.load_runs(str(tmp_path)))
+    for folder, mark in (("smoke", "**smoke run (20 steps), 100 test episodes: not a result**"),
+                         ("fewer", "**200 test episodes: not a result**"),
+                         ("pretrain", "**smoke run (50 steps): not a result**")):
+        assert mark in table.split(f"### {folder}")[1].split("###")[0], f"{folder}: expected {mark!r} in\n{table}"
+    assert "not a result" not in table.split("### protocol")[1].split("###")[0], f"a protocol run is a result:\n{table}"
+
+
+@pytest.mark.train
 def test_report_rows_are_named_by_the_whole_setting_and_retests_by_their_runs_setting(tmp_path):
     """results/<experiment>/<setting, any depth>/seed<k>/<task>-<rule>/: every folder between the experiment and
     the seed names the row ('a/x' and 'b/x' are two rows, not one of four seeds), a retest's row is its run's
