@@ -2181,6 +2181,22 @@ def test_cli_task_defaults_and_choices_are_in_help_and_fill_the_model():
 
 
 @pytest.mark.cli
+def test_default_config_from_python_runs_what_the_command_line_runs(monkeypatch):
+    """train.train(train.default_config(task, *options)) is what `python train.py --task <task> <options>` hands to
+    train(), with the task's model sizes, which RunConfig(task=TaskConfig(task)) does not take (it keeps
+    Config's own: d_model 128 for copy, whose command line gives 64)."""
+    options = ["--rule", "hebbian", "--steps", "200", "--seed", "3"]
+    handed = []
+    monkeypatch.setattr(train, "train", handed.append)
+    for task in ("copy", "omniglot"):  # a synthetic task and a few-shot one, each with model sizes of its own
+        assert train.main(["--task", task, *options]) == 0
+        assert train.default_config(task, *options) == handed[-1], f"{task}: default_config should be the command line's"
+    copy = train.default_config("copy").model
+    assert (copy.d_model, copy.n_layer, copy.decay) == (64, 2, 0.01) != (Config().d_model, Config().n_layer, Config().decay), \
+        "copy's own model sizes, not Config's field defaults"
+
+
+@pytest.mark.cli
 @pytest.mark.parametrize("option, value", [("--lr", "nan"), ("--lr", "-1"), ("--lr", "0"), ("--eta", "inf"),
                                            ("--decay", "-0.1"), ("--n-head", "0"), ("--dropout", "1.5"), ("--steps", "-5"),
                                            ("--encoder-lr-scale", "2"), ("--test-episodes", "1"), ("--eval-episodes", "1")])

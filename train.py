@@ -1400,6 +1400,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(**sections)
 
 
+def default_config(task: str, *options: str) -> RunConfig:
+    """The RunConfig that `python train.py --task <task> <options>` runs, with the task's own model and episode
+    defaults (RunConfig(task=TaskConfig(task)) takes Config's and TaskConfig's field defaults as given):
+    train(default_config("copy", "--steps", "200")) is that command from Python."""
+    return config_from_args(build_parser().parse_args(["--task", task, *options]))
+
+
 def resume_command(argv: list[str]) -> str:
     """The command that continues a stopped run: the same options, with --resume."""
     options = [a for a in argv if a != "--overwrite"]
