@@ -4,8 +4,9 @@
     python -m pytest test_tasks.py -m tasks      # one part: tasks | data | realdata
 
 Loader tests build tiny archives in the official layouts in a temporary folder. Real-data tests read
-$PLASTIC_DATA, else ../shared/data; their decoded cache goes to $PLASTIC_CACHE or ~/.cache/plastic
-when that folder is read-only, so only the first run decodes the archives.
+$PLASTIC_DATA, else ../shared/data where it exists, else ./data (where a run downloads); their decoded
+cache goes to $PLASTIC_CACHE or ~/.cache/plastic when that folder is read-only, so only the first run
+decodes the archives.
 """
 
 import gzip
@@ -30,7 +31,9 @@ from PIL import Image
 import tasks
 from tasks import SPLITS, FewShot, TaskConfig, make_task
 
-REAL_DATA = Path(os.environ.get("PLASTIC_DATA") or Path(__file__).resolve().parent.parent / "shared" / "data")
+HERE = Path(__file__).resolve().parent
+REAL_DATA = Path(os.environ.get("PLASTIC_DATA")  # else ../shared/data beside the clone, else ./data, where a run downloads
+                 or next((d for d in (HERE.parent / "shared" / "data", HERE / "data") if d.is_dir()), HERE / "data"))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
