@@ -1057,7 +1057,8 @@ def cpu_hint(tc: TrainConfig, model_cfg: Config, ms_per_step: float) -> str:
     smaller = "".join(f" --{k.replace('_', '-')} {v}" for k, v in CPU_HINT["model"].items()
                       if getattr(model_cfg, k) > v)
     return (f"hint: at this speed the {tc.steps} steps take about {format_time(tc.steps * ms_per_step / 1000)} on "
-            f"this CPU; --steps {steps}{smaller} takes 5 minutes or less (the task defaults are sized for a GPU)")
+            f"this CPU; --steps {steps}{smaller} trains in 5 minutes or less, before the validations and the final "
+            f"test (the task defaults are sized for a GPU)")
 
 
 def kept_note(keep_last: bool, is_best: bool) -> str:
