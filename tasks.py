@@ -646,7 +646,7 @@ def load_dataset(name, folder: Path, files: dict, decode) -> dict[str, np.ndarra
     for path, found in zip(archives, digests):                       # placed by hand: md5 reported, not required
         published = files[path.name][1]
         verdict = ("the published md5" if found == published else
-                   "not the published one, as expected of a re-packed copy: its contents are checked instead")
+                   "not the published one: a re-packed copy, or a damaged one; its contents are checked instead")
         print(f"decoding {path} (md5 {found}, {verdict})")
     arrays = decode(*archives)
     partial = cache.with_name(f"{cache.name}.{os.getpid()}.part")
