@@ -2393,6 +2393,24 @@ def test_report_reads_train_py_default_layout_and_has_help(tmp_path, capsys):
 
 
 @pytest.mark.train
+def test_the_learning_curve_labels_a_loss_within_one_decade_as_plain_numbers(tmp_path, monkeypatch):
+    """A training loss from 2.41 to 2.71 on the log axis: its ticks read 2.45, 2.5, ..., not 2.45x10^0."""
+    with open(tmp_path / "log.jsonl", "w") as log:
+        for step, loss in ((1, 2.41), (2, 2.55), (3, 2.71)):
+            log.write(json.dumps(dict(split="train", step=step, loss=loss, metric=0.1)) + "\n")
+        log.write(json.dumps(dict(split="val", step=3, metric=0.2, ci95=0.01)) + "\n")
+    labels = []
+
+    def saved(fig, path):
+        fig.canvas.draw()
+        labels.extend(t.get_text() for t in fig.axes[0].yaxis.get_ticklabels(minor=True) if t.get_text())
+    monkeypatch.setattr(train, "save_plot", saved)
+    train.plot_learning_curve(str(tmp_path), "accuracy", "omniglot, rule none")
+    assert "2.5" in labels and not [t for t in labels if "times" in t or "^" in t], \
+        f"the loss axis should read plain numbers, got {labels}"
+
+
+@pytest.mark.train
 def test_plots_are_saved_in_256_colours_that_match_matplotlibs_own_png(tmp_path):
     """report.save_plot (every plot train.py and report.py write): the figure at 100 dpi, as matplotlib's
     own PNG of it, in a palette of 256 colours, off by under a level of 255 on average (0.27 here), in fewer bytes."""

@@ -787,12 +787,15 @@ def plot_learning_curve(run_dir: str, metric_name: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     log = read_log(run_dir)
     train = [r for r in log if r["split"] == "train"]
     val = [r for r in log if r["split"] == "val"]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.5))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], marker=".")  # a marker: one point still shows
     ax_loss.set(xlabel="step", ylabel="training loss", yscale="log" if all(r["loss"] > 0 for r in train) else "linear")
+    if ax_loss.get_yscale() == "log":  # a loss within one decade is labelled at its minor ticks: 2.45, not 2.45x10^0
+        ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(minor_thresholds=(2, 0.4)))
     ax_metric.plot([r["step"] for r in train], [r["metric"] for r in train], marker=".", label="train", alpha=0.6)
     ax_metric.errorbar([r["step"] for r in val], [r["metric"] for r in val], [r["ci95"] for r in val],
                        marker="o", label="validation")
@@ -1207,7 +1210,7 @@ def train_rule(cfg: RunConfig) -> dict:
         results = dict(task=task.name, rule=model_cfg.rule, params=model.num_params(), metric=task.metric_name,
                        **final_test(model, task, tc, device, run_dir), best_step=best["step"], best_val=best["value"],
                        train_time_s=train_time, device=device_name(device), run_dir=run_dir, config=config)
-        plot_learning_curve(run_dir, task.metric_name, f"{task.name}, rule {model_cfg.rule}")
+        plot_learning_curve(run_dir, task.metric_name, f"{task.name}, rule {model_cfg.rule}{sizes}")
         write_json(os.path.join(run_dir, "results.json"), results)
     return results
 
