@@ -107,16 +107,23 @@ def test_op_counter_counts_every_forward_and_backward_operation():
     assert both.computing >= 7, f"at least mm x3, mul x3 and sum are not views, got {both.computing}"
 
 
+def tiny_step(rule):
+    """What count_ops counts in the tests below: a tiny model of the rule, a task whose loss is the outputs'
+    mean square, and a batch of 2 sequences of 4 tokens."""
+    torch.manual_seed(0)
+    model = PlasticGPT(Config(d_in=2, d_out=2, max_len=16, rule=rule, n_layer=2, n_head=2, d_model=16))
+    task = types.SimpleNamespace(loss=lambda out, batch: out.pow(2).mean())
+    return model, task, types.SimpleNamespace(x=torch.randn(2, 4, 2), images=None, context=None)
+
+
 @pytest.mark.train
 @pytest.mark.parametrize("rule", train.RULES)
 def test_op_counts_include_the_backward_pass(rule):
     """count_ops counts a training step's backward pass too: GELU's backward, and more mms than the forward."""
-    torch.manual_seed(0)
-    model = PlasticGPT(Config(d_in=2, d_out=2, max_len=16, rule=rule, n_layer=2, n_head=2, d_model=16))
-    batch = types.SimpleNamespace(x=torch.randn(2, 4, 2), images=None, context=None)
+    model, task, batch = tiny_step(rule)
     with bench.OpCounter() as forward:
         model(batch.x, fast_norm=False)
-    both = bench.count_ops(model, types.SimpleNamespace(loss=lambda out, batch: out.pow(2).mean()), batch)
+    both = bench.count_ops(model, task, batch)
     assert both.counts["gelu_backward"] > 0 and both.counts["mm"] > forward.counts["mm"], \
         f"{rule}: the backward pass is not counted ({dict(both.counts)})"
 
@@ -125,10 +132,7 @@ def test_op_counts_include_the_backward_pass(rule):
 def test_op_count_is_a_training_forward_without_the_fast_weight_norm_its_loss_and_backward():
     """count_ops counts what an explicit training pass launches, written out here: the forward pass as training
     runs it (fast_norm=False: the norm of F_t is a diagnostic, computed only in evaluation), the loss, its backward."""
-    torch.manual_seed(0)
-    model = PlasticGPT(Config(d_in=2, d_out=2, max_len=16, rule="hebbian", n_layer=2, n_head=2, d_model=16))
-    batch = types.SimpleNamespace(x=torch.randn(2, 4, 2), images=None, context=None)
-    task = types.SimpleNamespace(loss=lambda out, batch: out.pow(2).mean())
+    model, task, batch = tiny_step("hebbian")
     counted = {}
     for fast_norm in (False, True):
         with bench.OpCounter() as ops:
@@ -146,10 +150,7 @@ def test_op_count_with_amp_counts_the_forward_pass_under_autocast(monkeypatch):
     """count_ops(amp=True) runs the forward pass under train.autocast, as training does: with CPU bfloat16 autocast
     standing in for CUDA's (train.autocast is a no-op on a CPU), the casts to bfloat16 are counted, and without amp none."""
     monkeypatch.setattr(bench, "autocast", lambda amp, device: torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp))
-    torch.manual_seed(0)
-    model = PlasticGPT(Config(d_in=2, d_out=2, max_len=16, rule="none", n_layer=1, n_head=2, d_model=16))
-    batch = types.SimpleNamespace(x=torch.randn(2, 4, 2), images=None, context=None)
-    task = types.SimpleNamespace(loss=lambda out, batch: out.pow(2).mean())
+    model, task, batch = tiny_step("none")
     casts = {amp: bench.count_ops(model, task, batch, amp).counts["_to_copy"] for amp in (False, True)}
     assert casts[False] == 0 and casts[True] > 0, f"casts to bfloat16 counted without and with amp: {casts}"
 

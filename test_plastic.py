@@ -1283,18 +1283,29 @@ def test_memory_kept_for_backward_grows_linearly_with_the_sequence(rule):
     assert abs(second - first) <= 0.05 * first, f"bytes kept at 16, 32, 48 tokens: {kept}; the steps should be equal"
 
 
+class TwoLayers(torch.nn.Module):
+    """Float64 layers fc1 (3 -> 4) and fc2 (4 -> 2) whose forward pass is body(self, x, fast_norm), called as
+    memory.saved_bytes calls a PlasticGPT: the models whose kept bytes the tests below count by hand."""
+    def __init__(self, body):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(3, 4, dtype=torch.float64)
+        self.fc2 = torch.nn.Linear(4, 2, dtype=torch.float64)
+        self.body = body
+
+    def forward(self, x, images=None, fast_norm=True, context=None):  # PlasticGPT's signature
+        return self.body(self, x, fast_norm)
+
+
+def saved_bytes_of(body) -> int:
+    """What memory.saved_bytes counts for TwoLayers(body) on x of shape (2, 5, 3)."""
+    return memory.saved_bytes(TwoLayers(body), SimpleNamespace(x=random_tokens(B=2, T=5), images=None, context=None))
+
+
 @pytest.mark.model
 def test_memory_counts_each_tensor_autograd_keeps_once_and_no_parameter():
     """A linear layer then GELU, counted by hand: the layer keeps its input x (its weight is a parameter, left
     out) and GELU its input, the layer's output: (2, 5, 3) + (2, 5, 4) float64 values, 560 bytes."""
-    class LinearGelu(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(3, 4, dtype=torch.float64)
-
-        def forward(self, x, images=None, fast_norm=False, context=None):  # PlasticGPT's signature
-            return torch.nn.functional.gelu(self.fc(x))
-    kept = memory.saved_bytes(LinearGelu(), SimpleNamespace(x=random_tokens(B=2, T=5), images=None, context=None))
+    kept = saved_bytes_of(lambda m, x, fast_norm: torch.nn.functional.gelu(m.fc1(x)))
     assert kept == (2 * 5 * 3 + 2 * 5 * 4) * 8, f"expected 560 bytes kept for the backward pass, counted {kept}"
 
 
@@ -1302,16 +1313,11 @@ def test_memory_counts_each_tensor_autograd_keeps_once_and_no_parameter():
 def test_memory_leaves_out_what_an_inner_backward_pass_saved_and_dropped():
     """As the gradient rule does, the forward pass runs a backward pass of its own (tanh keeps its (2, 5, 3) output
     for it) and drops that graph: only the 560 bytes of the linear layer and GELU are still kept."""
-    class InnerThenLinearGelu(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(3, 4, dtype=torch.float64)
-
-        def forward(self, x, images=None, fast_norm=False, context=None):
-            t = x.detach().clone().requires_grad_()
-            torch.autograd.grad(torch.tanh(t).sum(), t)  # its graph, and what tanh saved, are dropped
-            return torch.nn.functional.gelu(self.fc(x))
-    kept = memory.saved_bytes(InnerThenLinearGelu(), SimpleNamespace(x=random_tokens(B=2, T=5), images=None, context=None))
+    def inner_then_linear_gelu(m, x, fast_norm):
+        t = x.detach().clone().requires_grad_()
+        torch.autograd.grad(torch.tanh(t).sum(), t)  # its graph, and what tanh saved, are dropped
+        return torch.nn.functional.gelu(m.fc1(x))
+    kept = saved_bytes_of(inner_then_linear_gelu)
     assert kept == 560, f"expected 560 bytes still kept (what the inner backward pass saved is freed), counted {kept}"
 
 
@@ -1319,16 +1325,7 @@ def test_memory_leaves_out_what_an_inner_backward_pass_saved_and_dropped():
 def test_memory_leaves_out_a_parameter_autograd_keeps():
     """Linear, GELU, linear: the second layer's input needs a gradient, so autograd keeps its weight (a parameter,
     left out) beside x (2, 5, 3), GELU's input (2, 5, 4) and the second layer's input (2, 5, 4): 880 bytes."""
-    class LinearGeluLinear(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = torch.nn.Linear(3, 4, dtype=torch.float64)
-            self.fc2 = torch.nn.Linear(4, 2, dtype=torch.float64)
-
-        def forward(self, x, images=None, fast_norm=False, context=None):
-            return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
-
-    kept = memory.saved_bytes(LinearGeluLinear(), SimpleNamespace(x=random_tokens(B=2, T=5), images=None, context=None))
+    kept = saved_bytes_of(lambda m, x, fast_norm: m.fc2(torch.nn.functional.gelu(m.fc1(x))))
     assert kept == (2 * 5 * 3 + 2 * 5 * 4 + 2 * 5 * 4) * 8, f"expected 880 bytes (fc2's weight is a parameter, not counted), counted {kept}"
 
 
@@ -1336,36 +1333,22 @@ def test_memory_leaves_out_a_parameter_autograd_keeps():
 def test_memory_counts_the_whole_storage_behind_a_kept_view():
     """pow keeps its input, here a (2, 1, 4) slice of the layer's (2, 5, 4) output: the slice keeps all 40 values
     alive, so 30 (x) + 40 float64 values, 560 bytes, not 30 + 8."""
-    class LinearSliceCube(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(3, 4, dtype=torch.float64)
-
-        def forward(self, x, images=None, fast_norm=False, context=None):
-            return self.fc(x)[:, :1].pow(3)
-
-    kept = memory.saved_bytes(LinearSliceCube(), SimpleNamespace(x=random_tokens(B=2, T=5), images=None, context=None))
+    kept = saved_bytes_of(lambda m, x, fast_norm: m.fc1(x)[:, :1].pow(3))
     assert kept == (2 * 5 * 3 + 2 * 5 * 4) * 8, f"expected 560 bytes (the slice's whole storage), counted {kept}"
 
 
 @pytest.mark.model
 def test_memory_runs_the_forward_pass_as_training_does_whatever_the_callers_grad_mode():
     """saved_bytes runs the forward pass with gradients on, even when called under torch.no_grad() (where autograd
-    would keep nothing and any batch would seem to fit), and without the fast-weight norm (fast_norm=False), as a
-    training step does: a linear layer then GELU keeps its 560 bytes."""
+    would keep nothing and any batch would seem to fit), and without the fast-weight norm (fast_norm=False, where
+    the model's own default is True), as a training step does: a linear layer then GELU keeps its 560 bytes."""
     calls = []
 
-    class LinearGelu(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(3, 4, dtype=torch.float64)
-
-        def forward(self, x, images=None, fast_norm=True, context=None):
-            calls.append(dict(grad=torch.is_grad_enabled(), fast_norm=fast_norm))
-            return torch.nn.functional.gelu(self.fc(x))
-
+    def linear_gelu(m, x, fast_norm):
+        calls.append(dict(grad=torch.is_grad_enabled(), fast_norm=fast_norm))
+        return torch.nn.functional.gelu(m.fc1(x))
     with torch.no_grad():
-        kept = memory.saved_bytes(LinearGelu(), SimpleNamespace(x=random_tokens(B=2, T=5), images=None, context=None))
+        kept = saved_bytes_of(linear_gelu)
     assert calls == [dict(grad=True, fast_norm=False)], f"the forward pass should run as in training, ran {calls}"
     assert kept == 560, f"under torch.no_grad() the 560 bytes a training step keeps should still count, counted {kept}"
 
