@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     parser = Parser(description="Add images_md5 to few-shot tests kept before it, where their episodes reproduce.")
     parser.add_argument("folder", help="a folder of run folders (results/..., runs)")
     parser.add_argument("--device", default="auto", help="where to draw the episodes: the kind the tests ran on")
-    parser.add_argument("--data-dir", default=None, help="folder with omniglot/ and cifar100/; None: $PLASTIC_DATA or ./data")
+    parser.add_argument("--data-dir", default=None, help="folder with omniglot/ and cifar100/; unset: $PLASTIC_DATA or ./data")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if not os.path.isdir(args.folder):

@@ -41,9 +41,9 @@ from memory import is_out_of_memory
 from plastic import Config, Conv4
 from tasks import FEW_SHOT, OMNIGLOT_SPLITS, TaskConfig
 from train import (PROTOCOL_EPISODES, SMOKE_RUN, TASK_DEFAULTS, Diverged, HelpFormatter, Parser, UsageError,
-                   check_numbers, check_warmup, deterministic_algorithms, device_name, draws, episodes_fingerprint,
-                   field_comments, is_smoke_run, kept_note, learning_rate, load_task, mean_ci95, optional,
-                   pick_device, protocol_note, save_checkpoint, set_cpu_threads, smoke_note, write_json)
+                   check_numbers, check_warmup, command_line_help, deterministic_algorithms, device_name, draws,
+                   episodes_fingerprint, field_comments, is_smoke_run, kept_note, learning_rate, load_task, mean_ci95,
+                   optional, pick_device, protocol_note, save_checkpoint, set_cpu_threads, smoke_note, write_json)
 
 
 @dataclass
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     hints, comments = typing.get_type_hints(PretrainConfig), field_comments(PretrainConfig)
     for f in dataclasses.fields(PretrainConfig):
         kind, args = hints[f.name], typing.get_args(hints[f.name])
-        options = dict(default=f.default, help=comments.get(f.name, "").replace("%", "%%"))
+        options = dict(default=f.default, help=command_line_help(comments.get(f.name, "")))
         if type(None) in args:
             kind = next(a for a in args if a is not type(None))
         if kind is bool:

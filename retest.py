@@ -37,7 +37,7 @@ import torch
 from plastic import Config, PlasticGPT
 from report import same_episodes, with_options_added
 from tasks import FEW_SHOT, TaskConfig
-from train import (HelpFormatter, Parser, TrainConfig, UsageError, check_numbers, device_name,
+from train import (HelpFormatter, Parser, TrainConfig, UsageError, check_numbers, command_line_help, device_name,
                    field_comments, final_evaluations, final_fingerprint, load_task, pick_device, protocol_note,
                    set_cpu_threads, summarise_test, write_json)
 
@@ -188,14 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     hints, comments = typing.get_type_hints(RetestConfig), field_comments(RetestConfig)
     for f in dataclasses.fields(RetestConfig):
         if f.name == "run":
-            parser.add_argument("run", help=comments["run"])
+            parser.add_argument("run", help=command_line_help(comments["run"]))
             continue
         kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])  # int | None -> int
         if kind is bool:
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true", help=comments[f.name])
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true", help=command_line_help(comments[f.name]))
             continue
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
-                            metavar=kind.__name__.upper(), help=comments[f.name])
+                            metavar=kind.__name__.upper(), help=command_line_help(comments[f.name]))
     return parser
 
 

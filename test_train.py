@@ -2146,13 +2146,26 @@ def test_smoke_runs_take_smaller_batches_and_fewer_episodes_and_say_so():
 
 
 @pytest.mark.cli
+def test_help_says_unset_where_the_comments_say_none(capsys):
+    import fingerprint, pretrain, retest
+    for main in (train.main, pretrain.main, retest.main, fingerprint.main):
+        with pytest.raises(SystemExit) as done:
+            main(["--help"])
+        shown = capsys.readouterr().out
+        assert done.value.code == 0 and "unset:" in shown and "None" not in shown, \
+            f"{main.__module__}.py --help should say 'unset' for an option left out, never Python's None"
+
+
+@pytest.mark.cli
 def test_cli_task_defaults_and_choices_are_in_help_and_fill_the_model():
     help_text = " ".join(train.build_parser().format_help().split())
     for shown in ("2000 for copy, regression, cue_reward; 8000 for omniglot, cifar_fs",
                   "64 for copy, regression, cue_reward; 128 for omniglot; 256 for cifar_fs", "{vinyals,lake}",
                   "64 for copy, regression, cue_reward; 128 for omniglot, cifar_fs",
                   "0.01 for copy; 0.1 for regression, cue_reward, omniglot, cifar_fs", "3 for omniglot; 1 for cifar_fs; otherwise 1",
-                  "10 for omniglot; otherwise None", "False for omniglot; otherwise True", "0.001 for every task",
+                  "10 for omniglot; otherwise unset", "False for omniglot; otherwise True", "0.001 for every task",
+                  "--steps INT optimizer steps; unset: the task's default", "indices of blocks with plastic MLPs; unset: all",
+                  "unset: 5% of steps",
                   "{factored,dense}", "{positive,negative,symmetric}", "{torch,gpt2}", "{linear,mlp}"):
         assert shown in help_text, f"--help should show {shown!r}"
     parse = lambda line: train.config_from_args(train.build_parser().parse_args(line.split()))

@@ -1317,17 +1317,23 @@ def optional(kind):
 
 def per_task(key: str, own) -> str:
     """'2000 for copy, regression, cue_reward; 8000 for omniglot, cifar_fs': TASK_DEFAULTS[*][key] for --help;
-    where some task has none, its field's own default follows ('10 for omniglot; otherwise None')."""
+    where some task has none, its field's own default follows ('10 for omniglot; otherwise unset')."""
     tasks_by_value = {}
     for task, defaults in TASK_DEFAULTS.items():
         if key in defaults:
             tasks_by_value.setdefault(defaults[key], []).append(task)
-    shown = lambda value: f"{value}" if value is None or isinstance(value, bool) else f"{value:g}"
+    shown = lambda value: "unset" if value is None else f"{value}" if isinstance(value, bool) else f"{value:g}"
     every_task = all(key in defaults for defaults in TASK_DEFAULTS.values())
     if len(tasks_by_value) == 1 and every_task:
         return f"{shown(next(iter(tasks_by_value)))} for every task"
     text = "; ".join(f"{shown(value)} for {', '.join(names)}" for value, names in tasks_by_value.items())
     return text if every_task else f"{text}; otherwise {shown(own)}"
+
+
+def command_line_help(comment: str) -> str:
+    """A field's comment as --help shows it: the comment says what None means to Python, where on the command line the
+    option is left out ('None: the task's default' reads 'unset: the task's default'); % escaped for argparse."""
+    return comment.replace("None:", "unset:").replace("None =", "unset:").replace("%", "%%")
 
 
 def add_options(parser, section: str, cls) -> None:
@@ -1341,7 +1347,7 @@ def add_options(parser, section: str, cls) -> None:
         can_be_none = isinstance(kind, types.UnionType) and type(None) in args
         if can_be_none:
             kind = next(a for a in args if a is not type(None))
-        options = dict(dest=f"{section}.{f.name}", default=f.default, help=comments.get(f.name, "").replace("%", "%%"))
+        options = dict(dest=f"{section}.{f.name}", default=f.default, help=command_line_help(comments.get(f.name, "")))
         if f.name in PER_TASK:  # left unset, the task's default fills it in
             options.update(default=None, help=f"{options['help']} [per task: {per_task(f.name, f.default)}]")
         if kind is bool:
