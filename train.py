@@ -10,7 +10,8 @@ for --resume), best.pt (the best validation score, or with --train-on-val the la
 uses it), log.jsonl (one JSON line per progress line and per validation), results.json,
 learning_curve.png and, for the plastic rules, modulation.csv / modulation.png: the mean modulated
 rate eta_t per token position over the test episodes (the study's analysis of the learned modulatory
-signal). --rule all also writes <out-dir>/<task>-comparison.txt. An existing run is never replaced
+signal), beside the step taken after the norm bound, the update's norm before it, the fast weight's
+norm and the share of episodes scored there. --rule all also writes <out-dir>/<task>-comparison.txt. An existing run is never replaced
 silently: --resume continues it, --overwrite replaces it.
 
 The test reports the mean and 95% confidence interval over --test-episodes episodes, and for the
