@@ -54,7 +54,7 @@ TASK_OPTIONS = {
 def option_flag(name: str, value=None) -> str:
     """The command-line flag that sets option name (a field of TaskConfig, or of train.py's other configs) to
     value: --shot 5, --no-augment, --split lake; with value None the flag alone (--eta)."""
-    option = "--" + {"omniglot_split": "split"}.get(name, name).replace("_", "-")
+    option = "--" + {"omniglot_split": "split", "name": "task"}.get(name, name).replace("_", "-")
     if isinstance(value, bool):
         return option if value else option.replace("--", "--no-", 1)
     if isinstance(value, (list, tuple)):  # --plastic-blocks 1 3
@@ -367,8 +367,9 @@ class FewShot(Task):
         for split, images in splits.items():
             if self.shots[split] + Q > images.shape[1]:
                 option = "train_shot" if split == "train" and cfg.train_shot else "shot"
-                raise ValueError(f"{option} + query = {self.shots[split] + Q} exceeds the {images.shape[1]} images "
-                                 f"per {cfg.name} class; lower --{option.replace('_', '-')} or --query.")
+                raise ValueError(f"{option_flag(option, self.shots[split])} and {option_flag('query', Q)} need "
+                                 f"{self.shots[split] + Q} images of a class, and {cfg.name} has {images.shape[1]}; "
+                                 f"lower {option_flag(option)} or --query.")
             if self.ways[split] > images.shape[0]:
                 option = "train_way" if split == "train" and cfg.train_way else "way"
                 raise ValueError(f"{option_flag(option, self.ways[split])} exceeds the {images.shape[0]} classes of the "

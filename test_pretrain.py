@@ -372,7 +372,7 @@ def exit_code(argv) -> int:
     (["--lr", "0"], "--lr must be a number above 0"),
     (["--steps", "4", "--warmup", "5"], "--warmup 5 is not below --steps 4"),
     (["--encoder-widths", "96", "192"], "channels of the 4 Conv4 blocks"),
-    (["--shot", "3", "--query", "2"], "exceeds the 4 images per cifar_fs class; lower --shot or --query"),
+    (["--shot", "3", "--query", "2"], "--shot 3 and --query 2 need 5 images of a class, and cifar_fs has 4; lower --shot or --query"),
     (["--query", "0"], "--query must be a number above 0"),
     (["--test-episodes", "1"], "--test-episodes must be 2 or more (an interval needs two)"),
 ])

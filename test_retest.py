@@ -88,7 +88,7 @@ def test_a_run_trained_at_more_shots_is_retested_at_queries_its_training_episode
     run_dir, _ = trained(tmp_path, model=dict(positions=False), train_shot=2)
     again = retest.retest(retest.RetestConfig(run=str(run_dir), query=3, device="cpu"))
     assert len(again["by_position"]) == 3 * (1 + 3), f"3-way 1-shot episodes of 3 queries should have 12 tokens, got {len(again['by_position'])}"
-    with pytest.raises(train.UsageError, match="shot \\+ query = 5 exceeds the 4 images per omniglot class; lower --shot or --query"):
+    with pytest.raises(train.UsageError, match="--shot 1 and --query 4 need 5 images of a class, and omniglot has 4; lower --shot or --query"):
         retest.retest(retest.RetestConfig(run=str(run_dir), query=4, device="cpu"))
 
 

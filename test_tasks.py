@@ -455,7 +455,7 @@ def test_bad_options_raise_one_clear_sentence(name, options, fragment):
 
 @pytest.mark.tasks
 def test_impossible_episodes_name_the_fix():
-    fix = r"shot \+ query = 7 exceeds the 6 images per omniglot class; lower --shot or --query"
+    fix = "--shot 4 and --query 3 need 7 images of a class, and omniglot has 6; lower --shot or --query"
     with pytest.raises(ValueError, match=fix):
         coded_task(way=2, shot=4, query=3)
     with pytest.raises(ValueError, match="exceeds the 5 classes of the omniglot val split"):
@@ -466,7 +466,7 @@ def test_impossible_episodes_name_the_fix():
         coded_task().sample(0)
     with pytest.raises(ValueError, match="--train-way 8 exceeds the 7 classes of the omniglot train split; lower --train-way"):
         coded_task(way=3, train_way=8)
-    with pytest.raises(ValueError, match=r"train_shot \+ query = 7 exceeds the 6 images per omniglot class; lower --train-shot"):
+    with pytest.raises(ValueError, match="--train-shot 4 and --query 3 need 7 images of a class, and omniglot has 6; lower --train-shot"):
         coded_task(way=2, shot=1, query=3, train_shot=4)
 
 
@@ -827,6 +827,16 @@ def test_train_on_val_is_refused_for_a_task_without_validation_classes():
     for name in ("copy", "regression", "cue_reward"):
         with pytest.raises(ValueError, match=f"{name} has none; drop --train-on-val"):
             TaskConfig(name=name, train_on_val=True)
+
+
+@pytest.mark.cli
+def test_option_flag_is_the_command_line_that_sets_the_field():
+    """Refusals name options as the command line gives them, not as the dataclasses call them."""
+    cases = ((("shot", 5), "--shot 5"), (("omniglot_split", "lake"), "--split lake"), (("name", "copy"), "--task copy"),
+             (("augment", True), "--augment"), (("augment", False), "--no-augment"), (("eta", None), "--eta"),
+             (("encoder_widths", (96, 192)), "--encoder-widths 96 192"), (("plastic_blocks", [1, 3]), "--plastic-blocks 1 3"))
+    for (name, value), flag in cases:
+        assert tasks.option_flag(name, value) == flag, f"{name}={value!r} is set by {flag}, not {tasks.option_flag(name, value)}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -163,8 +163,8 @@ def test_compare_trains_three_rules_and_matches_parameters(tmp_path):
     assert (tmp_path / "copy-comparison.txt").read_text().strip() == out["table"]
     again = train.compare(tiny(tmp_path, "copy", "all", steps=2, resume=True))
     assert again["runs"] == out["runs"], "--rule all --resume reuses finished runs of the same options as they are"
-    for options, name in ((dict(model=dict(d_model=32)), "d_model"), (dict(seed=1), "--seed"), (dict(test_episodes=16), "--test-episodes")):
-        with pytest.raises(train.UsageError, match=f"{name}.*reuse it with the run's own options"):
+    for options, name in ((dict(model=dict(d_model=32)), "the width --match-params matched"), (dict(seed=1), "--seed"), (dict(test_episodes=16), "--test-episodes")):
+        with pytest.raises(train.UsageError, match=f"{name}.*reuse it with the run's own"):
             train.compare(tiny(tmp_path, "copy", "all", steps=2, resume=True, **options))
     assert (tmp_path / "copy-comparison.txt").read_text().strip() == out["table"], "a refused reuse rewrites no table"
 
@@ -309,7 +309,7 @@ def test_resume_without_a_checkpoint_or_with_other_options_is_refused(tmp_path):
     with pytest.raises(train.UsageError, match="no checkpoint"):
         train.train(tiny(tmp_path, resume=True))
     train.train(tiny(tmp_path, steps=2))
-    with pytest.raises(train.UsageError, match="d_model"):
+    with pytest.raises(train.UsageError, match="was trained with --d-model 16, not 32; resume with the run's own options"):
         train.train(tiny(tmp_path, resume=True, model=dict(d_model=32)))
     for option, value in (("seed", 3), ("batch_size", 8), ("eval_episodes", 6)):
         with pytest.raises(train.UsageError, match=f"--{option.replace('_', '-')} .*, not {value}; resume with the run's own"):
@@ -449,7 +449,8 @@ def test_a_static_run_resumes_only_as_parameter_matched_as_it_was_trained(tmp_pa
                              (["--eta", "0.5", "--d-model", "24"], "--eta sets the fast weights")):
         refused(tiny_argv(three, "--steps", "2", "--rule", "none", "--resume", "--match-params", *options), message, three)
     refused(tiny_argv(three, "--steps", "2", "--rule", "none", "--resume", "--match-params", "--plastic-blocks", "1",
-                      "--d-model", "24"), "was trained with model d_model=", three)  # its own option, not a fast weight's
+                      "--d-model", "24"), "was trained at the width --match-params matched, 18, and these options match 28; resume it with the "
+            "run's own --d-model", three)  # its own option, not a fast weight's
     assert train.main(tiny_argv(three, "--steps", "2", "--resume", "--match-params", "--plastic-blocks", "1")) == 0, \
         "the static run of --rule all resumes alone with the option that set its width, without the one that did not"
     (tmp_path / "empty").mkdir()
@@ -475,30 +476,30 @@ def test_a_run_saved_before_the_split_and_augmentation_options_resumes_as_it_was
         return saved, current
     old = dict(isolate_queries=False)
     train.check_same_config(*configs("omniglot", omniglot_split="lake", augment=False, **old), "old")
-    with pytest.raises(train.UsageError, match="task isolate_queries=False, not True"):
+    with pytest.raises(train.UsageError, match="old was trained without --isolate-queries; resume"):
         train.check_same_config(*configs("omniglot", omniglot_split="lake", augment=False), "old")
-    with pytest.raises(train.UsageError, match="task omniglot_split='lake', not 'vinyals'"):
+    with pytest.raises(train.UsageError, match="was trained with --split lake, not vinyals; resume"):
         train.check_same_config(*configs("omniglot", augment=False, **old), "old")
-    with pytest.raises(train.UsageError, match="task augment=False, not True"):
+    with pytest.raises(train.UsageError, match="was trained without --augment; resume"):
         train.check_same_config(*configs("omniglot", omniglot_split="lake", **old), "old")
     train.check_same_config(*configs("cifar_fs", augment=False, **old), "old")
     saved, current = configs("cifar_fs", augment=False, **old)
     saved["task"]["omniglot_split"] = "lake"  # what --split lake did to CIFAR-FS before it was refused: nothing
     train.check_same_config(saved, current, "old")
-    with pytest.raises(train.UsageError, match="task augment=False, not True"):
+    with pytest.raises(train.UsageError, match="was trained without --augment; resume"):
         train.check_same_config(*configs("cifar_fs", **old), "old")
     train.check_same_config(*configs("copy"), "old")
-    with pytest.raises(train.UsageError, match="model positions=True, not False"):
+    with pytest.raises(train.UsageError, match="was trained with --positions; resume"):
         train.check_same_config(*configs("copy", positions=False), "old")
-    with pytest.raises(train.UsageError, match="task train_way=None, not 10"):
+    with pytest.raises(train.UsageError, match="was trained without --train-way, not with --train-way 10; resume"):
         train.check_same_config(*configs("cifar_fs", augment=False, train_way=10, **old), "old")
-    with pytest.raises(train.UsageError, match="task train_shot=5, not 1"):  # saved without it: trained at shot
+    with pytest.raises(train.UsageError, match="old was trained with --train-shot 5, not 1; resume"):  # saved without it: trained at shot
         train.check_same_config(*configs("cifar_fs", augment=False, shot=5, train_shot=1, **old), "old")
     train.check_same_config(*configs("cifar_fs", augment=False, train_shot=1, **old), "old")  # 1-shot either way
-    with pytest.raises(train.UsageError, match=r"model encoder_widths=None, not \[96, 192, 384, 512\]"):
+    with pytest.raises(train.UsageError, match="was trained without --encoder-widths, not with --encoder-widths 96 192 384 512; resume"):
         train.check_same_config(*configs("cifar_fs", augment=False, encoder_widths=(96, 192, 384, 512), **old), "old")
     train.check_same_config(*configs("copy", encoder_widths=(96, 192, 384, 512)), "old")  # no images: no encoder
-    with pytest.raises(train.UsageError, match="task train_on_val=False, not True"):
+    with pytest.raises(train.UsageError, match="was trained without --train-on-val; resume"):
         train.check_same_config(*configs("omniglot", omniglot_split="lake", augment=False, train_on_val=True, **old), "old")
 
 
@@ -509,7 +510,7 @@ def test_a_run_saved_with_train_shot_none_resumes_under_a_default_of_the_same_sh
     def config(shot, train_shot):
         return dataclasses.asdict(RunConfig(task=TaskConfig(name="omniglot", shot=shot, train_shot=train_shot)))
     train.check_same_config(config(1, None), config(1, 1), "old")
-    with pytest.raises(train.UsageError, match="task train_shot=5, not 1"):
+    with pytest.raises(train.UsageError, match="old was trained with --train-shot 5, not 1; resume"):
         train.check_same_config(config(5, None), config(5, 1), "old")
     train.check_same_config(config(5, None), config(5, 5), "old")
 
@@ -520,7 +521,7 @@ def test_a_refused_resume_names_the_task_option_not_the_model_size_that_follows_
     train_way and in the model's d_in (one label per training class): the refusal names --train-way's field."""
     def config(train_way):
         return dataclasses.asdict(RunConfig(model=Config(d_in=train_way), task=TaskConfig(name="omniglot", shot=5, train_way=train_way)))
-    with pytest.raises(train.UsageError, match="task train_way=10, not 5"):
+    with pytest.raises(train.UsageError, match="old was trained with --train-way 10, not 5; resume"):
         train.check_same_config(config(10), config(5), "old")
 
 
@@ -699,7 +700,7 @@ def test_encoder_lr_scale_0_keeps_an_init_encoders_weights_and_refuses_a_resume_
                                        (str(tmp_path / "source"), f"with --init-encoder {source_dir}, not")):
         with pytest.raises(train.UsageError, match=trained_with):  # a resume would ignore it, and config.json record it
             train.train(tiny(tmp_path, "cifar_fs", "hebbian", init_encoder=init_encoder, encoder_lr_scale=0.0, resume=True))
-    with pytest.raises(train.UsageError, match="cifar_fs-none/checkpoint.pt was trained without --init-encoder; resume"):
+    with pytest.raises(train.UsageError, match="cifar_fs-none/checkpoint.pt was trained without --init-encoder, not with --init-encoder "):
         train.train(tiny(tmp_path / "source", "cifar_fs", "none", init_encoder=str(source_dir), resume=True))
     again = train.train(tiny(tmp_path, "cifar_fs", "hebbian", init_encoder=str(source_dir), encoder_lr_scale=0.0,
                              eval_interval=4, steps=6, resume=True))  # its own options: it goes on
@@ -1194,7 +1195,7 @@ def test_cli_rejects_bad_arguments_with_exit_code_2(capsys, argv, message):
 
 @pytest.mark.cli
 @pytest.mark.parametrize("argv, message", [
-    ("--task omniglot --shot 3 --query 2 --train-way 5", "shot + query = 5 exceeds"),
+    ("--task omniglot --shot 3 --query 2 --train-way 5", "--shot 3 and --query 2 need 5 images of a class, and omniglot has 4; lower --shot or --query."),
     ("--task omniglot --way 6 --train-way 6", "--way 6 exceeds the 4 classes of the omniglot val split; lower --way."),
     ("--task omniglot", "--train-way 10 exceeds the 8 classes of the omniglot train split; lower --train-way."),
     ("--task copy --d-model 15 --n-head 2", "divisible by n_head (2): choose n_head (--n-head) from 1, 3, 5, 15, or another d_model (--d-model)."),

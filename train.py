@@ -635,13 +635,9 @@ def check_same_config(saved: dict, current: dict, path: str, finished: bool = Fa
     for k, before in kept.items():
         was = saved["train"].get(k, before)
         if was != current["train"][k]:
-            flag, now = "--" + k.replace("_", "-"), current["train"][k]
-            if isinstance(was, bool) or was is None:  # an on/off flag, or an option not given, takes no value
-                trained = f"with {flag}" if was else f"without {flag}"
-            else:
-                trained = f"with {flag} {was}" + (f", not {now}" if now is not None else "")
-            raise UsageError(f"{path} was trained {trained}; {'reuse it' if reuse else 'resume'} with the run's own "
-                             "options, or start it again with --overwrite.")
+            raise UsageError(f"{path} was trained {trained_with(k, was, current['train'][k])}; "
+                             f"{'reuse it' if reuse else 'resume'} with the run's own options, or start it again with "
+                             f"--overwrite.")
     matched = saved["train"].get("match_params", False)
     if current["train"]["rule"] == "none" and matched != current["train"]["match_params"]:  # it sets d_model
         if matched:
@@ -663,10 +659,26 @@ def check_same_config(saved: dict, current: dict, path: str, finished: bool = Fa
                 raise UsageError(f"{path} was matched (--match-params) to a plastic model with {given}, whose "
                                  f"parameter count sets its width; {'reuse it' if reuse else 'resume it'} with the "
                                  f"options it was trained with.")
+            raise UsageError(f"{path} was trained at the width --match-params matched, {saved['model']['d_model']}, and "
+                             f"these options match {current['model']['d_model']}; {'reuse it' if reuse else 'resume it'} "
+                             f"with the run's own --d-model and other options.")
         if changed:
             k = changed[0]
-            raise UsageError(f"{path} was trained with {section} {k}={saved[section].get(k)!r}, not "
-                             f"{current[section][k]!r}; {'reuse it' if reuse else 'resume'} with the run's own options.")
+            raise UsageError(f"{path} was trained {trained_with(k, saved[section].get(k), current[section][k])}; "
+                             f"{'reuse it' if reuse else 'resume'} with the run's own options.")
+
+
+def trained_with(name: str, was, now) -> str:
+    """How a run was trained in one option, as the command line gives it, against the value asked for now: 'with
+    --shot 5, not 1', 'with --split lake, not vinyals', 'without --train-way, not with --train-way 10'; an on/off
+    flag takes no value: 'without --augment'."""
+    flag = option_flag(name)
+    if isinstance(was, bool):
+        return f"with {flag}" if was else f"without {flag}"
+    if was is None:
+        return f"without {flag}" + (f", not with {option_flag(name, now)}" if now is not None else "")
+    value = lambda v: option_flag(name, v)[len(flag) + 1:]  # --encoder-widths 96 192 ... -> 96 192 ...
+    return f"with {option_flag(name, was)}" + (f", not {value(now)}" if now is not None and not isinstance(now, bool) else "")
 
 
 def read_log(run_dir: str) -> list[dict]:
