@@ -83,6 +83,9 @@ class Config:
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"unknown rule {self.rule!r}; choose one of {', '.join(RULES)}.")
+        if self.rule != "none" and not (self.rule in RULE_ETA and self.rule in RULE_COEF_INIT):  # a rule being added
+            raise ValueError(f"rule {self.rule!r} needs its base rate in RULE_ETA and its initial sign of A in "
+                             f"RULE_COEF_INIT (plastic.py; README, \"Adding a rule\").")
         if self.d_model % self.n_head != 0:
             heads = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0]
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}): choose n_head "
@@ -127,7 +130,7 @@ class Config:
 
     def base_rate(self):
         """eta, or the rule's own where it is None (RULE_ETA; 0 for the static model, which has no fast weights)."""
-        return self.eta if self.eta is not None else RULE_ETA.get(self.rule, 0.0)
+        return self.eta if self.eta is not None else RULE_ETA[self.rule] if self.rule != "none" else 0.0
 
     def is_plastic(self, block_index):
         if self.rule == "none":
@@ -360,7 +363,9 @@ class FactoredFastWeight:
     F_t = sum_{s<t} c_{s,t} A ⊙ (pre_s ⊗ post_s), c_{s,t} = eta_s prod_{s<r<t} (1 - lambda_r).
     pre_s and post_s are rows of (B, T, in) and (B, T, out) buffers written once each (AppendRow); the
     coefficients scale (B, S) of the S terms so far. Memory grows with T * (in + out) instead of in * out;
-    reading it costs a matrix product (FactoredRead)."""
+    reading it costs a matrix product (FactoredRead). It holds any rule whose update is one outer product per
+    layer, scaled by A, with one rate and one decay per sequence shared by every layer (both rules here); a rule
+    with a decay per unit (Oja's) or an update of higher rank needs the dense form (--fast-form dense)."""
 
     def __init__(self, pre, post, scale):
         self.pre, self.post, self.scale = pre, post, scale  # (B, T, in), (B, T, out), (B, S)
@@ -775,8 +780,10 @@ class PlasticGPT(nn.Module):
         rate, decay = self._rates(head_output, eta)
         if cfg.rule == "hebbian":
             factors = hebbian_factors(records)
-        else:
+        elif cfg.rule == "gradient":
             factors = gradient_factors(records, inner_loss(head_output, self.inner_loss_weight), keep_graph)
+        else:  # a rule added to RULES says here what its pre and post are (README, "Adding a rule")
+            raise NotImplementedError(f"rule {cfg.rule!r} has no update in PlasticGPT._update_fast_weights.")
         norm = update_norm(factors)  # (B,)
         step = bounded_rate(rate, norm, cfg.max_norm)
         if cfg.fast_form == "dense":

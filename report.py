@@ -53,10 +53,9 @@ import re
 import sys
 from collections import defaultdict
 
-from plastic import FAST_WEIGHT_OPTIONS, RULE_COEF_INIT, Config
+from plastic import FAST_WEIGHT_OPTIONS, RULE_COEF_INIT, RULES, Config
 from tasks import FEW_SHOT, TASKS
 
-RULES = ("none", "hebbian", "gradient")
 PROTOTYPES = "prototypes"  # pretrain.py's encoders, each scored alone as a nearest-prototype classifier: a column where there are any
 RETEST_FILE = r"retest-\d+way-\d+shot-\d+query\.json"  # retest.py's tests of a run's best.pt, in its folder
 # t(0.975, n - 1) for n values, from a table of Student's t; t_95 goes on beyond it

@@ -9,11 +9,10 @@ import torch
 
 import memory
 import plastic
-from plastic import (AppendRow, Block, CausalSelfAttention, Config, FactoredRead, InnerGradient, KVCache, PlasticGPT,
-                     PlasticLinear, TokenLinears, factored_read, update_norm)
+from plastic import (RULES, AppendRow, Block, CausalSelfAttention, Config, FactoredRead, InnerGradient, KVCache,
+                     PlasticGPT, PlasticLinear, TokenLinears, factored_read, update_norm)
 
-RULES = ("none", "hebbian", "gradient")
-PLASTIC_RULES = ("hebbian", "gradient")
+PLASTIC_RULES = RULES[1:]  # the rules with fast weights: one added to plastic.RULES is tested by every test over them
 
 
 def tiny_model(rule, seed=0, **overrides):
@@ -49,6 +48,20 @@ def test_base_rate_is_the_rules_own_unless_given(rule, eta, rate):
     info = model(random_tokens(), fast_norm=False)[1]
     assert torch.allclose(info["eta"], torch.full_like(info["eta"], rate)), \
         f"{rule}, eta={eta}: eta_t should be {rate} at every token without modulation, got {info['eta'].unique().tolist()}"
+
+
+@pytest.mark.model
+def test_a_rule_being_added_is_refused_until_it_has_its_defaults_and_its_update(monkeypatch):
+    """A name added to RULES alone must not train as another rule or with eta 0 (switched off): Config names the
+    defaults it lacks, and the model the update it lacks (README, "Adding a rule")."""
+    monkeypatch.setattr(plastic, "RULES", RULES + ("oja",))
+    with pytest.raises(ValueError, match="rule 'oja' needs its base rate in RULE_ETA and its initial sign of A in RULE_COEF_INIT"):
+        Config(rule="oja")
+    monkeypatch.setitem(plastic.RULE_ETA, "oja", 1.0)
+    monkeypatch.setitem(plastic.RULE_COEF_INIT, "oja", "positive")
+    assert Config(rule="oja").base_rate() == 1.0, "the base rate is the one RULE_ETA gives the new rule"
+    with pytest.raises(NotImplementedError, match="rule 'oja' has no update in PlasticGPT._update_fast_weights"):
+        tiny_model("oja")(random_tokens(), fast_norm=False)
 
 
 @pytest.mark.model

@@ -44,11 +44,9 @@ from dataclasses import dataclass, field
 import torch
 
 import memory
-from plastic import COEF_INITS, FAST_WEIGHT_OPTIONS, INITS, Config, Conv4, PlasticGPT
+from plastic import COEF_INITS, FAST_WEIGHT_OPTIONS, INITS, RULES, Config, Conv4, PlasticGPT
 from report import RETEST_FILE, save_plot, with_options_added
 from tasks import OMNIGLOT_SPLITS, TASKS, TaskConfig, make_task_from_config, option_flag
-
-RULES = ("none", "hebbian", "gradient")
 
 # Defaults per task for the options left at None: TrainConfig's steps, batch_size and lr, and on the
 # command line also the model's d_model, n_layer, decay and positions and the few-shot tasks' query and
