@@ -428,7 +428,8 @@ def paired_line(path_a, path_b, a, b):
 def why_no_mean(tests):
     """Why the pairs' A - B should not be averaged over seeds, or None: two pairs tested on the same episodes
     (one seed counted twice), or pairs whose A runs (or B runs) differ in more than the seed (differing_options;
-    a retest's episode sizes count as options), so that each pair asks another question."""
+    the sizes of the episodes tested, a retest's or a final test's, count as options), so that each pair asks
+    another question."""
     for i, j in itertools.combinations(range(len(tests)), 2):
         if same_episodes(tests[i][0], tests[j][0]) or same_episodes(tests[i][1], tests[j][1]):
             return f"pairs {i + 1} and {j + 1} were tested on the same episodes (one seed)"
@@ -437,8 +438,9 @@ def why_no_mean(tests):
         for pair in tests:
             test = pair[side]
             config = dict(run_config(test, test["file"]) or {})
-            if "config" not in test:  # a retest: the episodes it drew are part of what it asks
-                config["retest"] = {k: test.get(k) for k in ("way", "shot", "query")}
+            # the sizes of the episodes tested are part of what a test asks: a retest's own, a final test's its run's
+            sizes = test if "config" not in test else config.get("task") if isinstance(config.get("task"), dict) else {}
+            config["tested"] = {k: sizes.get(k) for k in ("way", "shot", "query")}
             compared.append(dict(rule=test.get("rule"), config=config))
         differ = differing_options(compared)  # the rule among them (train.rule)
         if differ:

@@ -1659,7 +1659,7 @@ def test_report_averages_only_one_comparison_over_other_seeds(tmp_path, capsys):
             retests.append(str(tmp_path / f"{rule}-{seed}-4" / f"retest-3way-{shot}shot-1query.json"))
     b_only = [test("hebbian", 0), test("none", 0), test("hebbian", 1), test("gradient", 1)]
     for argv, want in ((["--paired", retests[0], retests[2], "--paired", retests[1], retests[3]],
-                        "their A runs differ in more than the seed (retest.shot)"),
+                        "their A runs differ in more than the seed (tested.shot)"),
                        (["--paired", *b_only[:2], "--paired", *b_only[2:]], "their B runs differ in more than the seed")):
         assert report.main(argv) == 0, f"{argv}: each pair's line is right"
         last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -1928,6 +1928,211 @@ def test_report_plots_a_rule_that_skipped_a_window_at_its_own_windows(tmp_path, 
     assert placed["none"] == ([0, 1, 2], pytest.approx([0.5, 0.6, 0.7])) and \
         placed["hebbian"] == ([1, 2], pytest.approx([0.5, 0.6])), \
         f"the Hebbian rule's windows 4 and full belong at places 1 and 2 (the static model's 1, 4, full at 0-2): {placed}"
+
+
+@pytest.mark.train
+def test_report_marks_a_cell_by_its_fewest_steps_and_episodes_over_every_seed(tmp_path):
+    """not_a_result: a smoke run is one under SMOKE_RUN's 100 steps (99 is, 100 is not), any seed of a cell makes
+    it no result (not only the first), and the cell names the fewest steps and test episodes among its seeds."""
+    import report
+    fields = dict(task="omniglot", rule="none", metric="accuracy", test_mean=0.9, test_ci95=0.01, params=1000,
+                  train_time_s=60.0)
+    cells = {"hundred": [(100, 1000)], "ninety-nine": [(99, 1000)], "second-seed": [(8000, 1000), (50, 200)],
+             "fewest": [(60, 300), (20, 100), (80, 400)]}  # setting: (steps, test episodes) per seed
+    said = {"hundred": None, "ninety-nine": "smoke run (99 steps)", "second-seed": "smoke run (50 steps), 200 test episodes",
+            "fewest": "smoke run (20 steps), 100 test episodes"}
+    for setting, seeds in cells.items():
+        for seed, (steps, episodes) in enumerate(seeds):
+            write_results(tmp_path / "exp" / setting / f"seed{seed}" / "omniglot-none", test_episodes=episodes,
+                          config=dict(train=dict(steps=steps, seed=seed)), **fields)
+    table = report.tables(report.load_runs(str(tmp_path)))
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ") and "omniglot" in line}
+    for setting, mark in said.items():
+        if mark is None:
+            assert "not a result" not in rows[setting], f"{setting}: 100 steps and 1,000 episodes are a result:\n{table}"
+        else:
+            assert f"; **{mark}: not a result**" in rows[setting], f"{setting}: expected {mark!r} (the fewest over seeds):\n{table}"
+
+
+@pytest.mark.train
+def test_report_compares_the_options_each_run_used_whatever_its_rule_or_task():
+    """differing_options: a None coef_init is the gradient rule's own ('negative', not the Hebbian 'positive'), and
+    an option that does not act on the run's task (jitter on Omniglot) is not compared even where both configs
+    record it."""
+    import report
+
+    def run(rule, train=None, model=None, task=None):
+        return dict(rule=rule, config=dict(train=dict(seed=0) | (train or {}), model=dict(rule=rule) | (model or {}),
+                                           task=dict(name="omniglot", way=5, shot=1) | (task or {})))
+    for rule, a, b in (("gradient", run("gradient", model=dict(coef_init="negative")), run("gradient", model=dict(coef_init=None))),
+                       ("hebbian", run("hebbian", task=dict(jitter=0.4)), run("hebbian", task=dict(jitter=0.0)))):
+        assert report.differing_options([a, b]) == {}, f"{rule}: {a['config']} and {b['config']} ran alike"
+
+
+@pytest.mark.train
+def test_report_says_why_two_tests_cannot_be_paired_and_names_the_fix_only_where_it_helps(tmp_path, capsys):
+    """episodes_differ names the reason (the two tasks, the targets drawn, the images, the split), and --paired's
+    refusal suggests fingerprint.py only for tests of the same number, task and targets that lack images_md5 on
+    one side: not for 3 and 4 episodes, two tasks, or tests whose images_md5 already differ."""
+    import report
+    printed = dict(test_episodes=4, task="omniglot", episodes_md5="t", inputs_md5="v", images_md5="i", split="lake")
+    old = dict(test_episodes=4, task="omniglot", episodes_md5="t", split="lake")  # tested before inputs_md5
+    for a, b, reason in ((printed, printed | dict(task="cifar_fs"), "of omniglot and of cifar_fs"),
+                         (printed, printed | dict(episodes_md5="u"), "other classes and images drawn"),
+                         (printed, printed | dict(images_md5="j"), "the same classes drawn, from other images"),
+                         (old, old | dict(split="vinyals"), "the same classes drawn, from another split")):
+        said = report.episodes_differ(a, b) or ""
+        assert reason in said, f"{a} and {b}: expected {reason!r}, got {said!r}"
+    scores = [1.0, 0.0, 1.0, 0.0]
+    for name, fields in (("a", {}), ("three", dict(test_episodes=3)), ("cifar", dict(task="cifar_fs")),
+                         ("printed", dict(images_md5="i")), ("reprinted", dict(images_md5="j", inputs_md5="w"))):
+        n = fields.get("test_episodes", 4)
+        write_results(tmp_path, f"{name}.json", **dict(task="omniglot", metric="accuracy", test_mean=0.5, test_episodes=n,
+                                                       episodes_md5="t", inputs_md5="v", by_episode=scores[:n]) | fields)
+    for a, b in (("three", "a"), ("cifar", "a"), ("printed", "reprinted")):
+        assert report.main(["--paired", str(tmp_path / f"{a}.json"), str(tmp_path / f"{b}.json")]) == 2, f"{a} and {b}: refused"
+        err = capsys.readouterr().err
+        assert "different episodes" in err and "fingerprint.py" not in err, \
+            f"{a} and {b}: images_md5 would not pair them, so no fingerprint.py hint: {err!r}"
+
+
+@pytest.mark.train
+def test_report_paired_refuses_a_test_without_its_fields_or_episodes_and_knows_a_linked_folder(tmp_path, capsys):
+    """read_test: a file lacking any of metric, test_mean, test_episodes is no final test, and one with an empty
+    by_episode keeps no per-episode scores (one sentence each, not a crash); a run folder reached through a link
+    is the same test as the folder itself."""
+    import report
+    full = dict(task="omniglot", metric="accuracy", test_mean=0.5, test_episodes=4, episodes_md5="t", by_episode=[1.0, 0.0, 1.0, 0.0])
+    write_results(tmp_path / "run", **full)
+    write_results(tmp_path / "other", **full | dict(by_episode=[0.0, 0.0, 1.0, 0.0], test_mean=0.25))
+    write_results(tmp_path, "no-count.json", **{k: v for k, v in full.items() if k != "test_episodes"})
+    write_results(tmp_path, "empty.json", **full | dict(by_episode=[]))
+    for path, message in (("no-count.json", "holds no final test"), ("empty.json", "keeps no per-episode scores")):
+        assert report.main(["--paired", str(tmp_path / path), str(tmp_path / "run")]) == 2, f"{path}: refused"
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, f"{path}: one sentence with {message!r}, got {err!r}"
+    os.symlink(tmp_path / "run", tmp_path / "link")
+    assert report.main(["--paired", str(tmp_path / "link"), str(tmp_path / "run")]) == 2, "a link to the run is the run"
+    assert "are the same test" in capsys.readouterr().err
+    assert report.main(["--paired", str(tmp_path / "run"), str(tmp_path / "other"),
+                        "--paired", str(tmp_path / "link"), str(tmp_path / "other")]) == 2, "one pair through a link is one pair"
+    assert "is given twice" in capsys.readouterr().err
+
+
+@pytest.mark.train
+def test_report_no_mean_over_pairs_that_share_a_seed_or_ask_another_question(tmp_path, capsys):
+    """why_no_mean over three pairs: the first and third sharing a seed (not neighbours) say so; retests of other
+    ways, or other numbers of queries, ask other questions, and so do retests of runs trained with another lr (read
+    from the run's results.json beside each retest); static runs that differ only in fast-weight options, which the
+    static model does not read, are the same comparison and get their mean."""
+    import report
+
+    def run(name, rule, seed, train=None, model=None):
+        config = dict(train=dict(seed=seed, lr=0.001) | (train or {}), model=dict(rule=rule) | (model or {}),
+                      task=dict(name="omniglot", way=5, shot=1))
+        write_results(tmp_path / name, task="omniglot", rule=rule, metric="accuracy", test_mean=0.5, test_episodes=4,
+                      episodes_md5=f"seed{seed}", by_episode=[1.0, float(seed % 2), 0.0, 1.0], config=config)
+        return str(tmp_path / name)
+
+    def retest(folder, rule, seed, way=5, shot=1, query=1):
+        name = f"retest-{way}way-{shot}shot-{query}query.json"
+        write_results(tmp_path / folder, name, task="omniglot", rule=rule, way=way, shot=shot, query=query,
+                      metric="accuracy", test_mean=0.5, test_episodes=4, episodes_md5=f"r{seed}-{way}-{shot}-{query}",
+                      by_episode=[1.0, 0.0, float(rule == "hebbian"), 1.0])
+        return str(tmp_path / folder / name)
+
+    pairs = {seed: (run(f"h{seed}", "hebbian", seed), run(f"n{seed}", "none", seed)) for seed in range(3)}
+    fast = {seed: (run(f"fh{seed}", "hebbian", seed), run(f"fn{seed}", "none", seed, model=dict(eta=0.1 * seed, decay=seed)))
+            for seed in range(2)}
+    for seed in range(2):
+        run(f"lr{seed}", "hebbian", seed, train=dict(lr=0.001 * (seed + 1)))
+    cases = (([pairs[0], pairs[1], pairs[0][:1] + (run("n0b", "none", 0),)], "pairs 1 and 3 were tested on the same episodes"),
+             ([(retest("h0", "hebbian", 0, way=5), retest("n0", "none", 0, way=5)),
+               (retest("h1", "hebbian", 1, way=10), retest("n1", "none", 1, way=10))], "their A runs differ in more than the seed (tested.way)"),
+             ([(retest("h0", "hebbian", 0, query=1), retest("n0", "none", 0, query=1)),
+               (retest("h1", "hebbian", 1, query=3), retest("n1", "none", 1, query=3))], "their A runs differ in more than the seed (tested.query)"),
+             ([(retest("lr0", "hebbian", 0), retest("n0", "none", 0)), (retest("lr1", "hebbian", 1), retest("n1", "none", 1))],
+              "their A runs differ in more than the seed (train.lr)"),
+             ([fast[0], fast[1]], "over the 2 pairs: A - B"))
+    for pairs_given, want in cases:
+        argv = [arg for a, b in pairs_given for arg in ("--paired", a, b)]
+        assert report.main(argv) == 0, f"{argv}: each pair's line is right"
+        last = capsys.readouterr().out.strip().splitlines()[-1]
+        assert want in last, f"{[os.path.relpath(p, tmp_path) for p in argv[1::3]]}...: expected {want!r}, got {last!r}"
+
+
+@pytest.mark.train
+def test_report_plots_only_experiment_window_and_a_window_folder_below_the_task(tmp_path, monkeypatch):
+    """Only experiment 'window' is plotted (another experiment's -w<k> settings are not), and a setting whose last
+    folder names the window (omniglot/w4, as WINDOW_SETTING allows) is a window of the plot."""
+    import report
+    saved = window_plot_calls(monkeypatch)
+    for experiment, setting in (("window", "omniglot/w4"), ("window", "omniglot/wfull"), ("other", "copy-w2")):
+        task = setting.split("/")[0].split("-")[0]
+        write_results(tmp_path / experiment / setting / "seed0" / f"{task}-none", task=task, rule="none",
+                      metric="accuracy" if task == "omniglot" else "mse", test_mean=0.5, test_ci95=0.01, params=1000,
+                      train_time_s=60.0)
+    assert report.main([str(tmp_path)]) == 0
+    assert sorted(saved) == ["window-omniglot.png"], f"only experiment window's task is plotted, got {sorted(saved)}"
+    assert saved["window-omniglot.png"][1] == ["4", "full"], f"windows 4 and full, got {saved['window-omniglot.png'][1]}"
+
+
+@pytest.mark.train
+def test_report_reads_results_by_default_and_a_run_folder_given_itself(tmp_path, monkeypatch, capsys):
+    """report.py with no folder reads results/ of the working directory; a run folder given itself is a run
+    directly in the folder given: an experiment named after it."""
+    import report
+    write_results(tmp_path / "results" / "exp" / "copy-none", task="copy", rule="none", metric="mse", test_mean=0.5,
+                  test_ci95=0.01, params=1000, train_time_s=60.0)
+    write_results(tmp_path / "runs" / "copy-none", task="copy", rule="none", metric="mse", test_mean=0.5,
+                  test_ci95=0.01, params=1000, train_time_s=60.0)
+    monkeypatch.chdir(tmp_path)
+    assert report.main([]) == 0, "the default folder results/ holds a run"
+    assert "### exp" in capsys.readouterr().out, "the default folder is results/"
+    assert report.main([str(tmp_path / "runs" / "copy-none")]) == 0
+    out = capsys.readouterr().out
+    assert "### copy-none" in out and "| - | copy |" in out, f"a run folder given alone: experiment copy-none, setting -:\n{out}"
+
+
+@pytest.mark.train
+def test_report_no_mean_over_one_seed_that_only_one_sides_images_md5_show(tmp_path, capsys):
+    """Two pairs of one seed whose runs were trained on other numbers of classes: each pair is paired by inputs_md5
+    (one side fingerprinted, the other not), and only the fingerprinted side's images_md5 show that the two pairs
+    share their episodes. Whichever side that is, A or B, the mean over the pairs is refused."""
+    import report
+    for printed in ("A", "B"):
+        paths = []
+        for pair, inputs in ((1, "v"), (2, "w")):  # trained 5-way and 10-way: other inputs_md5, one seed's episodes
+            for side in ("A", "B"):
+                fields = dict(task="omniglot", metric="accuracy", test_mean=0.5, test_episodes=4, episodes_md5="t",
+                              inputs_md5=inputs, by_episode=[1.0, 0.0, float(side == "A"), float(pair == 1)])
+                write_results(tmp_path / printed, f"{side}{pair}.json", **fields | (dict(images_md5="i") if side == printed else {}))
+                paths.append(str(tmp_path / printed / f"{side}{pair}.json"))
+        assert report.main(["--paired", *paths[:2], "--paired", *paths[2:]]) == 0, "each pair is paired by inputs_md5"
+        last = capsys.readouterr().out.strip().splitlines()[-1]
+        assert last.startswith("no mean over the pairs: pairs 1 and 2 were tested on the same episodes"), \
+            f"the {printed} runs' images_md5 show one seed twice: expected no mean, got {last!r}"
+
+
+@pytest.mark.train
+def test_report_no_mean_over_a_retest_pair_and_a_final_test_pair(tmp_path, capsys):
+    """A pair of 5-way retests (seed 0) and a pair of the 20-way runs' own final tests (seed 1) ask two questions:
+    the runs' configs are alike, but one side is a retest and the other is not, so no mean over the pairs."""
+    import report
+    for rule, scores in (("hebbian", [1.0, 1.0, 0.0, 1.0]), ("none", [0.0, 1.0, 0.0, 1.0])):
+        for seed in (0, 1):
+            config = dict(train=dict(seed=seed), model=dict(rule=rule), task=dict(name="omniglot", way=20, shot=1))
+            write_results(tmp_path / f"{rule}{seed}", task="omniglot", rule=rule, metric="accuracy", test_mean=0.75,
+                          test_episodes=4, episodes_md5=f"s{seed}", by_episode=scores, config=config)
+            write_results(tmp_path / f"{rule}{seed}", "retest-5way-1shot-1query.json", task="omniglot", rule=rule, way=5,
+                          shot=1, query=1, metric="accuracy", test_mean=0.75, test_episodes=4, episodes_md5=f"r{seed}",
+                          by_episode=scores[::-1])
+    retest = "retest-5way-1shot-1query.json"
+    assert report.main(["--paired", str(tmp_path / "hebbian0" / retest), str(tmp_path / "none0" / retest),
+                        "--paired", str(tmp_path / "hebbian1"), str(tmp_path / "none1")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("no mean over the pairs: their A runs differ in more than the seed"), \
+        f"a 5-way retest and a 20-way final test are two questions: expected no mean, got {last!r}"
 
 
 @pytest.mark.train
