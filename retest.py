@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])  # int | None -> int
         if kind is bool:
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true", help=command_line_help(comments[f.name]))
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true",
+                                help=command_line_help(comments[f.name]))
             continue
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
                             metavar=kind.__name__.upper(), help=command_line_help(comments[f.name]))

@@ -11,8 +11,8 @@ uses it), log.jsonl (one JSON line per progress line and per validation), result
 learning_curve.png and, for the plastic rules, modulation.csv / modulation.png: the mean modulated
 rate eta_t per token position over the test episodes (the study's analysis of the learned modulatory
 signal), beside the step taken after the norm bound, the update's norm before it, the fast weight's
-norm and the share of episodes scored there. --rule all also writes <out-dir>/<task>-comparison.txt. An existing run is never replaced
-silently: --resume continues it, --overwrite replaces it.
+norm and the share of episodes scored there. --rule all also writes <out-dir>/<task>-comparison.txt.
+An existing run is never replaced silently: --resume continues it, --overwrite replaces it.
 
 The test reports the mean and 95% confidence interval over --test-episodes episodes, and for the
 plastic rules the same test with plasticity knocked out (eta = 0): how much the model relies on its
@@ -676,7 +676,7 @@ def trained_with(name: str, was, now) -> str:
     if was is None:
         return f"without {flag}" + (f", not with {option_flag(name, now)}" if now is not None else "")
     value = lambda v: option_flag(name, v)[len(flag) + 1:]  # --encoder-widths 96 192 ... -> 96 192 ...
-    return f"with {option_flag(name, was)}" + (f", not {value(now)}" if now is not None and not isinstance(now, bool) else "")
+    return f"with {option_flag(name, was)}" + (f", not {value(now)}" if now is not None else "")
 
 
 def read_log(run_dir: str) -> list[dict]:
