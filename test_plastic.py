@@ -400,8 +400,8 @@ def test_gradients_reach_every_parameter(rule, image):
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("rule, step_by_step", [("none", False), ("none", True), ("hebbian", True), ("gradient", True)],
-                         ids=["none-parallel", "none-token-loop", "hebbian", "gradient"])  # plastic rules: the loop only
+@pytest.mark.parametrize("rule, step_by_step", [("none", False), ("none", True), *((r, True) for r in PLASTIC_RULES)],
+                         ids=["none-parallel", "none-token-loop", *PLASTIC_RULES])  # plastic rules: the loop only
 def test_bfloat16_autocast_keeps_the_token_loop_in_float32(rule, step_by_step):
     """--amp: under bfloat16 autocast the encoder computes in bfloat16 and the token loop in float32 (its
     autograd Functions' backward passes once met bfloat16 gradients and float32 weights and stopped); the
@@ -628,7 +628,7 @@ def test_window_bounds_what_a_static_model_sees():
 
 
 @pytest.mark.attention
-@pytest.mark.parametrize("rule, step_by_step", [("none", False), ("none", True), ("hebbian", False), ("gradient", False)])
+@pytest.mark.parametrize("rule, step_by_step", [("none", False), ("none", True), *((r, False) for r in PLASTIC_RULES)])
 def test_isolated_queries_are_answered_as_if_each_were_alone_after_the_context(rule, step_by_step):
     """context=S: every query's output, and every parameter's gradient through the queries' outputs, are
     those of separate sequences of the S context tokens and that one query (plain causal passes, the
