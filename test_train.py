@@ -702,6 +702,7 @@ def test_encoder_lr_scale_0_keeps_an_init_encoders_weights_and_refuses_a_resume_
             train.train(tiny(tmp_path, "cifar_fs", "hebbian", init_encoder=init_encoder, encoder_lr_scale=0.0, resume=True))
     with pytest.raises(train.UsageError, match="cifar_fs-none/checkpoint.pt was trained without --init-encoder, not with --init-encoder "):
         train.train(tiny(tmp_path / "source", "cifar_fs", "none", init_encoder=str(source_dir), resume=True))
+    (source_dir / "best.pt").rename(source_dir / "moved.pt")  # a resume starts from its checkpoint, not the source again
     again = train.train(tiny(tmp_path, "cifar_fs", "hebbian", init_encoder=str(source_dir), encoder_lr_scale=0.0,
                              eval_interval=4, steps=6, resume=True))  # its own options: it goes on
     assert again["config"]["train"]["init_encoder"] == str(source_dir) and again["config"]["train"]["steps"] == 6
@@ -1066,6 +1067,107 @@ def test_a_resume_records_the_training_options_it_changed_and_a_trained_run_refu
             train.train(tiny(tmp_path, rule="none", steps=6, resume=True, **dict(lr=5e-4) | {option: value}))
     assert all((run_dir / name).read_bytes() == data for name, data in before.items()), "a refused resume must change no file"
 
+
+@pytest.mark.train
+def test_a_checkpoint_lacking_a_part_train_py_writes_is_refused_naming_only_that_part(tmp_path):
+    """Each of the seven entries train_rule's save() writes is needed to resume (the optimizer's moments, the
+    best score, the random states, ...): a checkpoint without one is refused in one sentence that names just it,
+    and one whose config lacks its train, model or task section is refused as well, before anything reads it."""
+    train.train(tiny(tmp_path, rule="none", steps=2))
+    path = tmp_path / "copy-none" / "checkpoint.pt"
+    whole = torch.load(path, weights_only=True)
+    keys = ("model", "step", "config", "optimizer", "best", "train_time", "rng")
+    assert set(whole) == set(keys), f"save() writes {sorted(whole)}, and this test checks {sorted(keys)}"
+    for key in keys:
+        torch.save({k: v for k, v in whole.items() if k != key}, path)
+        with pytest.raises(train.UsageError) as refused:
+            train.load_checkpoint(str(path))
+        assert f"(it lacks {key}); start the run again with --overwrite" in str(refused.value), \
+            f"a checkpoint without {key} should be refused naming {key} alone: {refused.value}"
+    for section in ("train", "model", "task"):
+        torch.save(whole | dict(config={k: v for k, v in whole["config"].items() if k != section}), path)
+        with pytest.raises(train.UsageError, match="it lacks a config of train, model and task"):
+            train.load_checkpoint(str(path))
+
+
+@pytest.mark.train
+def test_a_finished_run_without_checkpoint_pt_is_refused_naming_resume_as_rule_all_reuses_it(tmp_path):
+    """A finished run is resumable whether or not checkpoint.pt is still there: --rule all --resume reuses its
+    results.json as it is, so its refusal keeps --resume (only an unfinished run without one drops it)."""
+    train.train(tiny(tmp_path, "copy", "none", steps=2, match_params=True))
+    (tmp_path / "copy-none" / "checkpoint.pt").unlink()
+    with pytest.raises(train.UsageError) as refused:
+        train.train(tiny(tmp_path, "copy", "none", steps=2, match_params=True))
+    assert "holds a finished run already; continue it with --resume, replace it with --overwrite" in str(refused.value), \
+        f"a finished run without checkpoint.pt should still be offered --resume: {refused.value}"
+
+
+@pytest.mark.train
+def test_a_resume_records_no_option_of_where_and_how_often_it_writes(tmp_path):
+    """A resume from a moved folder, with other --threads, --log-interval, --log-seconds, --checkpoint-minutes and
+    --no-cuda-graph (the same steps, run another way), trains the same steps: config.json's "resumed" list records
+    the steps it trained on to, and none of these; a finished run tested again with --no-cuda-graph records
+    nothing."""
+    train.train(tiny(tmp_path / "a", rule="none", steps=2))
+    os.rename(tmp_path / "a", tmp_path / "b")
+    train.train(tiny(tmp_path / "b", rule="none", steps=3, resume=True, threads=1, log_interval=1, log_seconds=5.0,
+                     checkpoint_minutes=5.0, cuda_graph=False))
+    config = tmp_path / "b" / "copy-none" / "config.json"
+    resumed = json.loads(config.read_text()).get("resumed")
+    assert resumed == [dict(step=2, steps=[2, 3])], f"only the change of --steps is the run's to record, got {resumed}"
+    train.train(tiny(tmp_path / "b", rule="none", steps=3, resume=True, cuda_graph=True))
+    resumed = json.loads(config.read_text()).get("resumed")
+    assert resumed == [dict(step=2, steps=[2, 3])], f"a finished run tested again trains no step to record, got {resumed}"
+
+
+@pytest.mark.train
+def test_a_run_with_every_step_trained_refuses_each_option_of_the_training_steps(tmp_path):
+    """Each of these acts only on training steps (the rate's schedule, the optimizer, when to validate): a
+    finished run resumed at its own --steps with another value would change nothing but config.json."""
+    train.train(tiny(tmp_path, rule="none", steps=2))
+    for option, was, value in (("lr", 0.001, 5e-4), ("warmup", 0, 1), ("min_lr_ratio", 0.1, 0.5), ("weight_decay", 0.01, 0.5),
+                               ("grad_clip", 1.0, 0.5), ("eval_interval", 2, 1)):
+        flag = "--" + option.replace("_", "-")
+        with pytest.raises(train.UsageError) as refused:
+            train.train(tiny(tmp_path, rule="none", steps=2, resume=True, **{option: value}))
+        assert str(refused.value).endswith(f"has trained all its 2 steps, so {flag} {value} would change nothing but its "
+                                           f"config.json; give the run's own {flag} {was} to test it again, or --steps above "
+                                           f"2 to train on with {flag} {value}."), f"{flag}: {refused.value}"
+
+
+@pytest.mark.train
+def test_a_refusal_says_reuse_for_rule_all_and_names_a_changed_list_option_as_the_command_line_gives_it(tmp_path):
+    """--rule all --resume reuses a finished run as it is (reuse=True), so its refusals say 'reuse it', a resume's
+    'resume'; a list option such as --plastic-blocks is named as it is typed ('1', 'not 0 1'), not as a Python list."""
+    def config(rule, seed=0, **model):
+        cfg = tiny(tmp_path, "copy", rule, match_params=True, seed=seed, model=model)
+        return json.loads(json.dumps(dataclasses.asdict(train.resolve(cfg, train.load_task(cfg.task)))))
+    def refusal(saved, current, **how):
+        with pytest.raises(train.UsageError) as refused:
+            train.check_same_config(saved, current, "old", **how)
+        return str(refused.value)
+    for reuse, verb in ((False, "resume it"), (True, "reuse it")):
+        got = refusal(config("none", plastic_blocks=(1,)), config("none"), finished=True, reuse=reuse)
+        assert got == (f"old was matched (--match-params) to a plastic model with --plastic-blocks 1, whose parameter count "
+                       f"sets its width; {verb} with the options it was trained with."), f"reuse={reuse}: {got}"
+    for reuse, verb in ((False, "resume"), (True, "reuse it")):
+        got = refusal(config("none"), config("none", seed=1), finished=True, reuse=reuse)
+        assert got == (f"old was trained with --seed 0, not 1; {verb} with the run's own options, or start it again with "
+                       f"--overwrite."), f"reuse={reuse}: {got}"
+    got = refusal(config("hebbian", plastic_blocks=(1,)), config("hebbian", plastic_blocks=(0, 1)))
+    assert got == "old was trained with --plastic-blocks 1, not 0 1; resume with the run's own options.", got
+
+
+@pytest.mark.train
+def test_matched_static_width_is_closest_to_the_hebbian_models_count_of_every_width():
+    """With one head every width is a candidate, so the matched width's count is the closest of all to the Hebbian
+    model's (for n_layer 1 and d_model 8: 9; the gradient rule's slightly larger count would give 10)."""
+    model = Config(d_in=3, d_out=1, n_layer=1, n_head=1, d_model=8, rule="none")
+    target = train.count_params(dataclasses.replace(model, rule="hebbian"))
+    gap = {w: abs(train.count_params(dataclasses.replace(model, d_model=w)) - target) for w in range(1, 4 * 8 + 1)}
+    width = train.matched_static_width(model)
+    assert gap[width] == min(gap.values()), \
+        f"d_model {width} is {gap[width]} parameters from the Hebbian model's {target}; {min(gap, key=gap.get)} is {min(gap.values())}"
 
 @pytest.mark.train
 def test_rule_all_refuses_a_damaged_results_json_or_a_file_for_a_folder_before_training_anything(tmp_path):

@@ -599,10 +599,12 @@ KEPT_ON_RESUME = {"seed": None, "batch_size": None, "eval_episodes": None, "enco
                   "init_encoder": None}
 # A resume that changes a training option (--steps, --lr, ...) trains the rest of the run with it, and config.json
 # records the new value; its "resumed" list keeps each such resume's step and every option it changed, [before,
-# after], so the run's record says how all of its steps trained. Options of where and how often a run writes
-# are not recorded. A run with no step left to train (a finished one, tested again by --resume) refuses a change
-# of the options that act only on training steps: they would change nothing but its config.json.
+# after], so the run's record says how all of its steps trained. Options of where and how often a run writes,
+# and of how fast its steps run (a CUDA graph, torch.compile: the same steps), are not recorded. A run with no
+# step left to train (a finished one, tested again by --resume) refuses a change of the options that act only on
+# training steps: they would change nothing but its config.json.
 UNRECORDED_ON_RESUME = ("resume", "overwrite", "out_dir", "threads", "log_interval", "log_seconds", "checkpoint_minutes",
+                        "cuda_graph", "compile",
                         "match_params")  # a static run keeps it (check_same_config), a plastic one does not read it
 TRAINING_ONLY = ("lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "eval_interval")
 
