@@ -110,7 +110,7 @@ def bench_rule(run: RunConfig, task, timed_steps: int) -> dict:
     test_s = time_final_test(model, task, tc, device)
     return dict(rule=run.train.rule, params=model.num_params(), ms_per_step=ms, per_second=1000 * tc.batch_size / ms,
                 peak_gib=peak, test_s=test_s, test_episodes=tc.test_episodes, ops=ops.total, ops_per_token=ops.total / tokens, computing_ops=ops.computing,
-                device=device_name(device), cuda_graph=graphed,
+                device=device_name(device), torch=torch.__version__, cuda_graph=graphed,
                 fast_form=run.model.fast_form, task=task.name, batch_size=tc.batch_size, tokens=tokens)
 
 
@@ -129,7 +129,8 @@ def print_table(rows: list[dict], cfg: RunConfig, timed_steps: int) -> None:
     m = rows[0]
     print(f"bench: {m['task']}, batch {m['batch_size']}, {m['tokens']} tokens, d_model {cfg.model.d_model}, "
           f"{cfg.model.n_layer} layers, {m['fast_form']} fast weights, CUDA graph {'on' if m['cuda_graph'] else 'off'}, "
-          f"{m['device']}; {timed_steps} timed steps after warm-up; the final test ({m['test_episodes']:,} episodes "
+          f"{m['device']}, PyTorch {m['torch']}{', deterministic kernels' if cfg.train.deterministic else ''}; "
+          f"{timed_steps} timed steps after warm-up; the final test ({m['test_episodes']:,} episodes "
           f"and the knock-out) in seconds, beside 1,000 training steps; aten operations of one forward and backward "
           f"pass, all and without views")
     print(f"{'rule':<9} {'params':>10} {'ms/step':>9} {'sequences/s':>12} {'peak GiB':>9} {'x none':>7} {'test s':>7} "

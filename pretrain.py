@@ -253,7 +253,8 @@ def pretrain_encoder(pc: PretrainConfig) -> dict:
                    way=pc.way, shot=pc.shot, query=task.cfg.query, metric="accuracy", test_mean=mean, test_ci95=ci, test_episodes=values.numel(),
                    **episodes_fingerprint(task, "test", pc.test_episodes, device, pc.seed + 2),
                    by_episode=[round(v, 6) for v in values.tolist()], best_step=best["step"], best_val=best["value"],
-                   train_time_s=train_time, device=device_name(device), run_dir=run_dir, config=config)
+                   train_time_s=train_time, device=device_name(device), torch=torch.__version__, run_dir=run_dir,
+                   config=config)
     print(f"test nearest-prototype accuracy {mean:.4g} ± {ci:.2g} over {values.numel()} {pc.way}-way {pc.shot}-shot "
           f"episodes{protocol_note(pc.test_episodes)}; the encoder for --init-encoder: {run_dir}")
     write_json(os.path.join(run_dir, "results.json"), results)

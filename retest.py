@@ -170,7 +170,7 @@ def retest(rc: RetestConfig) -> dict:
     summary, line = summarise_test(values, trace, knocked, fingerprint, task)
     results = dict(run=rc.run, task=task.name, rule=model_cfg.rule, way=way, shot=shot,
                    query=query, train_way=task.ways["train"], seed=tc.seed, best_step=best_step, metric=task.metric_name,
-                   **summary, device=device_name(device), seconds=seconds)
+                   **summary, device=device_name(device), torch=torch.__version__, seconds=seconds)
     queries = "1 query" if query == 1 else f"{query} queries"
     print(f"{task.name} {way}-way {shot}-shot, {queries} per class, rule "
           f"{model_cfg.rule}: {line}{protocol_note(tc.test_episodes)}")

@@ -53,6 +53,10 @@ def test_bench_times_the_timed_steps_of_every_rule(tmp_path, monkeypatch, capsys
         assert 0 < r["computing_ops"] < r["ops"], f"{r['rule']}: without views {r['computing_ops']} of {r['ops']}"
     out = capsys.readouterr().out
     assert "ms/step" in out and "ops/token" in out, "bench prints its table with times and operation counts"
+    header = out.splitlines()[0]
+    assert f", PyTorch {torch.__version__};" in header and "deterministic" not in header, \
+        f"the table's first line should name the PyTorch it timed, {torch.__version__}, and no deterministic kernels: {header}"
+    assert all(r["torch"] == torch.__version__ for r in rows), "each row should record the PyTorch it timed"
     table = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split() and line.split()[0] in train.RULES}
     for r, ms, per_second in zip(rows, ("5.0", "10.0", "15.0"), ("800", "400", "267")):  # params, ms/step, sequences/s,
         # peak GiB, x none, test s, 1k steps s (1,000 x ms = ms s), ops, ops/token, no views
@@ -218,6 +222,8 @@ def test_bench_measures_deterministic_kernels_when_asked(tmp_path, monkeypatch, 
     before, during = deterministic_state(), record_deterministic_state(monkeypatch, bench)
     bench.bench(tiny(tmp_path, batch_size=4, deterministic=True), timed_steps=1)
     assert during == [DETERMINISTIC] * len(train.RULES), f"each rule should be timed with deterministic kernels: {during}"
+    header = capsys.readouterr().out.splitlines()[0]
+    assert f"PyTorch {torch.__version__}, deterministic kernels;" in header, f"the table should say its kernels were deterministic: {header}"
     assert deterministic_state() == before, f"bench should restore {before}, left {deterministic_state()}"
 
 

@@ -167,15 +167,16 @@ def test_it_is_tested_on_the_episodes_a_train_py_run_of_the_seed_is_tested_on(tm
 
 def test_results_json_holds_the_episodes_settings_and_the_confidence_interval(tmp_path, offline):
     """results.json on disk is what pretrain() returns: the episodes' way, shot and query (--query unset: the
-    task's default, 1), the 6 test episodes (not the 4 of validation), test_ci95 = 1.96 * std / sqrt(n) of
+    task's default, 1), the 6 test episodes (not the 4 of validation), the PyTorch it ran, test_ci95 = 1.96 * std / sqrt(n) of
     by_episode (recomputed here in float64), the run's folder and its config.json."""
     results = pretrain.pretrain(tiny(tmp_path))
     run_dir = tmp_path / "pretrain-cifar_fs"
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results)), \
         f"results.json should hold what pretrain() returns; differs in {[k for k in results if on_disk.get(k) != results[k]]}"
-    settings = {key: on_disk[key] for key in ("task", "rule", "way", "shot", "query", "metric", "test_episodes")}
-    want = dict(task="cifar_fs", rule="prototypes", way=3, shot=1, query=1, metric="accuracy", test_episodes=6)
+    settings = {key: on_disk[key] for key in ("task", "rule", "way", "shot", "query", "metric", "test_episodes", "torch")}
+    want = dict(task="cifar_fs", rule="prototypes", way=3, shot=1, query=1, metric="accuracy", test_episodes=6,
+                torch=torch.__version__)
     assert settings == want, f"results.json should record the test episodes' settings {want}, got {settings}"
     values = [float(v) for v in on_disk["by_episode"]]
     mean = sum(values) / len(values)

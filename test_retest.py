@@ -229,7 +229,7 @@ def test_a_retest_file_is_named_by_its_episodes_and_records_what_was_tested(tmp_
     """A 2-way 3-shot retest at 1 query with seed 1, of a run trained 4-way with seed 0 (every number another, so
     none can stand for another): retest-2way-3shot-1query.json holds the run folder, its task, rule and metric, the
     asked sizes and seed, the model's training way, the step of the best.pt tested, the device the test ran on by
-    name (never 'auto') and the seconds it took."""
+    name (never 'auto'), the PyTorch it ran and the seconds it took."""
     run_dir, results = trained(tmp_path, "none", model=dict(positions=False), train_way=4)
     retest.retest(retest.RetestConfig(run=str(run_dir), way=2, shot=3, query=1, seed=1, device="auto"))
     path = run_dir / "retest-2way-3shot-1query.json"
@@ -237,7 +237,7 @@ def test_a_retest_file_is_named_by_its_episodes_and_records_what_was_tested(tmp_
     saved = json.loads(path.read_text())
     want = dict(run=str(run_dir), task="omniglot", rule="none", way=2, shot=3, query=1, train_way=4, seed=1,
                 best_step=results["best_step"], metric=results["metric"],
-                device=train.device_name(train.pick_device("auto")))
+                device=train.device_name(train.pick_device("auto")), torch=torch.__version__)
     got = {key: saved.get(key) for key in want}
     assert got == want, f"the retest file records {got}, not {want}"
     assert isinstance(saved.get("seconds"), float) and saved["seconds"] > 0, \

@@ -100,6 +100,7 @@ def test_every_task_and_rule_trains_and_writes_every_output(tmp_path, offline, t
     assert not missing, f"{task}/{rule}: the run folder lacks {missing}"
     assert results == json.loads((run_dir / "results.json").read_text()), "train() should return results.json"
     assert results["test_episodes"] == 8 and np.isfinite(results["test_mean"]), f"bad test result {results}"
+    assert results["torch"] == torch.__version__, f"results.json should name the PyTorch it ran, got {results.get('torch')!r}"
     assert (results["knockout_mean"] is None) == (rule == "none"), "the knock-out belongs to the plastic rules only"
     scored = [v for v in results["by_position"] if v is not None]
     if task in ("omniglot", "cifar_fs"):  # every episode scores the same positions, the queries

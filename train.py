@@ -1222,7 +1222,8 @@ def train_rule(cfg: RunConfig) -> dict:
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
         results = dict(task=task.name, rule=model_cfg.rule, params=model.num_params(), metric=task.metric_name,
                        **final_test(model, task, tc, device, run_dir), best_step=best["step"], best_val=best["value"],
-                       train_time_s=train_time, device=device_name(device), run_dir=run_dir, config=config)
+                       train_time_s=train_time, device=device_name(device), torch=torch.__version__, run_dir=run_dir,
+                       config=config)
         plot_learning_curve(run_dir, task.metric_name, f"{task.name}, rule {model_cfg.rule}{sizes}")
         write_json(os.path.join(run_dir, "results.json"), results)
     return results
