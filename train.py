@@ -54,92 +54,41 @@ from tasks import OMNIGLOT_SPLITS, TASKS, TaskConfig, make_task_from_config, opt
 # option given explicitly wins; a --way above the task's train_way trains way-way, and so does a training
 # shot (--train-shot, or --shot where the task has no default) above one.
 #
-# Omniglot: 8,000 steps of 128 episodes of 10 classes with 3 queries per class, tested 5-way, without
-# position embeddings, on Vinyals's split with shifted training images, each query alone: Hebbian
-# 98.23 +- 0.38% over three seeds (98.41, 98.15, 98.13) in 6.8 min for the whole command on an H200, the
-# static model 98.33 +- 0.49% (98.47, 98.11, 98.42) (README, "Few-shot on the literature's splits");
-# on Lake's split (--split lake) both score the same: Hebbian 98.24 +- 0.32% (98.10, 98.35, 98.27; 7 min),
-# static 98.31 +- 0.43% (98.21, 98.20, 98.51).
-# 8,000 steps rather than more: 11,000 (9.1 min) gave 98.43 against 98.41 on seed 0, validation flat
-# from step 9,000.
-# No pre-trained encoder by default: starting from the Conv4 of pretrain.py (--init-encoder) gained
-# +0.18 +- 0.44 points over three seeds (Hebbian 98.41 +- 0.77: 98.75, 98.14, 98.33) and +0.19 +- 0.20
-# (static 98.53 +- 0.53), not established, for a second command of 77 s; at 5 shots +0.13 +- 0.10
-# (Hebbian, paired per seed), still 0.20 below 99.8. On CIFAR-FS (static, seed 1, paired) it lost 0.94
-# +- 1.41, and with --encoder-lr-scale 0.1 gained 0.24 +- 1.37: README, "A pre-trained encoder".
-#
-# Ten classes in 128 episodes rather than five in 256, the same images per step at 1.26x the time
-# (Hebbian 48.2 ms against 38.4): on seed 0 +0.34 points (Hebbian, 98.41 against 98.07 without
-# positions, 98.09 with) and +0.22 (static, against five with positions, 98.47 against 98.25), each
-# within one run's interval. The gain is not established over seeds: on a CPU (static, 1,500 steps, seed
-# 0, no positions, 1,280 images per step) five classes at batch 64 scored 96.54%, ten at 32 96.24 and
-# twenty at 16 95.35 (the earlier +1.27 of ten at 32 over five at 32 had twice the images per step). It
-# is the default for the GPU's paired gains and its three measured seeds; five classes' seeds 1 and 2
-# are still to run. No positions with ten classes: a 5-way test query would sit where 10-way training
-# had only support; with five they made no difference (Hebbian seed 0, above).
-#
-# Three queries per class rather than one: 3x the answers per step at 1.6x the time per step (Hebbian
-# 38.4 ms against 23.7); with one, 97.68 and 97.88 on seed 0, and 97.67 +- 0.03% over three seeds
-# (static 97.88 +- 0.15%); on a CPU, static, 1,500 steps of 32, three seeds, +0.71 +- 1.07 points, ahead
-# on each.
-#
-# Omniglot trains at one shot whatever the test's shots (train_shot=1), so 5-shot trains as the 1-shot
-# default does, ten classes of 1 + 3 images, and chooses and tests its checkpoint at 5 shots: static
-# 99.50 +- 0.19% over three seeds (99.59, 99.47, 99.44; 4.1 min each), Hebbian 99.46 +- 0.05% (99.48,
-# 99.47, 99.44; knock-outs the same; 6.8 min for the whole command). Training at 5 shots on five
-# classes (an episode of 5 + 3 images per class, as many as ten of 1 + 3) scored 99.34, 99.34, 99.26
-# (static) and 99.21 (Hebbian, seed 0) on the same test episodes: +0.19 +- 0.15 points paired over the
-# static seeds, +0.27 for the Hebbian rule, in less time (the token loop runs over the support set: five
-# classes of 5 loop 25 tokens, 75.3 ms a Hebbian step and 10.8 min; ten of 1 loop 10, 6.8 min). More
-# training shots do not help at 5 shots and more classes do: on seed 0's test episodes the static
-# models trained on five classes of 5 shots, twenty of 5 (batch 32) and twenty of 1 scored 99.34, 99.43
-# and 99.57; over three seeds twenty of 5 scored 99.43 +- 0.20% (other test episodes) and twenty of 1,
-# the 20-way models retested 5-way (retest.py), 99.54 +- 0.10%. Twenty classes cost the Hebbian rule
-# 15.2 min at one shot, so ten are kept. CIFAR-FS trains at the test's shots and, at more than one,
-# way-way: one training shot without positions scored 73.56 against 76.22 there (static, seed 0, the same
-# test episodes: -2.66 +- 1.14 points paired), its training episodes at 83.8% against 91.2.
-#
-# 20-way 1-shot trains 20-way, 128 episodes per step: Hebbian 94.00 +- 0.25% on seed 0 (knock-out 93.98;
-# 15.2 min), static 94.52 +- 0.47% over three seeds (7.9 min); both overfit (training episodes
-# 98.8-98.9%). Retested 5-way 1-shot, the static 20-way models score 98.34, level with the 1-shot
-# default; a model trained at 5 shots (twenty classes) scores 97.08 there, 1.25 points below it.
-#
-# Earlier figures, with the queries of an episode seeing each other (README, "Queries that see each
-# other"), which added 0.6 points on Omniglot and 3.3 on CIFAR-FS (over three seeds): Omniglot 98.28 +-
-# 0.92% over three seeds (Hebbian; the static model 98.47 +- 0.87%, the gradient rule 98.50 +- 0.36% on one seed
-# after 4,000 steps without shifts). Twice the steps did not help the static model (98.56 +- 0.16% on
-# 5,000 test episodes). Batch 256 rather than 64: the token loop is bound by kernel launches, so 4x the
-# episodes cost 1.7x the time per step (Hebbian on an H100: 32.4 ms against 18.7, README "Speed").
-# Validation still rose by 0.1 point per 1,000 steps at the end of most runs (not of the default one
-# then, flat from step 6,000). There 10 classes per episode (--train-way 10 --no-positions) at batch 256
-# did not beat five (Hebbian 98.84, static 98.72) at twice the time.
-#
-# CIFAR-FS, the same 8,000 x 256 but one query per class, with mirrored and shifted training images: with
-# each query alone Hebbian 62.82 +- 1.79% and static 62.17 +- 2.88% over three seeds (63.52, 62.08, 62.86
-# and 63.24, 62.34, 60.94; 3.9-4.5 and 2.8 min for the whole command on an H200). Omniglot's levers did not
-# carry over (static, seed 1, paired on the same test episodes): three queries per class 62.52 at one query
-# (+0.18 +- 1.40) in 1.8x the time; ten training classes without positions at batch 128 60.78 (-1.56 +-
-# 1.38); nor did dropout 0.1, 61.52 (-0.82 +- 1.34); nor R2D2's wider Conv4 (--encoder-widths 96 192 384
-# 512, 4.17M parameters), 61.04 (-1.30 +- 1.35), its training episodes at 97.9% and validation best at step
-# 2,000; nor colour jitter (--jitter 0.4, as MetaOptNet trains CIFAR-FS), 61.18 (-1.16 +- 1.42); nor
-# weight decay 0.1, 61.60 (-0.74 +- 1.35). At 5 shots these defaults train 5-shot episodes: static 75.10 +- 2.41% over three seeds (76.22,
-# 74.60, 74.48), 7.3 min each. With queries seeing each other Hebbian 66.12 +-
-# 3.09% over three seeds, static 65.45 +- 1.63%, on seed 0 67.16 and 65.90 against 60.72 and 61.40 at 4,000
-# x 64 (1.5 and 0.7 min; the static model without augmentation 56.86).
-#
-# Learning rate 1e-3 everywhere: 3e-4 took CIFAR-FS at attention window 1 from 1 to 3 of 3 Hebbian
-# seeds, but was slightly lower with full attention on Omniglot (97.4 against 97.9, Lake's split) and
-# far slower on copy (0.181 against 0.020 after 2,000 steps); README, item 6.
-#
-# Copy's decay of 0.01: with attention window 1 the Hebbian model reached test MSE 0.103 after 2,000
-# steps against 0.161 with 0.1, and 0.0002 after 4,000 (README, "What makes the fast weights work"); the
-# other tasks keep 0.1, where it was measured (Omniglot).
-#
-# Synthetic tasks: a smaller model, measured on a CPU (rule none, batch 64, tested on 512 sequences): at
-# the default 2,000 steps d_model 64 with 2 blocks reached test MSE 0.038 on cue_reward and 0.19 on
-# regression, the few-shot size (d_model 128, 4 blocks: 8x the parameters, 4.5x the time per step) 0.043
-# and 0.35. After 300 steps the larger one was still ahead (copy 9e-5 against 3e-4), and d_model 32 far
-# behind (copy 0.013; Hebbian copy 0.21 against 0.0003 with d_model 64).
+# Why each value (% with 95% intervals; README.md has every run, in "Each query alone (the default)" unless named):
+# - Omniglot, 8,000 steps of 128 episodes: Hebbian 98.23 +- 0.38%, static 98.33 +- 0.49% over three seeds,
+#   the Hebbian command 6.8 min on an H200; 11,000 steps gave 98.43 against 98.41 (seed 0).
+# - train_way=10 at batch 128 (five classes' images per step at 256): +0.21 +- 0.28 over three seeds against
+#   five (unpaired), not established (on a CPU five were 0.30 above), at 1.26x the step time; kept as never
+#   below five on the GPU. positions=False: a 5-way test query would sit where 10-way training had only
+#   support; with five classes they made no difference (98.09 against 98.07 without, Hebbian seed 0).
+# - query=3: +0.71 +- 1.07 over three CPU seeds (static, paired; "Queries that see each other"), ahead on each,
+#   not established; +0.41 (Hebbian), +0.37 (static) on GPU seed 0, within each run's interval; 1.6x the step time.
+# - train_shot=1 (5-shot trains as 1-shot does, choosing its checkpoint at 5 shots): static 99.50 +- 0.19%
+#   over three seeds, +0.18 +- 0.15 above five training classes of 5 shots (by seed, unpaired); Hebbian +0.27
+#   (seed 0), in 6.8 min rather than 10.8. Twenty 1-shot classes: +0.05 +- 0.24 (static, paired by seed),
+#   not established, and 15.2 min for the Hebbian rule.
+# - 20-way trains 20-way (train_way rises to --way at one shot): Hebbian 94.12 +- 0.28% (seed 0 94.00 +- 0.25),
+#   static 94.52 +- 0.47% over three seeds; 40 training classes +0.09 +- 0.56 (static, paired by seed), not
+#   established. No pre-trained encoder (pretrain.py, --init-encoder): on Omniglot +0.20 +- 0.19 (static) and
+#   +0.18 +- 0.43 (Hebbian) over three seeds, unpaired, +0.13 +- 0.09 at 5 shots (Hebbian, paired by seed),
+#   for a second command; on CIFAR-FS -0.94 +- 1.41 (static, seed 1, paired).
+# - CIFAR-FS, 8,000 steps of 256 episodes, one query per class, positions, mirrored and shifted training
+#   images: Hebbian 62.82 +- 1.79%, static 62.17 +- 2.88% over three seeds. With queries seeing each other
+#   (seed 0; "Queries that saw each other (before commit 712ea9f)") 8,000 x 256 gained 6.4 (Hebbian) and 4.5
+#   points (static) over 4,000 x 64, augmentation 4.5 (static). Static, seed 1, paired: three queries +0.18
+#   +- 1.40 at nearly twice the step time, ten training classes -1.56 +- 1.38; dropout, R2D2's wider Conv4,
+#   colour jitter and weight decay 0.1 -0.74 to -1.30, each interval including zero. Its training shot is
+#   the test's: one at 5 shots -2.66 +- 1.14 (seed 0, paired).
+# - lr 1e-3 everywhere ("What makes the fast weights work", item 6): 3e-4 took CIFAR-FS at attention window 1
+#   from 1 to 3 of 3 Hebbian seeds, but scored slightly lower with full attention on Omniglot (Hebbian 97.38
+#   against 97.86, one seed, within the intervals) and learned copy far slower (0.181 against 0.0201 after
+#   2,000 steps). Copy's decay 0.01: test MSE 0.103 after 2,000 steps against 0.161 with 0.1 (Hebbian,
+#   window 1, the same section); the other tasks keep 0.1, where it was measured (Omniglot).
+# - The synthetic tasks' smaller model (measured only here), on a CPU, rule none, batch 64, 512 test sequences:
+#   at 2,000 steps d_model 64 with 2 blocks reached test MSE 0.038 on cue_reward and 0.19 on regression, the
+#   few-shot size (d_model 128, 4 blocks: 8x the parameters, 4.5x the time per step) 0.043 and 0.35; after 300
+#   steps the larger was still ahead (copy 9e-5 against 3e-4), d_model 32 far behind (copy 0.013; Hebbian copy
+#   0.21 against 0.0003 with d_model 64).
 TASK_DEFAULTS = {
     "copy": dict(steps=2000, batch_size=64, lr=1e-3, d_model=64, n_layer=2, decay=0.01),
     "regression": dict(steps=2000, batch_size=64, lr=1e-3, d_model=64, n_layer=2, decay=0.1),
