@@ -90,6 +90,7 @@ def tiny(out_dir, task="copy", rule="hebbian", model=None, **options) -> RunConf
 
 
 @pytest.mark.train
+@pytest.mark.plots
 @pytest.mark.parametrize("task", tasks.TASKS)
 @pytest.mark.parametrize("rule", train.RULES)
 def test_every_task_and_rule_trains_and_writes_every_output(tmp_path, offline, task, rule):
@@ -98,6 +99,9 @@ def test_every_task_and_rule_trains_and_writes_every_output(tmp_path, offline, t
     expected = RUN_FILES + (TRACE_FILES if rule != "none" else ())
     missing = [name for name in expected if not (run_dir / name).is_file()]
     assert not missing, f"{task}/{rule}: the run folder lacks {missing}"
+    for name in (n for n in expected if n.endswith(".png")):
+        with Image.open(run_dir / name) as image:
+            assert image.format == "PNG" and min(image.size) >= 300, f"{task}/{rule}: {name} is not a drawn plot: {image.format} {image.size}"
     assert results == json.loads((run_dir / "results.json").read_text()), "train() should return results.json"
     assert results["test_episodes"] == 8 and np.isfinite(results["test_mean"]), f"bad test result {results}"
     assert results["torch"] == torch.__version__, f"results.json should name the PyTorch it ran, got {results.get('torch')!r}"
@@ -1570,12 +1574,14 @@ def test_report_leaves_out_a_retest_of_an_earlier_best_pt(tmp_path, capsys):
 
 
 @pytest.mark.train
-def test_report_pairs_runs_tested_on_the_same_episodes(tmp_path, offline, capsys):
+def test_report_pairs_runs_tested_on_the_same_episodes(tmp_path, offline, capsys, monkeypatch):
     """Runs of one seed at other rules and batches share their test episodes (episodes_md5): report.py --paired
     gives A - B episode by episode, mean +- 1.96 std / sqrt(n) against numpy in float64, as a plastic run's
     results.json gives it against its knock-out; runs of other seeds, or without per-episode scores, are
-    refused in one sentence."""
+    refused in one sentence. Each run's first line and its learning curve's title name its episodes."""
     import report
+    titles = []
+    monkeypatch.setattr(train, "plot_learning_curve", lambda run_dir, metric_name, title: titles.append(title))
     static = train.train(tiny(tmp_path / "a", "omniglot", "none", test_episodes=12))
     plastic = train.train(tiny(tmp_path / "b", "omniglot", "hebbian", test_episodes=12, batch_size=3))
     other = train.train(tiny(tmp_path / "c", "omniglot", "none", test_episodes=12, seed=1))
@@ -1587,6 +1593,9 @@ def test_report_pairs_runs_tested_on_the_same_episodes(tmp_path, offline, capsys
     assert [line.split(" on cpu")[0].split("episodes ")[-1] for line in opening] == \
         ["(3-way 1-shot; validated and tested 3-way 1-shot)"] * 3 + ["(4-way 1-shot; validated and tested 3-way 1-shot)"], \
         f"each run's first line should name its training and test episodes, whose chance levels differ: {opening}"
+    assert titles == [f"omniglot, rule {rule} ({way}-way 1-shot; validated and tested 3-way 1-shot)"
+                      for rule, way in (("none", 3), ("hebbian", 3), ("none", 3), ("none", 4))], \
+        f"each learning curve's title should name the run's training and test episodes: {titles}"
     assert len(plastic["by_episode"]) == 12 and np.mean(plastic["by_episode"]) == pytest.approx(plastic["test_mean"], abs=1e-6), \
         "by_episode should hold the 12 episodes whose mean is test_mean"
     runs = [str(tmp_path / folder / name) for folder, name in (("a", "omniglot-none"), ("b", "omniglot-hebbian"))]
@@ -2715,6 +2724,7 @@ def test_report_reads_train_py_default_layout_and_has_help(tmp_path, capsys):
 
 
 @pytest.mark.train
+@pytest.mark.plots
 def test_the_learning_curve_labels_a_loss_within_one_decade_as_plain_numbers(tmp_path, monkeypatch):
     """A training loss from 2.41 to 2.71 on the log axis: its ticks read 2.45, 2.5, ..., not 2.45x10^0."""
     with open(tmp_path / "log.jsonl", "w") as log:
@@ -2758,6 +2768,7 @@ def test_plots_are_saved_in_256_colours_that_match_matplotlibs_own_png(tmp_path)
 
 
 @pytest.mark.train
+@pytest.mark.plots
 def test_learning_curve_of_a_one_step_run_is_not_blank(tmp_path):
     (tmp_path / "log.jsonl").write_text(json.dumps(dict(split="train", step=1, loss=0.5, metric=0.5)) + "\n")
     train.plot_learning_curve(str(tmp_path), "mse", "copy, rule hebbian")

@@ -769,15 +769,8 @@ def plot_learning_curve(run_dir: str, metric_name: str, title: str) -> None:
     plt.close(fig)
 
 
-def write_modulation_trace(run_dir: str, trace: dict, rule: str) -> None:
-    """modulation.csv and modulation.png: per token position, the means over the test episodes. At isolated
-    few-shot queries (scored, writing nothing) eta is the rate the query would write with; step and
-    update_norm are 0 there."""
-    columns = ("eta", "step", "update_norm", "fast_norm", "scored")
-    with open(os.path.join(run_dir, "modulation.csv"), "w") as f:
-        f.write("position," + ",".join(columns) + "\n")
-        for t in range(len(trace["eta"])):
-            f.write(f"{t}," + ",".join(f"{trace[c][t].item():.6g}" for c in columns) + "\n")
+def plot_modulation_trace(run_dir: str, trace: dict, rule: str) -> None:
+    """modulation.png: eta_t, the step taken and the fast weight's norm per token position, scored ones shaded."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -795,6 +788,18 @@ def write_modulation_trace(run_dir: str, trace: dict, rule: str) -> None:
     fig.tight_layout()
     save_plot(fig, os.path.join(run_dir, "modulation.png"))
     plt.close(fig)
+
+
+def write_modulation_trace(run_dir: str, trace: dict, rule: str) -> None:
+    """modulation.csv and modulation.png: per token position, the means over the test episodes. At isolated
+    few-shot queries (scored, writing nothing) eta is the rate the query would write with; step and
+    update_norm are 0 there."""
+    columns = ("eta", "step", "update_norm", "fast_norm", "scored")
+    with open(os.path.join(run_dir, "modulation.csv"), "w") as f:
+        f.write("position," + ",".join(columns) + "\n")
+        for t in range(len(trace["eta"])):
+            f.write(f"{t}," + ",".join(f"{trace[c][t].item():.6g}" for c in columns) + "\n")
+    plot_modulation_trace(run_dir, trace, rule)
 
 
 # ----------------------------------------------------------------------------------------------
