@@ -166,12 +166,19 @@ def test_compare_trains_three_rules_and_matches_parameters(tmp_path):
     for rule in params:
         assert rule in out["table"] and f"{params[rule]:,}" in out["table"], f"the table lacks {rule}'s row:\n{out['table']}"
     assert (tmp_path / "copy-comparison.txt").read_text().strip() == out["table"]
+    where = f"; on {train.device_name(train.pick_device('cpu'))}, PyTorch {torch.__version__}"
+    assert out["table"].splitlines()[0].endswith(where), f"the table's first line should end {where!r}: {out['table']}"
     again = train.compare(tiny(tmp_path, "copy", "all", steps=2, resume=True))
     assert again["runs"] == out["runs"], "--rule all --resume reuses finished runs of the same options as they are"
     for options, name in ((dict(model=dict(d_model=32)), "the width --match-params matched"), (dict(seed=1), "--seed"), (dict(test_episodes=16), "--test-episodes")):
         with pytest.raises(train.UsageError, match=f"{name}.*reuse it with the run's own"):
             train.compare(tiny(tmp_path, "copy", "all", steps=2, resume=True, **options))
     assert (tmp_path / "copy-comparison.txt").read_text().strip() == out["table"], "a refused reuse rewrites no table"
+    saved = tmp_path / "copy-gradient" / "results.json"  # as if run on another machine, before torch was recorded
+    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "torch"} | dict(device="a GPU")))
+    first = train.compare(tiny(tmp_path, "copy", "all", steps=2, resume=True))["table"].splitlines()[0]
+    here = where.removeprefix("; on ")
+    assert first.endswith(f"; on none {here}; hebbian {here}; gradient a GPU"), f"where each rule ran, when not all ran alike: {first}"
 
 
 @pytest.mark.train

@@ -1235,7 +1235,10 @@ def compare(cfg: RunConfig) -> dict:
     metric = results[0]["metric"]
     header = f"{'rule':<9} {'params':>10}   {'test ' + metric + ' (95% CI)':<24} {'knock-out (eta=0)':<20} {'train time':>10}"
     episodes = results[0]["test_episodes"]
-    lines = [f"{cfg.task.name}: {episodes} test episodes{protocol_note(episodes)}", header, "-" * len(header)]
+    machines = [r["device"] + (f", PyTorch {r['torch']}" if r.get("torch") else "") for r in results]  # a reused
+    ran = f"on {machines[0]}" if len(set(machines)) == 1 else "on " + "; ".join(  # run may have run elsewhere
+        f"{r['rule']} {machine}" for r, machine in zip(results, machines))
+    lines = [f"{cfg.task.name}: {episodes} test episodes{protocol_note(episodes)}; {ran}", header, "-" * len(header)]
     for r in results:
         ko = "-" if r["knockout_mean"] is None else f"{r['knockout_mean']:.4g} ± {r['knockout_ci95']:.2g}"
         test = f"{r['test_mean']:.4g} ± {r['test_ci95']:.2g}"
