@@ -1,5 +1,6 @@
 """Shared by every test file: tiny models run on one thread, and a run's plots are drawn only where they are tested."""
 
+import itertools
 import os
 import sys
 
@@ -26,19 +27,27 @@ def one_thread():
         os.environ["OMP_NUM_THREADS"] = omp
 
 
+STAND_INS = itertools.count(1)  # each stand-in plot's content differs from every other's
+
+
 @pytest.fixture(autouse=True)
 def plots_drawn_only_where_tested(request, monkeypatch):
     """A run's plots (learning_curve.png, modulation.png) took most of a tiny test run's time (0.27 of 0.36 s
     for the learning curve alone), and 160 plots were drawn: with them the suite took 65-70 s on two cores,
     without them 48-51 s (side by side). Tests marked `plots` draw them (the plots' own tests, and every task and
-    rule end to end, whose PNGs are checked); elsewhere each plot is an empty file of its name, so a test of
-    resuming, refusing or recording still finds every file a run writes. Only where the test's module has
-    imported train.py: a test of the model or the tasks never waits on it (nor fails with it, half-written)."""
+    rule end to end, whose PNGs are checked, and the command line run in a subprocess, which a fixture cannot
+    reach); elsewhere each plot is a stand-in file of its name holding a count of the stand-ins written, so a
+    test of resuming, refusing or recording still finds every file a run writes, and sees a rewritten one
+    change. Only once train.py is imported (this file never imports it): a test of the model or the tasks
+    alone neither waits on it nor fails with it half-written."""
     train = sys.modules.get("train")
     if train is None or request.node.get_closest_marker("plots"):
         return
 
-    def empty_file(name):
-        return lambda run_dir, *args: open(os.path.join(run_dir, name), "wb").close()
-    monkeypatch.setattr(train, "plot_learning_curve", empty_file("learning_curve.png"))
-    monkeypatch.setattr(train, "plot_modulation_trace", empty_file("modulation.png"))
+    def stand_in(name):
+        def write(run_dir, *args):
+            with open(os.path.join(run_dir, name), "w") as file:
+                file.write(f"stand-in {next(STAND_INS)}\n")
+        return write
+    monkeypatch.setattr(train, "plot_learning_curve", stand_in("learning_curve.png"))
+    monkeypatch.setattr(train, "plot_modulation_trace", stand_in("modulation.png"))

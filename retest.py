@@ -17,7 +17,7 @@ episodes: a model without position embeddings (Omniglot's default) reads any len
 reads at most the length it learned.
 
 It prints one line and writes <run>/retest-<way>way-<shot>shot-<query>query.json: the test's numbers,
-the options, the device and the time. Retesting with the same options and seed gives the same numbers,
+the options, the device, the PyTorch version and the time. Retesting with the same options and seed gives the same numbers,
 so the file is replaced. A file of other episodes (another seed, number of episodes or kind of device,
 as a quick check of 20 episodes on a CPU would be) is refused before the test, unless --overwrite: a
 retest to report is never erased by another. The run's own files are never touched.

@@ -1347,6 +1347,7 @@ def test_cli_missing_data_and_unwritable_out_dir_exit_2(tmp_path, capsys, no_net
 
 
 @pytest.mark.cli
+@pytest.mark.plots
 def test_cli_runs_end_to_end_in_a_subprocess(tmp_path):
     command = [sys.executable, "train.py", "--task", "copy", "--rule", "hebbian", "--seq-len", "2", "--delay", "1",
                "--n-layer", "2", "--n-head", "2", "--d-model", "16", "--steps", "4", "--batch-size", "4",
@@ -1357,6 +1358,9 @@ def test_cli_runs_end_to_end_in_a_subprocess(tmp_path):
     assert done.returncode == 0, f"train.py failed:\n{done.stdout}\n{done.stderr}"
     assert "step 4/4 | loss" in done.stdout and "ms/step" in done.stdout and "test mse" in done.stdout, done.stdout
     assert all((tmp_path / "copy-hebbian" / name).is_file() for name in RUN_FILES + TRACE_FILES)
+    for name in ("learning_curve.png", "modulation.png"):
+        with Image.open(tmp_path / "copy-hebbian" / name) as image:
+            assert image.format == "PNG" and min(image.size) >= 300, f"{name} is not a drawn plot: {image.format} {image.size}"
 
 
 @pytest.mark.cli

@@ -69,9 +69,10 @@ from tasks import OMNIGLOT_SPLITS, TASKS, TaskConfig, make_task_from_config, opt
 #   not established, and 15.2 min for the Hebbian rule.
 # - 20-way trains 20-way (train_way rises to --way at one shot): Hebbian 94.12 +- 0.28% (seed 0 94.00 +- 0.25),
 #   static 94.52 +- 0.47% over three seeds; 40 training classes +0.09 +- 0.56 (static, paired by seed), not
-#   established. No pre-trained encoder (pretrain.py, --init-encoder): on Omniglot +0.20 +- 0.19 (static) and
-#   +0.18 +- 0.43 (Hebbian) over three seeds, unpaired, +0.13 +- 0.09 at 5 shots (Hebbian, paired by seed),
-#   for a second command; on CIFAR-FS -0.94 +- 1.41 (static, seed 1, paired).
+#   established.
+# - No pre-trained encoder (pretrain.py, --init-encoder; "A pre-trained encoder"): on Omniglot +0.20 +- 0.19
+#   (static) and +0.18 +- 0.43 (Hebbian) over three seeds, unpaired, +0.13 +- 0.09 at 5 shots (Hebbian, paired
+#   by seed), for a second command; on CIFAR-FS -0.94 +- 1.41 (static, seed 1, paired).
 # - CIFAR-FS, 8,000 steps of 256 episodes, one query per class, positions, mirrored and shifted training
 #   images: Hebbian 62.82 +- 1.79%, static 62.17 +- 2.88% over three seeds. With queries seeing each other
 #   (seed 0; "Queries that saw each other (before commit 712ea9f)") 8,000 x 256 gained 6.4 (Hebbian) and 4.5
@@ -1235,8 +1236,9 @@ def compare(cfg: RunConfig) -> dict:
     metric = results[0]["metric"]
     header = f"{'rule':<9} {'params':>10}   {'test ' + metric + ' (95% CI)':<24} {'knock-out (eta=0)':<20} {'train time':>10}"
     episodes = results[0]["test_episodes"]
-    machines = [r["device"] + (f", PyTorch {r['torch']}" if r.get("torch") else "") for r in results]  # a reused
-    ran = f"on {machines[0]}" if len(set(machines)) == 1 else "on " + "; ".join(  # run may have run elsewhere
+    # where each run trained: a reused run may have trained on another machine (older ones did not record torch)
+    machines = [r["device"] + (f", PyTorch {r['torch']}" if r.get("torch") else "") for r in results]
+    ran = f"on {machines[0]}" if len(set(machines)) == 1 else "on " + "; ".join(
         f"{r['rule']} {machine}" for r, machine in zip(results, machines))
     lines = [f"{cfg.task.name}: {episodes} test episodes{protocol_note(episodes)}; {ran}", header, "-" * len(header)]
     for r in results:
