@@ -85,6 +85,12 @@ def tiny(out_dir, task="copy", rule="hebbian", model=None, **options) -> RunConf
                      task=TaskConfig(name=task, **TINY_TASKS[task]))
 
 
+def assert_drawn_plot(path, run):
+    """A plot matplotlib drew (a PNG of at least 300 pixels a side), not conftest.py's stand-in."""
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) >= 300, f"{run}: {path.name} is not a drawn plot: {image.format} {image.size}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Every task and rule, end to end
 
@@ -100,8 +106,7 @@ def test_every_task_and_rule_trains_and_writes_every_output(tmp_path, offline, t
     missing = [name for name in expected if not (run_dir / name).is_file()]
     assert not missing, f"{task}/{rule}: the run folder lacks {missing}"
     for name in (n for n in expected if n.endswith(".png")):
-        with Image.open(run_dir / name) as image:
-            assert image.format == "PNG" and min(image.size) >= 300, f"{task}/{rule}: {name} is not a drawn plot: {image.format} {image.size}"
+        assert_drawn_plot(run_dir / name, f"{task}/{rule}")
     assert results == json.loads((run_dir / "results.json").read_text()), "train() should return results.json"
     assert results["test_episodes"] == 8 and np.isfinite(results["test_mean"]), f"bad test result {results}"
     assert results["torch"] == torch.__version__, f"results.json should name the PyTorch it ran, got {results.get('torch')!r}"
@@ -1359,8 +1364,7 @@ def test_cli_runs_end_to_end_in_a_subprocess(tmp_path):
     assert "step 4/4 | loss" in done.stdout and "ms/step" in done.stdout and "test mse" in done.stdout, done.stdout
     assert all((tmp_path / "copy-hebbian" / name).is_file() for name in RUN_FILES + TRACE_FILES)
     for name in ("learning_curve.png", "modulation.png"):
-        with Image.open(tmp_path / "copy-hebbian" / name) as image:
-            assert image.format == "PNG" and min(image.size) >= 300, f"{name} is not a drawn plot: {image.format} {image.size}"
+        assert_drawn_plot(tmp_path / "copy-hebbian" / name, "train.py run alone")
 
 
 @pytest.mark.cli
